@@ -1,0 +1,117 @@
+"""Input checks shared by every layer pair.
+
+A wrong input must raise a ``ValueError`` that a person can act on: it names the argument,
+the value it had and what would be valid. It must never become a silently wrong answer
+(NumPy would happily broadcast a (5,) bias onto a (3, 4) output, or turn int64 inputs into
+float64 results, or carry a NaN all the way to the loss).
+
+Every function here returns its (possibly converted) argument, so call sites read
+``x = check_float(x, "x")``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_float(x, name: str, *, allow_neg_inf: bool = False, min_ndim: int = 0) -> np.ndarray:
+    """Require a float32/float64 ndarray with no NaN (and no inf unless allowed).
+
+    allow_neg_inf: softmax accepts -inf as "this entry is masked out"; NaN and +inf
+    are always refused.
+    """
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} must be a floating-point array (float32 or float64), got dtype {x.dtype}"
+        )
+    if x.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {x.shape}")
+    if allow_neg_inf:
+        bad = np.isnan(x) | (x == np.inf)
+        if bad.any():
+            raise ValueError(
+                f"{name} contains {int(bad.sum())} NaN or +inf value(s) "
+                f"(first at index {np.unravel_index(int(np.argmax(bad)), x.shape)}); "
+                "only finite values and -inf (masked) are allowed"
+            )
+    elif not np.isfinite(x).all():
+        bad = ~np.isfinite(x)
+        raise ValueError(
+            f"{name} contains {int(bad.sum())} NaN or infinite value(s) "
+            f"(first at index {np.unravel_index(int(np.argmax(bad)), x.shape)})"
+        )
+    return x
+
+
+def check_same_dtype(reference: np.ndarray, reference_name: str, **others) -> None:
+    """All float tensors of one call must share a dtype (no silent float32 -> float64 upcast)."""
+    for name, arr in others.items():
+        if arr is not None and arr.dtype != reference.dtype:
+            raise ValueError(
+                f"{name} has dtype {arr.dtype} but {reference_name} has dtype {reference.dtype}; "
+                "all floating-point inputs of one call must share one dtype"
+            )
+
+
+def check_shape(x: np.ndarray, expected: tuple, name: str, meaning: str = "") -> None:
+    """Exact shape match; ``meaning`` names the axes, e.g. "(C,) with C = x.shape[-1]"."""
+    if tuple(x.shape) != tuple(expected):
+        extra = f" {meaning}" if meaning else ""
+        raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(x.shape)}")
+
+
+def check_ids(ids, name: str, upper: int) -> np.ndarray:
+    """Integer token ids with 0 <= id < upper (an ndarray, or a NumPy integer scalar)."""
+    if isinstance(ids, np.integer):
+        ids = np.asarray(ids)
+    if not isinstance(ids, np.ndarray):
+        raise ValueError(f"{name} must be a numpy.ndarray of integers, got {type(ids).__name__}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"{name} must be an integer array, got dtype {ids.dtype}")
+    if ids.size and (ids.min() < 0 or ids.max() >= upper):
+        bad = ids[(ids < 0) | (ids >= upper)]
+        raise ValueError(
+            f"{name} must lie in [0, {upper - 1}] (vocabulary size {upper}), "
+            f"got out-of-range value(s) {bad[:5].tolist()}"
+        )
+    return ids
+
+
+def check_probability(p, name: str, *, allow_one: bool = False) -> float:
+    """A probability-like scalar in [0, 1) (or [0, 1] with allow_one)."""
+    if isinstance(p, (bool, np.bool_)) or not isinstance(p, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{name} must be a number, got {type(p).__name__}")
+    p = float(p)
+    upper_ok = p <= 1.0 if allow_one else p < 1.0
+    if not (p >= 0.0 and upper_ok):
+        interval = "[0, 1]" if allow_one else "[0, 1)"
+        raise ValueError(f"{name} must lie in {interval}, got {p}")
+    return p
+
+
+def check_positive(value, name: str) -> float:
+    """A finite number > 0 (eps, scale, cap ...)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.floating, np.integer)
+    ):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
+
+
+def check_grad(dy: np.ndarray, expected_shape: tuple, dtype: np.dtype, name: str = "dy") -> np.ndarray:
+    """An upstream gradient must match the forward output it belongs to."""
+    dy = check_float(dy, name)
+    check_shape(dy, expected_shape, name, "(the shape of the forward output)")
+    if dy.dtype != dtype:
+        raise ValueError(
+            f"{name} has dtype {dy.dtype} but the forward output has dtype {dtype}; "
+            "pass the gradient in the forward's dtype"
+        )
+    return dy
