@@ -1,0 +1,87 @@
+"""Gradient checks: ``softmax``, ``log_softmax``, ``cross_entropy``, ``cross_entropy_smoothing``."""
+
+import dataclasses
+
+import numpy as np
+
+from ..functional.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from ..functional.softmax import (
+    log_softmax_backward,
+    log_softmax_forward,
+    softmax_backward,
+    softmax_forward,
+)
+from ..gradcheck import check_pair, register_check
+
+
+def _renamed(reports, tensor: str):
+    """Give the reports of one of several pairs in a check a telling tensor name."""
+    return [dataclasses.replace(r, tensor=tensor) for r in reports]
+
+
+def _targets(rng: np.random.Generator, shape: tuple, vocab: int, ignore_index: int, n_ignored: int):
+    targets = rng.integers(0, vocab, size=shape)  # (...) class ids
+    flat = targets.reshape(-1)
+    flat[rng.choice(flat.size, size=n_ignored, replace=False)] = ignore_index
+    return targets
+
+
+@register_check("softmax")
+def check_softmax():
+    rng = np.random.default_rng(11)
+    # along the last axis: x (B=2, H=3, T=2, S=5), scores with an offset and a wide spread
+    last = {"x": rng.standard_normal((2, 3, 2, 5)) * 2.1 + 0.4, "axis": -1}
+    reports = _renamed(check_pair("softmax", softmax_forward, softmax_backward, last, ("x",)),
+                       "x (axis=-1)")
+    # along a middle axis, with masks: x (2, 6, 3) over axis 1; two masked entries and one
+    # fully masked slice, whose output and gradient must be exactly 0
+    middle = rng.standard_normal((2, 6, 3)) * 1.3 - 0.8
+    middle[0, 2, 1] = middle[1, 4, 0] = -np.inf
+    middle[1, :, 2] = -np.inf
+    inputs = {"x": middle, "axis": 1}
+    reports += _renamed(check_pair("softmax", softmax_forward, softmax_backward, inputs, ("x",)),
+                        "x (axis=1, masked)")
+    return reports
+
+
+@register_check("log_softmax")
+def check_log_softmax():
+    rng = np.random.default_rng(12)
+    last = {"x": rng.standard_normal((3, 2, 7)) * 1.9 - 0.6, "axis": -1}
+    reports = _renamed(
+        check_pair("log_softmax", log_softmax_forward, log_softmax_backward, last, ("x",)),
+        "x (axis=-1)",
+    )
+    first = {"x": rng.standard_normal((4, 3, 2)) * 1.4 + 0.9, "axis": 0}
+    reports += _renamed(
+        check_pair("log_softmax", log_softmax_forward, log_softmax_backward, first, ("x",)),
+        "x (axis=0)",
+    )
+    return reports
+
+
+@register_check("cross_entropy")
+def check_cross_entropy():
+    rng = np.random.default_rng(13)
+    # logits (B=2, T=5, V=7); three of the ten targets are ignore_index
+    inputs = {
+        "logits": rng.standard_normal((2, 5, 7)) * 2.2 + 0.3,
+        "targets": _targets(rng, (2, 5), 7, -100, 3),
+        "ignore_index": -100,
+    }
+    return check_pair("cross_entropy", cross_entropy_forward, cross_entropy_backward, inputs,
+                      ("logits",))
+
+
+@register_check("cross_entropy_smoothing")
+def check_cross_entropy_smoothing():
+    rng = np.random.default_rng(14)
+    # logits (B=3, T=4, V=6), label smoothing 0.1, a non-default ignore_index on two targets
+    inputs = {
+        "logits": rng.standard_normal((3, 4, 6)) * 1.7 - 0.5,
+        "targets": _targets(rng, (3, 4), 6, -1, 2),
+        "ignore_index": -1,
+        "label_smoothing": 0.1,
+    }
+    return check_pair("cross_entropy_smoothing", cross_entropy_forward, cross_entropy_backward,
+                      inputs, ("logits",))

@@ -1,0 +1,246 @@
+"""Cross-entropy loss on logits, fused, beside its atomic form ``log_softmax`` + ``nll``.
+
+Semantics are exactly PyTorch's ``F.cross_entropy`` (class axis last here: logits (..., V),
+targets (...)), with one deliberate difference for a batch whose targets are all ignored.
+
+Definition
+----------
+For one row n with logits x (V,), integer target y and label smoothing ε ∈ [0, 1], the
+target distribution is
+
+    q_v = (1 − ε)·[v = y] + ε / V          (Σ_v q_v = 1)
+
+and the row's loss is the cross-entropy between q and p = softmax(x):
+
+    ℓ_n = −Σ_v q_v log p_v = (1 − ε)·(−log p_y) + ε·(−(1/V) Σ_v log p_v)
+
+(the right-hand form is how PyTorch writes it; with ε = 0 it is the familiar −log p_y).
+A row whose target equals ``ignore_index`` has no target: ℓ_n = 0 and it is not counted.
+With N_valid the number of counted rows, the reductions are
+
+    "none": ℓ (...),     "sum": Σ_n ℓ_n,     "mean": Σ_n ℓ_n / N_valid
+
+"mean" divides by the rows that count, not by all rows, so padding does not dilute the loss.
+
+Atomic backward: nll, then log-softmax
+--------------------------------------
+With log p = log_softmax(x), the loss is linear in log p, so :func:`nll_backward` gives
+
+    ∂ℓ_n/∂(log p_v) = −q_v
+
+and the log-softmax backward (``dx = dy − p Σ_v dy_v``, see :mod:`.softmax`) turns it into
+
+    ∂ℓ_n/∂x = −q − p Σ_v (−q_v) = p Σ_v q_v − q = p − q      because Σ_v q_v = 1.
+
+Fused backward
+--------------
+So the whole chain collapses to one subtraction, scaled by the upstream gradient:
+
+    dx_n = g_n (p_n − q_n),   g_n = dloss / N_valid ("mean"), dloss ("sum"), dloss_n ("none"),
+    and g_n = 0 for an ignored row.
+
+This is the fused gradient ``p − onehot(y)`` (with ε = 0). It needs neither the gradient
+with respect to log p nor its row sums, and every entry lies in [−1, 1] whatever the size
+of the logits. :func:`cross_entropy_forward` / :func:`cross_entropy_backward` are the fused
+pair; :func:`nll_forward` / :func:`nll_backward` on top of :func:`.softmax.log_softmax_forward`
+are the step-by-step version, and the tests check that both agree to rounding.
+
+When every target is ignored
+----------------------------
+PyTorch's "mean" then returns 0 / 0 = NaN, which poisons a running loss and, through the
+optimizer, the weights. Here that case gives loss 0 and a zero gradient (the sum over no
+rows is 0, and we divide by max(N_valid, 1)): a batch made only of padding contributes
+nothing. This is the one intended difference from PyTorch; "sum" and "none" already agree.
+
+Logits must be finite: a −inf logit has log p = −inf, which label smoothing (ε / V > 0)
+would weight into an infinite loss. To leave a position out of the loss, use
+``ignore_index``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from .._validate import check_float, check_grad, check_probability, check_shape
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class NLLCache(NamedTuple):
+    q: np.ndarray  # (..., V) target distribution, all-zero rows where the target is ignored
+    valid: np.ndarray  # (...) bool, False where targets == ignore_index
+    n_valid: int  # N_valid, the number of counted rows
+    reduction: str
+
+
+class CrossEntropyCache(NamedTuple):
+    p: np.ndarray  # (..., V) softmax(logits)
+    targets: np.ndarray  # (...) integer class ids
+    valid: np.ndarray  # (...) bool, False where targets == ignore_index
+    n_valid: int  # N_valid, the number of counted rows
+    label_smoothing: float  # ε
+    reduction: str
+
+
+# --------------------------------------------------------------------------------------
+# Shared checks and pieces
+# --------------------------------------------------------------------------------------
+
+
+def _check_options(label_smoothing, reduction) -> tuple:
+    label_smoothing = check_probability(label_smoothing, "label_smoothing", allow_one=True)
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        valid = ", ".join(map(repr, REDUCTIONS))
+        raise ValueError(f"reduction must be one of {valid}, got {reduction!r}")
+    return label_smoothing, reduction
+
+
+def _check_targets(targets, scores: np.ndarray, scores_name: str, ignore_index) -> np.ndarray:
+    """Validate integer targets for scores (..., V); return the (...) mask of counted rows."""
+    if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
+        ignore_index, (int, np.integer)
+    ):
+        raise ValueError(
+            f"ignore_index must be an integer, got {type(ignore_index).__name__} {ignore_index!r}"
+        )
+    if not isinstance(targets, np.ndarray):
+        raise ValueError(
+            f"targets must be a numpy.ndarray of integers, got {type(targets).__name__}"
+        )
+    if not np.issubdtype(targets.dtype, np.integer):
+        raise ValueError(
+            f"targets must be an integer array of class ids, got dtype {targets.dtype}"
+        )
+    check_shape(targets, scores.shape[:-1], "targets", f"(...) = {scores_name}.shape[:-1]")
+    vocab = scores.shape[-1]
+    valid = np.asarray(targets != ignore_index)  # (...)
+    bad = valid & ((targets < 0) | (targets >= vocab))
+    if bad.any():
+        raise ValueError(
+            f"targets must lie in [0, {vocab - 1}] ({vocab} classes, {scores_name}.shape[-1]) "
+            f"or equal ignore_index={int(ignore_index)}, got out-of-range value(s) "
+            f"{targets[bad][:5].tolist()}"
+        )
+    return valid
+
+
+def _target_distribution(targets, valid, vocab: int, eps: float, dtype) -> np.ndarray:
+    """q = (1 − ε)·onehot(y) + ε/V per counted row, all zeros for an ignored row. (..., V)"""
+    q = np.full(targets.shape + (vocab,), eps / vocab, dtype=dtype)  # ε/V on every class
+    safe = np.where(valid, targets, 0)  # (...) an ignored row points at class 0, zeroed below
+    np.put_along_axis(q, safe[..., None], (1.0 - eps) + eps / vocab, axis=-1)
+    q[~valid] = 0  # no target, no loss, no gradient
+    return q
+
+
+def _reduce(loss_rows: np.ndarray, n_valid: int, reduction: str) -> np.ndarray:
+    """(...) per-row losses (0 where ignored) → "none": (...), "sum"/"mean": 0-d array."""
+    if reduction == "none":
+        return np.asarray(loss_rows)
+    total = np.sum(loss_rows)
+    if reduction == "sum":
+        return np.asarray(total)
+    return np.asarray(total / max(n_valid, 1))  # all ignored: 0 / 1 = 0 (PyTorch: 0 / 0 = NaN)
+
+
+def _row_scale(dloss, valid: np.ndarray, n_valid: int, reduction: str, dtype) -> np.ndarray:
+    """g (...): each row's share of the upstream gradient, 0 for ignored rows."""
+    if isinstance(dloss, np.generic):  # a NumPy scalar keeps its dtype: it must match
+        dloss = np.asarray(dloss)
+    elif isinstance(dloss, (int, float)) and not isinstance(dloss, bool):
+        dloss = np.asarray(dloss, dtype=dtype)  # a plain Python number has no dtype of its own
+    if reduction == "none":
+        g = check_grad(dloss, valid.shape, dtype, "dloss")  # (...) ∂L/∂ℓ_n = dloss_n
+    else:
+        dloss = check_grad(dloss, (), dtype, "dloss")  # 0-d
+        # forward: "sum": L = Σ_n ℓ_n, so ∂L/∂ℓ_n = dloss; "mean": L = Σ_n ℓ_n / N_valid
+        g = dloss / max(n_valid, 1) if reduction == "mean" else dloss
+    # an ignored row's loss is the constant 0: it passes no gradient on
+    return np.where(valid, g, 0).astype(dtype, copy=False)
+
+
+# --------------------------------------------------------------------------------------
+# Atomic: negative log-likelihood on log-probabilities
+# --------------------------------------------------------------------------------------
+
+
+def nll_forward(logp: np.ndarray, targets: np.ndarray, ignore_index: int = -100,
+                label_smoothing: float = 0.0, reduction: str = "mean"):
+    """``L = −Σ_v q_v logp_v`` per row, reduced; logp are log-probabilities (log_softmax output).
+
+    logp: (..., V) float, targets: (...) integers in [0, V) or ignore_index
+    →  loss: 0-d array ("mean", "sum") or (...) ("none"), logp's dtype.
+    Unlike ``F.nll_loss``, label smoothing is accepted, so that ``log_softmax`` + ``nll`` is
+    exactly ``cross_entropy`` for every option.
+    """
+    logp = check_float(logp, "logp", min_ndim=1)
+    label_smoothing, reduction = _check_options(label_smoothing, reduction)
+    valid = _check_targets(targets, logp, "logp", ignore_index)  # (...)
+    vocab = logp.shape[-1]
+    q = _target_distribution(targets, valid, vocab, label_smoothing, logp.dtype)  # (..., V)
+    loss_rows = -np.sum(q * logp, axis=-1)  # ℓ_n = −Σ_v q_v logp_v   (...), 0 if ignored
+    n_valid = int(np.count_nonzero(valid))
+    loss = _reduce(loss_rows, n_valid, reduction)
+    return loss, NLLCache(q, valid, n_valid, reduction)
+
+
+def nll_backward(dloss, cache: NLLCache):
+    """Returns ``dlogp`` (..., V).
+
+    dloss: a number or 0-d array for "mean"/"sum", an array (...) for "none".
+    """
+    q, valid, n_valid, reduction = cache
+    g = _row_scale(dloss, valid, n_valid, reduction, q.dtype)  # (...)
+    # forward: ℓ_n = −Σ_v q_v logp_v, so ∂ℓ_n/∂logp_v = −q_v
+    return -q * g[..., None]  # (..., V)
+
+
+# --------------------------------------------------------------------------------------
+# Fused: log-softmax and nll in one pair, gradient p − q
+# --------------------------------------------------------------------------------------
+
+
+def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray, ignore_index: int = -100,
+                          label_smoothing: float = 0.0, reduction: str = "mean"):
+    """PyTorch's ``F.cross_entropy`` with the class axis last.
+
+    logits: (..., V) finite floats, targets: (...) integers in [0, V) or ignore_index
+    →  loss: 0-d array ("mean", "sum") or (...) ("none"), in logits' dtype.
+    """
+    logits = check_float(logits, "logits", min_ndim=1)
+    label_smoothing, reduction = _check_options(label_smoothing, reduction)
+    valid = _check_targets(targets, logits, "logits", ignore_index)  # (...)
+    vocab = logits.shape[-1]
+    eps = label_smoothing
+    z = logits - np.max(logits, axis=-1, keepdims=True)  # (..., V) x − m ≤ 0
+    e = np.exp(z)  # (..., V)
+    s = np.sum(e, axis=-1, keepdims=True)  # (..., 1) in [1, V]
+    logp = z - np.log(s)  # (..., V) log_softmax, via log-sum-exp
+    p = e / s  # (..., V) softmax, for the backward
+    safe = np.where(valid, targets, 0)  # (...) ignored rows read class 0, zeroed below
+    logp_y = np.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]  # (...) log p_y
+    # ℓ_n = (1 − ε)(−log p_y) + ε (−(1/V) Σ_v log p_v)
+    loss_rows = -(1.0 - eps) * logp_y - (eps / vocab) * np.sum(logp, axis=-1)  # (...)
+    loss_rows = np.where(valid, loss_rows, 0).astype(logits.dtype, copy=False)
+    n_valid = int(np.count_nonzero(valid))
+    loss = _reduce(loss_rows, n_valid, reduction)
+    return loss, CrossEntropyCache(p, targets, valid, n_valid, eps, reduction)
+
+
+def cross_entropy_backward(dloss, cache: CrossEntropyCache):
+    """Returns ``dlogits`` (..., V).
+
+    dloss: a number or 0-d array for "mean"/"sum", an array (...) for "none".
+    """
+    p, targets, valid, n_valid, eps, reduction = cache
+    vocab = p.shape[-1]
+    g = _row_scale(dloss, valid, n_valid, reduction, p.dtype)  # (...)
+    # forward: ℓ_n = −Σ_v q_v log softmax(x)_v with Σ_v q_v = 1, so ∂ℓ_n/∂x = p − q
+    dlogits = p - eps / vocab  # p − ε/V on every class   (..., V)
+    rows = dlogits.reshape(-1, vocab)  # (N, V) view
+    counted = np.flatnonzero(valid)  # counted rows, as flat row indices
+    rows[counted, targets.reshape(-1)[counted]] -= 1.0 - eps  # − (1 − ε) at the target
+    dlogits *= g[..., None]  # dx_n = g_n (p_n − q_n); ignored rows: g_n = 0
+    return dlogits
