@@ -1,0 +1,39 @@
+"""Pure forward/backward pairs, one concept per file, no state.
+
+Every pair has the form ``y, cache = NAME_forward(...)`` and ``grads = NAME_backward(dy, cache)``;
+the derivation is in each module's docstring, and the backward restates the forward line it
+differentiates.
+"""
+
+from .cross_entropy import cross_entropy_backward, cross_entropy_forward, nll_backward, nll_forward
+from .dropout import dropout_backward, dropout_forward
+from .embedding import embedding_backward, embedding_forward
+from .gelu import gelu_backward, gelu_forward
+from .glu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
+from .layernorm import layernorm_backward, layernorm_forward
+from .linear import linear_backward, linear_forward
+from .relu import relu_backward, relu_forward
+from .rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .silu import silu_backward, silu_forward
+from .softmax import (
+    log_softmax_backward,
+    log_softmax_forward,
+    softmax_backward,
+    softmax_forward,
+    softmax_jacobian,
+)
+
+__all__ = [
+    "cross_entropy_backward", "cross_entropy_forward", "nll_backward", "nll_forward",
+    "dropout_backward", "dropout_forward",
+    "embedding_backward", "embedding_forward",
+    "gelu_backward", "gelu_forward",
+    "geglu_backward", "geglu_forward", "swiglu_backward", "swiglu_forward",
+    "layernorm_backward", "layernorm_forward",
+    "linear_backward", "linear_forward",
+    "relu_backward", "relu_forward",
+    "rmsnorm_backward", "rmsnorm_forward",
+    "silu_backward", "silu_forward",
+    "log_softmax_backward", "log_softmax_forward", "softmax_backward", "softmax_forward",
+    "softmax_jacobian",
+]

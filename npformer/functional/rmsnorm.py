@@ -1,0 +1,90 @@
+"""RMS normalisation over the last axis (Zhang & Sennrich 2019; Llama): ``y = x / r ⊙ w``.
+
+For one row x of length C (every leading index is an independent row):
+
+    r = √(mean(x²) + eps) = √((1/C) Σ_i x_i² + eps)      eps inside the root
+    x̂ = x / r
+    y = x̂ ⊙ w                                             w (C,) optional
+
+No mean is subtracted and there is no bias: LayerNorm without its centring. Llama 1 used
+eps = 1e-6 (the default here); later checkpoints state their own (``rms_norm_eps`` in a
+Hugging Face config, 1e-5 for Llama 2 and 3). Gemma stores w − 1 and multiplies by
+(1 + w): add 1 to such a weight before using it here.
+
+Derivation
+----------
+The scale w is elementwise per channel and shared by every row:
+
+    dw = Σ_rows dy ⊙ x̂,        g := ∂L/∂x̂ = dy ⊙ w
+
+For x̂ as a function of x (one row), from r² = (1/C) Σ_i x_i² + eps:
+
+    ∂r/∂x_j = (1 / 2r) · 2 x_j / C = x_j / (C r) = x̂_j / C
+    ∂x̂_i/∂x_j = δ_ij / r − x_i / r² · x̂_j / C = (1/r) (δ_ij − x̂_i x̂_j / C)
+
+so, with mean(·) over the C channels of the row,
+
+    dx_j = Σ_i g_i ∂x̂_i/∂x_j = (1/r) (g_j − x̂_j mean(g ⊙ x̂))
+
+    dx = (1/r) (g − x̂ ⊙ mean(g ⊙ x̂))
+
+the LayerNorm formula without its −mean(g) term (that term came from the centring).
+
+Numerical stability
+-------------------
+Every intermediate stays in x's dtype. x² overflows float32 only for |x| > 1.8e19, far beyond
+activations; inputs of magnitude 1e4 give mean(x²) ≈ 1e8, well within range.
+A row of zeros gives r = √eps and y = 0, with a finite gradient.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from .._validate import check_float, check_grad, check_positive, check_same_dtype, check_shape
+
+
+class RMSNormCache(NamedTuple):
+    xhat: np.ndarray  # (..., C) the normalised input x / r
+    rinv: np.ndarray  # (..., 1) 1/r per row
+    weight: Optional[np.ndarray]  # (C,) or None
+
+
+def rmsnorm_forward(x: np.ndarray, weight: Optional[np.ndarray] = None, eps: float = 1e-6):
+    """``y = x / √(mean(x²) + eps) ⊙ weight`` over the last axis (Llama's RMSNorm).
+
+    x: (..., C), weight: (C,) or None  →  y: (..., C), x's dtype.
+    """
+    x = check_float(x, "x", min_ndim=1)
+    if x.shape[-1] == 0:
+        raise ValueError(f"x must have at least one channel (x.shape[-1] >= 1), got {x.shape}")
+    if weight is not None:
+        weight = check_float(weight, "weight")
+        check_shape(weight, (x.shape[-1],), "weight", "(C,) with C = x.shape[-1]")
+    check_same_dtype(x, "x", weight=weight)
+    eps = check_positive(eps, "eps")  # a Python float: keeps float32 arrays float32
+
+    ms = np.mean(x * x, axis=-1, keepdims=True)  # mean(x²)    (..., 1)
+    rinv = 1.0 / np.sqrt(ms + eps)  # 1/r    (..., 1)
+    xhat = x * rinv  # x̂    (..., C)
+    y = xhat * weight if weight is not None else xhat.copy()  # (..., C)
+    return y, RMSNormCache(xhat, rinv, weight)
+
+
+def rmsnorm_backward(dy: np.ndarray, cache: RMSNormCache):
+    """Returns ``(dx, dweight)``; dweight is None when the forward had no weight."""
+    xhat, rinv, weight = cache
+    channels = xhat.shape[-1]
+    dy = check_grad(dy, xhat.shape, xhat.dtype)
+    # forward: y = x̂ ⊙ w, so dw = Σ_rows dy ⊙ x̂ and g = dx̂ = dy ⊙ w
+    dweight = None
+    g = dy  # (..., C)
+    if weight is not None:
+        dweight = (dy.reshape(-1, channels) * xhat.reshape(-1, channels)).sum(axis=0)  # (C,)
+        g = dy * weight  # (..., C)
+    # forward: x̂ = x / r, r = √(mean(x²) + eps), so dx = (1/r) (g − x̂ ⊙ mean(g ⊙ x̂))
+    mean_gx = np.mean(g * xhat, axis=-1, keepdims=True)  # (..., 1)
+    dx = rinv * (g - xhat * mean_gx)  # (..., C)
+    return dx, dweight
