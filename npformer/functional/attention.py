@@ -1,0 +1,239 @@
+"""Scaled dot-product attention, the NumPy reference: ``o = softmax(scale · q kᵀ + mask) v``.
+
+The readable version: it materialises every score (B, H, T, S). The fused numba kernels
+(npformer.kernels) compute the same thing block by block and are tested against this file.
+
+Shapes: q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv)  →  o (B, H, T, Dv), with B batch,
+T queries, S keys, H query heads, K key/value heads, D head size (Dv the value head size,
+usually D).
+
+Head sharing
+------------
+Each of the K key/value heads serves a group of G = H / K consecutive query heads: query
+head h reads kv head h // G.
+
+- K = H: multi-head attention (2017), G = 1;
+- K = 1: multi-query attention (Shazeer 2019, PaLM), one kv head for all;
+- 1 < K < H: grouped-query attention (Ainslie et al. 2023, Llama 2 70B).
+
+The code never copies k and v H / K times: q is viewed as (B, K, G, T, D) and each kv head
+is multiplied with its G query heads at once.
+
+Forward, for one (batch, query head) pair
+-----------------------------------------
+    s = scale · q kᵀ                       (T, S)   scale = 1/√D by default (GPT-Neo: 1)
+    c = cap · tanh(s / cap)                (T, S)   soft-capping, only if softcap is set (Gemma 2)
+    z = s, or c,  with −inf where masked   (T, S)
+    p = softmax(z) along S                 (T, S)   or softmax₁ / clipped softmax
+    o = p v                                (T, Dv)
+
+Masks are exact: a masked score is −inf, its probability exactly 0 (see
+npformer.functional.attention_mask for causal, window, document and padding masks, and
+the "bottom-right" causal alignment when T < S: query i sits at position i + S − T, as
+when decoding with a KV cache). A query row with every key masked gets p = 0, so o = 0 and
+every gradient through it is 0 — not the NaN of 0/0 that a naive softmax gives.
+
+Backward
+--------
+Given do = ∂L/∂o (T, Dv), walk the forward lines in reverse.
+
+1. o = p v. Each o[t, e] = Σ_j p[t, j] v[j, e], so
+
+       dp = do vᵀ        (T, S)     ∂L/∂p[t, j] = Σ_e do[t, e] v[j, e]
+       dv = pᵀ do        (S, Dv)    ∂L/∂v[j, e] = Σ_t p[t, j] do[t, e]
+
+2. p = softmax(z), row by row: the vector-Jacobian product of npformer.functional.softmax,
+
+       dz = p ⊙ (dp − ⟨dp, p⟩_row)          (T, S)
+
+   (softmax₁ has the same form; clipped softmax first zeroes dp where it clipped and
+   multiplies by ζ − γ, see npformer.functional.softmax_variants). Masked entries have
+   p = 0, so dz = 0 there; a fully masked row has dz = 0 everywhere.
+
+3. z = where(allowed, c, −inf): the mask is a constant, so dc = dz where allowed, 0 elsewhere.
+
+4. c = cap · tanh(s / cap), only with soft-capping: dc/ds = 1 − tanh²(s / cap), so
+
+       ds = dc ⊙ (1 − tanh²(s / cap))
+
+   (a saturated score, |s| ≫ cap, passes almost no gradient).
+
+5. s = scale · q kᵀ, i.e. s[t, j] = scale Σ_d q[t, d] k[j, d]:
+
+       dq = scale · ds k         (T, D)
+       dk = scale · dsᵀ q        (S, D)
+
+Head sharing in the backward: a kv head was used by the G query heads of its group, so its
+gradient is the sum of the G contributions (the multivariate chain rule: a variable used
+several times receives the sum of the gradients of every use):
+
+       dk[b, κ] = Σ_{g < G} scale · ds[b, κG + g]ᵀ q[b, κG + g]
+       dv[b, κ] = Σ_{g < G} p[b, κG + g]ᵀ do[b, κG + g]
+
+Computed as (B, K, G, T, S) products and an explicit sum over the G axis, so dk and dv
+come out (B, K, S, ·) — never a silently broadcast (B, H, S, ·).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from .._validate import check_float, check_grad, check_positive, check_same_dtype
+from .attention_mask import attention_mask
+from .softmax import softmax_backward, softmax_forward
+from .softmax_variants import (
+    check_clip_range,
+    clipped_softmax_backward,
+    clipped_softmax_forward,
+    softcap_backward,
+    softcap_forward,
+    softmax1_backward,
+    softmax1_forward,
+)
+
+SOFTMAX_VARIANTS = {
+    # name: (forward, backward); each normalises along the last axis (S) and accepts -inf
+    "softmax": (softmax_forward, softmax_backward),
+    "softmax1": (softmax1_forward, softmax1_backward),  # "off by one" (Evan Miller 2023)
+    "clipped": (clipped_softmax_forward, clipped_softmax_backward),  # Bondarenko et al. 2023
+}
+
+
+class AttentionCache(NamedTuple):
+    q: np.ndarray  # (B, K, G, T, D) the queries, grouped by their kv head
+    k: np.ndarray  # (B, K, S, D)
+    v: np.ndarray  # (B, K, S, Dv)
+    p: np.ndarray  # (B, K, G, T, S) the attention weights
+    scale: float
+    softcap: object  # SoftcapCache, or None without soft-capping
+    allowed: Optional[np.ndarray]  # (B, 1, 1, T, S) bool, True = attended; None: no mask
+    softmax: str  # the variant's name
+    softmax_cache: object  # that variant's cache
+
+
+def _check_qkv(q, k, v):
+    """q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv), one dtype, H divisible by K."""
+    q = check_float(q, "q")
+    k = check_float(k, "k")
+    v = check_float(v, "v")
+    check_same_dtype(q, "q", k=k, v=v)
+    layouts = (("q", q, "(B, H, T, D)"), ("k", k, "(B, K, S, D)"), ("v", v, "(B, K, S, Dv)"))
+    for name, x, layout in layouts:
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be 4-D {layout}, got shape {x.shape}")
+        if 0 in x.shape:
+            raise ValueError(f"{name} must have no empty axis {layout}, got shape {x.shape}")
+    B, H, T, D = q.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"q, k and v must share the batch size B (axis 0), got q {q.shape}, "
+                         f"k {k.shape}, v {v.shape}")
+    if k.shape[3] != D:
+        raise ValueError(f"k must have the head size D = q.shape[3] = {D} (axis 3), got k "
+                         f"{k.shape}; scores are dot products of a query and a key")
+    if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
+        raise ValueError(f"v must have the kv heads and length of k (axes 1, 2: K, S), got "
+                         f"k {k.shape}, v {v.shape}")
+    n_kv = k.shape[1]
+    if H % n_kv:
+        raise ValueError(
+            f"n_heads H = q.shape[1] = {H} must be divisible by n_kv_heads K = k.shape[1] = {n_kv} "
+            f"(each kv head serves H / K query heads); valid n_kv_heads for H = {H}: "
+            f"{[d for d in range(1, H + 1) if H % d == 0]}"
+        )
+    return q, k, v
+
+
+def attention_forward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    *,
+    causal: bool = False,
+    window: Optional[int] = None,
+    doc_ids: Optional[np.ndarray] = None,
+    key_padding_mask: Optional[np.ndarray] = None,
+    scale: Optional[float] = None,
+    softmax: str = "softmax",
+    clip_gamma: float = -0.03,
+    clip_zeta: float = 1.0,
+    softcap: Optional[float] = None,
+):
+    """``o = softmax(mask(softcap(scale · q kᵀ))) v`` with shared kv heads.
+
+    q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv)  →  o (B, H, T, Dv); H divisible by K,
+    query head h uses kv head h // (H // K).
+    causal, window, doc_ids (B, S), key_padding_mask (B, S): see
+    :func:`npformer.functional.attention_mask.attention_mask` (bottom-right alignment).
+    scale: None → 1/√D. softmax: "softmax" | "softmax1" | "clipped" (with clip_gamma <= 0,
+    clip_zeta >= 1). softcap: None, or cap > 0 for ``cap · tanh(s / cap)`` before the mask.
+    """
+    q, k, v = _check_qkv(q, k, v)
+    B, H, T, D = q.shape
+    n_kv, S, Dv = k.shape[1], k.shape[2], v.shape[3]  # K, S, Dv
+    G = H // n_kv  # query heads per kv head
+    scale = 1.0 / math.sqrt(D) if scale is None else check_positive(scale, "scale")
+    if not isinstance(softmax, str) or softmax not in SOFTMAX_VARIANTS:
+        raise ValueError(f"softmax must be one of {sorted(SOFTMAX_VARIANTS)}, got {softmax!r}")
+    clip_gamma, clip_zeta = check_clip_range(clip_gamma, clip_zeta, "clip_gamma", "clip_zeta")
+    if softcap is not None:
+        softcap = check_positive(softcap, "softcap")
+    allowed = None  # no mask at all: every query sees every key
+    if (causal is not False or window is not None or doc_ids is not None
+            or key_padding_mask is not None):  # attention_mask validates each of them
+        allowed = attention_mask(B, T, S, causal=causal, window=window, doc_ids=doc_ids,
+                                 key_padding_mask=key_padding_mask)[:, :, None]  # (B, 1, 1, T, S)
+
+    qg = q.reshape(B, n_kv, G, T, D)  # (B, K, G, T, D) query head h = κ·G + g
+    kt = np.swapaxes(k, -1, -2)[:, :, None]  # (B, K, 1, D, S) one kv head for its G query heads
+    s = scale * (qg @ kt)  # (B, K, G, T, S) s = scale · q kᵀ
+    softcap_cache = None
+    if softcap is not None:
+        s, softcap_cache = softcap_forward(s, softcap)  # (B, K, G, T, S) c = cap tanh(s / cap)
+    if allowed is not None:
+        s = np.where(allowed, s, -np.inf).astype(q.dtype, copy=False)  # (B, K, G, T, S) exact mask
+    forward, _ = SOFTMAX_VARIANTS[softmax]
+    if softmax == "clipped":
+        p, softmax_cache = forward(s, clip_gamma, clip_zeta)  # (B, K, G, T, S)
+    else:
+        p, softmax_cache = forward(s)  # (B, K, G, T, S) rows over the S keys
+    o = p @ v[:, :, None]  # (B, K, G, T, Dv) o = p v
+    o = o.reshape(B, H, T, Dv)  # (B, H, T, Dv)
+    cache = AttentionCache(qg, k, v, p, scale, softcap_cache, allowed, softmax, softmax_cache)
+    return o, cache
+
+
+def attention_backward(do: np.ndarray, cache: AttentionCache):
+    """Returns ``(dq, dk, dv)``: (B, H, T, D), (B, K, S, D), (B, K, S, Dv).
+
+    dk and dv sum the gradients of the G = H / K query heads that share each kv head.
+    """
+    qg, k, v, p, scale, softcap_cache, allowed, softmax, softmax_cache = cache
+    B, n_kv, G, T, D = qg.shape
+    Dv = v.shape[3]
+    H = n_kv * G
+    do = check_grad(do, (B, H, T, Dv), qg.dtype, "do")
+    dog = do.reshape(B, n_kv, G, T, Dv)  # (B, K, G, T, Dv) grouped like q
+
+    # forward: o = p v, so dp = do vᵀ and dv = pᵀ do (summed over the G heads of each group)
+    dp = dog @ np.swapaxes(v, -1, -2)[:, :, None]  # (B, K, G, T, S)
+    dv = (np.swapaxes(p, -1, -2) @ dog).sum(axis=2)  # (B, K, G, S, Dv) → (B, K, S, Dv)
+
+    # forward: p = softmax(z) (or a variant), so dz = p ⊙ (dp − ⟨dp, p⟩) (see its backward)
+    _, backward = SOFTMAX_VARIANTS[softmax]
+    ds = backward(dp, softmax_cache)  # (B, K, G, T, S)
+
+    # forward: z = where(allowed, c, −inf), so dc = dz where allowed, 0 where masked
+    if allowed is not None:
+        ds = np.where(allowed, ds, 0).astype(qg.dtype, copy=False)  # (B, K, G, T, S)
+
+    # forward: c = cap tanh(s / cap), so ds = dc ⊙ (1 − tanh²(s / cap))
+    if softcap_cache is not None:
+        ds = softcap_backward(ds, softcap_cache)  # (B, K, G, T, S)
+
+    # forward: s = scale · q kᵀ, so dq = scale · ds k and dk = scale · dsᵀ q (summed over G)
+    dq = scale * (ds @ k[:, :, None])  # (B, K, G, T, D)
+    dk = scale * (np.swapaxes(ds, -1, -2) @ qg).sum(axis=2)  # (B, K, G, S, D) → (B, K, S, D)
+    return dq.reshape(B, H, T, D), dk, dv
