@@ -1,0 +1,285 @@
+"""``MultiHeadAttention``: projections, optional RoPE, the attention core, and a KV cache.
+
+Forward (self-attention; cross-attention takes k and v from ``memory`` instead of x):
+
+    q = x W_qᵀ (+ b_q)        (B, T, H·D) → (B, H, T, D)
+    k = x W_kᵀ (+ b_k)        (B, T, K·D) → (B, K, T, D)
+    v = x W_vᵀ (+ b_v)        (B, T, K·D) → (B, K, T, D)
+    q, k = rope(q), rope(k)   (optional; rotary positions, GPT-J onward)
+    o = attention(q, k, v)    (B, H, T, D)   the maths: npformer.functional.attention
+    y = o W_oᵀ (+ b_o)        (B, T, H·D) → (B, T, C)
+
+Backward runs the same lines in reverse with the pairs' backward functions; the projection
+gradients are added into ``grads``. With ``fused_qkv`` the three projections are one
+parameter ``qkv_proj.weight`` ((H + 2K)·D, C) whose rows are [W_q; W_k; W_v], the layout of
+``torch.nn.MultiheadAttention.in_proj_weight`` and GPT-2's ``c_attn``.
+
+Head sharing: ``n_kv_heads`` K = H is multi-head attention (2017), K = 1 multi-query (PaLM),
+1 < K < H grouped-query (Llama 2); H must be divisible by K.
+
+KV cache (incremental decoding, inference only)
+-----------------------------------------------
+Causal attention lets token t see keys 0..t only, so when tokens arrive one at a time the
+keys and values of earlier tokens never change. :class:`KVCache` keeps them (after RoPE,
+which is applied at each token's absolute position), and a forward with ``kv_cache`` computes
+q, k, v for the new tokens only, appends k, v, and attends over everything cached. The
+attention core aligns causal masks "bottom-right" (query i of T new ones sits at position
+S − T + i), so decoding token by token gives the same outputs as one full forward.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from ..functional.attention import attention_backward, attention_forward
+from ..functional.linear import linear_backward, linear_forward
+from ..functional.rope import rope_backward, rope_forward
+from .linear import Linear
+from .module import Module
+
+
+class KVCache:
+    """Keys and values (after RoPE) of every token seen so far, for one attention layer.
+
+    k, v: (B, K, S, D); doc_ids: (B, S) when document masking is used. Inference only.
+    """
+
+    def __init__(self) -> None:
+        self.k: Optional[np.ndarray] = None
+        self.v: Optional[np.ndarray] = None
+        self.doc_ids: Optional[np.ndarray] = None
+
+    @property
+    def length(self) -> int:
+        """S, the number of cached positions."""
+        return 0 if self.k is None else self.k.shape[2]
+
+    def append(self, k: np.ndarray, v: np.ndarray, doc_ids: Optional[np.ndarray]):
+        """Add the new tokens' k, v (B, K, T, D) and return the full (B, K, S, D) pair."""
+        if self.k is None:
+            self.k, self.v = k, v
+            self.doc_ids = doc_ids
+        else:
+            if k.shape[:2] != self.k.shape[:2] or k.shape[3] != self.k.shape[3] or k.dtype != self.k.dtype:
+                raise ValueError(
+                    f"KV cache holds keys of shape {self.k.shape} ({self.k.dtype}); new keys of "
+                    f"shape {k.shape} ({k.dtype}) do not match in batch, heads, head size or dtype"
+                )
+            if (doc_ids is None) != (self.doc_ids is None):
+                raise ValueError("doc_ids must be given on every cached call or on none")
+            self.k = np.concatenate([self.k, k], axis=2)
+            self.v = np.concatenate([self.v, v], axis=2)
+            if doc_ids is not None:
+                self.doc_ids = np.concatenate([self.doc_ids, doc_ids], axis=1)
+        return self.k, self.v
+
+
+class AttentionCache(NamedTuple):
+    q_in: object  # linear cache(s) of the projections
+    k_in: object
+    v_in: object
+    rope_q: object  # rope caches, or None
+    rope_k: object
+    core: object  # attention_forward cache
+    out: object  # output projection cache
+    shape: tuple  # (B, T, S)
+    used_kv_cache: bool
+
+
+class MultiHeadAttention(Module):
+    """Multi-head / multi-query / grouped-query attention with its projections.
+
+    d_model C, n_heads H, n_kv_heads K (default H), head_dim D (default C // H).
+    qkv_bias / out_bias: GPT-2 and the 2017 model have both; GPT-Neo has only the output
+    bias; PaLM and Llama have neither.
+    rope: apply rotary positions to q and k (``rope_theta``, ``rotary_dim``, ``rope_layout``
+    "half" (GPT-NeoX, Llama) or "interleaved" (GPT-J)).
+    causal, window, scale, softmax, clip_gamma, clip_zeta, softcap: passed to the core
+    (:func:`npformer.functional.attention.attention_forward`).
+    cross: cross-attention (2017 decoder): k, v come from ``memory``; no causal mask, no RoPE.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None,
+                 head_dim: Optional[int] = None, *, qkv_bias: bool = True, out_bias: bool = True,
+                 fused_qkv: bool = False, rope: bool = False, rope_theta: float = 10000.0,
+                 rotary_dim: Optional[int] = None, rope_layout: str = "half",
+                 causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
+                 softmax: str = "softmax", clip_gamma: float = -0.03, clip_zeta: float = 1.0,
+                 softcap: Optional[float] = None, cross: bool = False,
+                 rng: Optional[np.random.Generator] = None, init_std: float = 0.02,
+                 dtype=np.float64) -> None:
+        super().__init__()
+        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+        for name, value in (("d_model", d_model), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if n_heads % n_kv_heads:
+            raise ValueError(
+                f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads}); valid "
+                f"n_kv_heads: {[k for k in range(1, n_heads + 1) if n_heads % k == 0]}"
+            )
+        if head_dim is None:
+            if d_model % n_heads:
+                raise ValueError(
+                    f"d_model ({d_model}) is not divisible by n_heads ({n_heads}); "
+                    "choose head_dim explicitly"
+                )
+            head_dim = d_model // n_heads
+        if not isinstance(head_dim, (int, np.integer)) or head_dim < 1:
+            raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
+        if cross and (rope or causal or window is not None):
+            raise ValueError(
+                "cross-attention takes no causal mask, window or RoPE "
+                "(set causal=False, window=None, rope=False)"
+            )
+        if rope:
+            rotary = head_dim if rotary_dim is None else rotary_dim
+            if not isinstance(rotary, (int, np.integer)) or rotary < 2 or rotary % 2 or rotary > head_dim:
+                raise ValueError(
+                    f"rotary_dim must be an even integer in [2, head_dim={head_dim}], got {rotary_dim!r}"
+                )
+        rng = np.random.default_rng(0) if rng is None else rng
+        self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
+        self.fused_qkv, self.cross = fused_qkv, cross
+        self.rope = dict(theta=rope_theta, rotary_dim=rotary_dim, layout=rope_layout) if rope else None
+        self.core_options = dict(causal=causal, window=window, scale=scale, softmax=softmax,
+                                 clip_gamma=clip_gamma, clip_zeta=clip_zeta, softcap=softcap)
+        q_width, kv_width = n_heads * head_dim, n_kv_heads * head_dim
+        make = dict(rng=rng, init_std=init_std, dtype=dtype)
+        if fused_qkv:
+            self.qkv_proj = Linear(d_model, q_width + 2 * kv_width, qkv_bias, **make)
+        else:
+            self.q_proj = Linear(d_model, q_width, qkv_bias, **make)
+            self.k_proj = Linear(d_model, kv_width, qkv_bias, **make)
+            self.v_proj = Linear(d_model, kv_width, qkv_bias, **make)
+        self.out_proj = Linear(q_width, d_model, out_bias, **make)
+
+    # ---- projections ------------------------------------------------------------------
+
+    def _row_slices(self):
+        """Rows of the fused weight that belong to q, k and v."""
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return (slice(0, q_width), slice(q_width, q_width + kv_width),
+                slice(q_width + kv_width, q_width + 2 * kv_width))
+
+    def _project(self, which: int, x: np.ndarray):
+        """Apply the q (0), k (1) or v (2) projection to x (B, T, C)."""
+        if self.fused_qkv:
+            rows = self._row_slices()[which]
+            bias = self.qkv_proj.params.get("bias")
+            return linear_forward(x, self.qkv_proj.params["weight"][rows],
+                                  None if bias is None else bias[rows])
+        return (self.q_proj, self.k_proj, self.v_proj)[which].forward(x)
+
+    def _project_backward(self, which: int, dy: np.ndarray, cache) -> np.ndarray:
+        if self.fused_qkv:
+            rows = self._row_slices()[which]
+            dx, dweight, dbias = linear_backward(dy, cache)
+            self.qkv_proj.grads["weight"][rows] += dweight
+            if dbias is not None:
+                self.qkv_proj.grads["bias"][rows] += dbias
+            return dx
+        return (self.q_proj, self.k_proj, self.v_proj)[which].backward(dy, cache)
+
+    def _split_heads(self, x: np.ndarray, n: int) -> np.ndarray:
+        B, T, _ = x.shape
+        return x.reshape(B, T, n, self.head_dim).transpose(0, 2, 1, 3)  # (B, n, T, D)
+
+    @staticmethod
+    def _merge_heads(x: np.ndarray) -> np.ndarray:
+        B, n, T, D = x.shape
+        return x.transpose(0, 2, 1, 3).reshape(B, T, n * D)  # (B, T, n·D)
+
+    # ---- forward / backward -----------------------------------------------------------
+
+    def forward(self, x: np.ndarray, *, memory: Optional[np.ndarray] = None,
+                position_ids: Optional[np.ndarray] = None, doc_ids: Optional[np.ndarray] = None,
+                key_padding_mask: Optional[np.ndarray] = None,
+                kv_cache: Optional[KVCache] = None):
+        """x (B, T, C) → y (B, T, C).
+
+        memory: (B, S, C) encoder output, required for cross-attention and refused otherwise.
+        position_ids: (T,) or (B, T) absolute positions for RoPE; default: past + arange(T).
+        doc_ids: (B, T) document ids of the new tokens (Llama 3 document mask).
+        key_padding_mask: (B, S) True = padding key (S counts cached keys too).
+        kv_cache: a :class:`KVCache` to read and extend (inference only).
+        """
+        if not isinstance(x, np.ndarray) or x.ndim != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(
+                f"x must have shape (B, T, d_model={self.d_model}), got "
+                f"{getattr(x, 'shape', type(x).__name__)}"
+            )
+        if self.cross and memory is None:
+            raise ValueError("cross-attention needs memory (B, S, C), the encoder output")
+        if not self.cross and memory is not None:
+            raise ValueError("memory is only for cross-attention (cross=True)")
+        if self.cross and memory.shape[0] != x.shape[0]:
+            raise ValueError(f"memory batch {memory.shape[0]} != x batch {x.shape[0]}")
+        B, T, _ = x.shape
+        past = 0 if kv_cache is None else kv_cache.length
+        source = memory if self.cross else x  # (B, S_new, C)
+
+        q, q_in = self._project(0, x)  # (B, T, H·D)
+        if self.cross and kv_cache is not None and kv_cache.length:
+            k_in = v_in = None  # the memory's keys and values were projected on the first call
+            k = v = None
+        else:
+            k, k_in = self._project(1, source)  # (B, S_new, K·D)
+            v, v_in = self._project(2, source)
+        q = self._split_heads(q, self.n_heads)  # (B, H, T, D)
+        if k is not None:
+            k = self._split_heads(k, self.n_kv_heads)  # (B, K, S_new, D)
+            v = self._split_heads(v, self.n_kv_heads)
+
+        rope_q = rope_k = None
+        if self.rope is not None:
+            if position_ids is None:
+                position_ids = past + np.arange(T)
+            q, rope_q = rope_forward(q, position_ids, **self._rope_kwargs())
+            k, rope_k = rope_forward(k, position_ids, **self._rope_kwargs())
+
+        if kv_cache is not None:
+            if self.cross:
+                if kv_cache.length == 0:
+                    kv_cache.append(k, v, None)
+                k, v = kv_cache.k, kv_cache.v
+            else:
+                k, v = kv_cache.append(k, v, doc_ids)
+                doc_ids = kv_cache.doc_ids
+        o, core = attention_forward(q, k, v, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
+                                    **self.core_options)  # (B, H, T, D)
+        y, out = self.out_proj.forward(self._merge_heads(o))  # (B, T, C)
+        cache = AttentionCache(q_in, k_in, v_in, rope_q, rope_k, core, out,
+                               (B, T, k.shape[2]), kv_cache is not None)
+        return y, cache
+
+    def _rope_kwargs(self) -> dict:
+        return dict(theta=self.rope["theta"], rotary_dim=self.rope["rotary_dim"],
+                    layout=self.rope["layout"])
+
+    def backward(self, dy: np.ndarray, cache: AttentionCache):
+        """Adds every projection gradient into ``grads``.
+
+        Returns dx (B, T, C); for cross-attention ``(dx, dmemory)`` with dmemory (B, S, C).
+        """
+        if cache.used_kv_cache:
+            raise ValueError("backward through a KV-cached forward is not supported: "
+                             "the cache is for inference (decoding); train without kv_cache")
+        # forward: y = merge(o) W_oᵀ + b_o
+        do = self.out_proj.backward(dy, cache.out)  # (B, T, H·D)
+        do = self._split_heads(do, self.n_heads)  # (B, H, T, D)
+        # forward: o = attention(q, k, v)
+        dq, dk, dv = attention_backward(do, cache.core)  # (B,H,T,D), (B,K,S,D), (B,K,S,D)
+        if self.rope is not None:
+            # forward: q = rope(q), k = rope(k): the inverse rotation
+            dq = rope_backward(dq, cache.rope_q)
+            dk = rope_backward(dk, cache.rope_k)
+        # forward: q = x W_qᵀ + b_q etc., heads split
+        dx = self._project_backward(0, self._merge_heads(dq), cache.q_in)
+        dsource = (self._project_backward(1, self._merge_heads(dk), cache.k_in)
+                   + self._project_backward(2, self._merge_heads(dv), cache.v_in))
+        if self.cross:
+            return dx, dsource
+        return dx + dsource  # x fed q, k and v: the three paths add
