@@ -5,6 +5,8 @@ the derivation is in each module's docstring, and the backward restates the forw
 differentiates.
 """
 
+from .attention import attention_backward, attention_forward
+from .attention_mask import attention_mask
 from .cross_entropy import cross_entropy_backward, cross_entropy_forward, nll_backward, nll_forward
 from .dropout import dropout_backward, dropout_forward
 from .embedding import embedding_backward, embedding_forward
@@ -12,8 +14,16 @@ from .gelu import gelu_backward, gelu_forward
 from .glu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
 from .layernorm import layernorm_backward, layernorm_forward
 from .linear import linear_backward, linear_forward
+from .positions import (
+    learned_positions_backward,
+    learned_positions_forward,
+    sinusoidal_backward,
+    sinusoidal_forward,
+    sinusoidal_table,
+)
 from .relu import relu_backward, relu_forward
 from .rmsnorm import rmsnorm_backward, rmsnorm_forward
+from .rope import rope_angles, rope_backward, rope_forward
 from .silu import silu_backward, silu_forward
 from .softmax import (
     log_softmax_backward,
@@ -22,8 +32,22 @@ from .softmax import (
     softmax_forward,
     softmax_jacobian,
 )
+from .softmax_variants import (
+    clipped_softmax_backward,
+    clipped_softmax_forward,
+    softcap_backward,
+    softcap_forward,
+    softmax1_backward,
+    softmax1_forward,
+)
 
 __all__ = [
+    "attention_backward", "attention_forward", "attention_mask",
+    "learned_positions_backward", "learned_positions_forward",
+    "sinusoidal_backward", "sinusoidal_forward", "sinusoidal_table",
+    "rope_angles", "rope_backward", "rope_forward",
+    "clipped_softmax_backward", "clipped_softmax_forward", "softcap_backward",
+    "softcap_forward", "softmax1_backward", "softmax1_forward",
     "cross_entropy_backward", "cross_entropy_forward", "nll_backward", "nll_forward",
     "dropout_backward", "dropout_forward",
     "embedding_backward", "embedding_forward",
