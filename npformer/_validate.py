@@ -93,6 +93,17 @@ def check_probability(p, name: str, *, allow_one: bool = False) -> float:
     return p
 
 
+def check_int(value, name: str, minimum: int) -> int:
+    """A Python or NumPy integer (not a bool, not a float) >= minimum."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(
+            f"{name} must be an integer >= {minimum}, got {type(value).__name__} {value!r}"
+        )
+    if value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
+    return int(value)
+
+
 def check_positive(value, name: str) -> float:
     """A finite number > 0 (eps, scale, cap ...)."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(

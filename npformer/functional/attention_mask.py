@@ -42,18 +42,7 @@ from typing import Optional
 
 import numpy as np
 
-from .._validate import check_shape
-
-
-def _check_count(value, name: str, lower: int = 1) -> int:
-    """An integer >= lower (not a bool, not a float)."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(
-            f"{name} must be an integer >= {lower}, got {type(value).__name__} {value!r}"
-        )
-    if value < lower:
-        raise ValueError(f"{name} must be an integer >= {lower}, got {value}")
-    return int(value)
+from .._validate import check_int, check_shape
 
 
 def _check_flag(value, name: str) -> bool:
@@ -80,9 +69,9 @@ def attention_mask(
     doc_ids: int (B, S) document id of every position; same-document keys only (T <= S).
     key_padding_mask: bool (B, S), True = padding key, excluded.
     """
-    batch = _check_count(batch, "batch")
-    T = _check_count(T, "T (number of queries)")
-    S = _check_count(S, "S (number of keys)")
+    batch = check_int(batch, "batch", 1)
+    T = check_int(T, "T (number of queries)", 1)
+    S = check_int(S, "S (number of keys)", 1)
     causal = _check_flag(causal, "causal")
     if causal and T > S:
         raise ValueError(
@@ -90,7 +79,7 @@ def attention_mask(
             f"would have no key to see), got T={T}, S={S}"
         )
     if window is not None:
-        window = _check_count(window, "window")
+        window = check_int(window, "window", 1)
         if not causal:
             raise ValueError(
                 f"window={window} needs causal=True: a sliding window is the w most recent keys "

@@ -64,6 +64,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .._validate import check_float, check_grad, check_probability, check_shape
+from .softmax import log_softmax_forward
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -214,11 +215,8 @@ def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray, ignore_index:
     valid = _check_targets(targets, logits, "logits", ignore_index)  # (...)
     vocab = logits.shape[-1]
     eps = label_smoothing
-    z = logits - np.max(logits, axis=-1, keepdims=True)  # (..., V) x − m ≤ 0
-    e = np.exp(z)  # (..., V)
-    s = np.sum(e, axis=-1, keepdims=True)  # (..., 1) in [1, V]
-    logp = z - np.log(s)  # (..., V) log_softmax, via log-sum-exp
-    p = e / s  # (..., V) softmax, for the backward
+    logp, log_softmax_cache = log_softmax_forward(logits)  # (..., V) stable log-sum-exp
+    p = log_softmax_cache.p  # (..., V) softmax, for the backward
     safe = np.where(valid, targets, 0)  # (...) ignored rows read class 0, zeroed below
     logp_y = np.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]  # (...) log p_y
     # ℓ_n = (1 − ε)(−log p_y) + ε (−(1/V) Σ_v log p_v)

@@ -57,9 +57,8 @@ token embedding (embedding.py): with every leading index and t flattened into n,
 
 Row p of dW sums dy over every batch element and every time step at position p: a
 scatter-add. Summing over the batch is the usual "shared parameter" rule; repeated positions
-within one row (packed documents, each restarting at 0) add up as well. NumPy's buffered
-``dW[pos] += dy`` would keep only the last of the repeated contributions; ``np.add.at`` is the
-unbuffered form.
+within one row (packed documents, each restarting at 0) add up as well. So the learned pair is
+written as x plus the embedding pair applied to the positions, and reuses its backward.
 
 Position ids
 ------------
@@ -74,22 +73,19 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .._validate import FLOAT_DTYPES, check_float, check_grad, check_positive, check_same_dtype
-
+from .._validate import (
+    FLOAT_DTYPES,
+    check_float,
+    check_grad,
+    check_int,
+    check_positive,
+    check_same_dtype,
+)
+from .embedding import EmbeddingCache, embedding_backward, embedding_forward
 
 # --------------------------------------------------------------------------------------
 # Argument checks shared with rope.py
 # --------------------------------------------------------------------------------------
-
-
-def _check_int(value, name: str, minimum: int) -> int:
-    """A Python or NumPy integer (not a bool) >= minimum."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {type(value).__name__} "
-                         f"{value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
 
 
 def _check_float_dtype(dtype, name: str = "dtype") -> np.dtype:
@@ -176,7 +172,7 @@ def _sinusoid(positions: np.ndarray, dim: int, base: float) -> np.ndarray:
 
 
 def _check_even_dim(dim, name: str, meaning: str) -> int:
-    dim = _check_int(dim, name, 1)
+    dim = check_int(dim, name, 1)
     if dim % 2:
         raise ValueError(
             f"{name} must be even (sin/cos channel pairs), got {name} = {dim}{meaning}"
@@ -190,7 +186,7 @@ def sinusoidal_table(num_positions: int, dim: int, base: float = 10000.0,
 
     Computed in float64 and cast to ``dtype`` (float32 or float64). C = dim must be even.
     """
-    num_positions = _check_int(num_positions, "num_positions", 1)
+    num_positions = check_int(num_positions, "num_positions", 1)
     dim = _check_even_dim(dim, "dim", "")
     base = check_positive(base, "base")
     dtype = _check_float_dtype(dtype)
@@ -231,9 +227,8 @@ def sinusoidal_backward(dy: np.ndarray, cache: SinusoidalCache) -> np.ndarray:
 
 
 class LearnedPositionsCache(NamedTuple):
-    positions: np.ndarray  # (T,) or (B, 1, ..., 1, T), broadcastable against x.shape[:-1]
+    lookup: EmbeddingCache  # the table lookup at every row's position, ids (..., T)
     shape: tuple  # x.shape (..., T, C)
-    num_positions: int  # P
     dtype: np.dtype  # x's (and the table's) dtype
 
 
@@ -259,19 +254,18 @@ def learned_positions_forward(x: np.ndarray, table: np.ndarray,
         position_ids, x.shape, upper=num_positions,
         upper_meaning=f"the table has P = {num_positions} positions, table.shape[0]",
     )  # (T,) or (B, 1, ..., 1, T)
-    y = x + table[positions]  # (..., T, C)
-    return y, LearnedPositionsCache(positions, x.shape, num_positions, x.dtype)
+    every_position = np.broadcast_to(positions, x.shape[:-1])  # (..., T) the position of each row
+    position_vectors, lookup = embedding_forward(every_position, table)  # (..., T, C)
+    y = x + position_vectors  # (..., T, C)
+    return y, LearnedPositionsCache(lookup, x.shape, x.dtype)
 
 
 def learned_positions_backward(dy: np.ndarray, cache: LearnedPositionsCache):
     """Returns ``(dx, dtable)``; dtable (P, C) is dy scatter-added into the positions' rows."""
-    positions, shape, num_positions, dtype = cache
-    channels = shape[-1]
+    lookup, shape, dtype = cache
     dy = check_grad(dy, shape, dtype)
     # forward: y = x + W[pos], so dx = dy
     dx = dy.copy()  # (..., T, C)
-    # and dW[p] = Σ_{n: pos[n] = p} dy[n]: over the batch, the broadcast axes and repeats
-    every_position = np.broadcast_to(positions, shape[:-1])  # (..., T) the position of each row
-    dtable = np.zeros((num_positions, channels), dtype=dtype)  # (P, C)
-    np.add.at(dtable, every_position.reshape(-1), dy.reshape(-1, channels))  # repeats add up
+    # and dW[p] = Σ_{n: pos[n] = p} dy[n]: the embedding's scatter-add over batch and repeats
+    dtable = embedding_backward(dy, lookup)  # (P, C)
     return dx, dtable

@@ -69,7 +69,7 @@ from .positions import _check_float_dtype, _check_int_positions, _check_position
 LAYOUTS = ("half", "interleaved")
 
 
-def _check_rotary_dim(rotary_dim, upper: Optional[int] = None, meaning: str = "") -> int:
+def check_rotary_dim(rotary_dim, upper: Optional[int] = None, meaning: str = "") -> int:
     """An even integer in [1, upper] (so at least 2)."""
     valid = (f"an even integer with 1 <= rotary_dim <= {upper}{meaning}" if upper is not None
              else "an even integer >= 1")
@@ -99,7 +99,7 @@ def rope_angles(position_ids: np.ndarray, rotary_dim: int, theta: float = 10000.
     →  cos, sin: (..., rotary_dim/2) in ``dtype`` (computed in float64, then cast).
     """
     position_ids = _check_int_positions(position_ids)
-    rotary_dim = _check_rotary_dim(rotary_dim)
+    rotary_dim = check_rotary_dim(rotary_dim)
     theta = check_positive(theta, "theta")
     dtype = _check_float_dtype(dtype)
     inv_freq = theta ** (-np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)  # θ_i
@@ -152,7 +152,7 @@ def rope_forward(x: np.ndarray, position_ids: Optional[np.ndarray] = None, *,
         meaning = f" (D = x.shape[-1]; rotary_dim=None means D, here {head_size})"
     else:
         meaning = " (D = x.shape[-1], the head size)"
-    rotary_dim = _check_rotary_dim(rotary_dim, head_size, meaning)
+    rotary_dim = check_rotary_dim(rotary_dim, head_size, meaning)
     layout = _check_layout(layout)
     theta = check_positive(theta, "theta")
     positions = _check_position_ids(position_ids, x.shape)  # (T,) or (B, 1, ..., 1, T)

@@ -33,9 +33,10 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from .._validate import check_int
 from ..functional.attention import attention_backward, attention_forward
 from ..functional.linear import linear_backward, linear_forward
-from ..functional.rope import rope_backward, rope_forward
+from ..functional.rope import check_rotary_dim, rope_backward, rope_forward
 from .linear import Linear
 from .module import Module
 
@@ -76,7 +77,7 @@ class KVCache:
         return self.k, self.v
 
 
-class AttentionCache(NamedTuple):
+class MultiHeadAttentionCache(NamedTuple):
     q_in: object  # linear cache(s) of the projections
     k_in: object
     v_in: object
@@ -112,9 +113,9 @@ class MultiHeadAttention(Module):
                  dtype=np.float64) -> None:
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        for name, value in (("d_model", d_model), ("n_heads", n_heads), ("n_kv_heads", n_kv_heads)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        d_model = check_int(d_model, "d_model", 1)
+        n_heads = check_int(n_heads, "n_heads", 1)
+        n_kv_heads = check_int(n_kv_heads, "n_kv_heads", 1)
         if n_heads % n_kv_heads:
             raise ValueError(
                 f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads}); valid "
@@ -127,19 +128,17 @@ class MultiHeadAttention(Module):
                     "choose head_dim explicitly"
                 )
             head_dim = d_model // n_heads
-        if not isinstance(head_dim, (int, np.integer)) or head_dim < 1:
-            raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
+        head_dim = check_int(head_dim, "head_dim", 1)
         if cross and (rope or causal or window is not None):
             raise ValueError(
                 "cross-attention takes no causal mask, window or RoPE "
                 "(set causal=False, window=None, rope=False)"
             )
-        if rope:
-            rotary = head_dim if rotary_dim is None else rotary_dim
-            if not isinstance(rotary, (int, np.integer)) or rotary < 2 or rotary % 2 or rotary > head_dim:
-                raise ValueError(
-                    f"rotary_dim must be an even integer in [2, head_dim={head_dim}], got {rotary_dim!r}"
-                )
+        if rope and rotary_dim is not None:  # checked here so a bad config fails at build time
+            check_rotary_dim(rotary_dim, head_dim, " (head_dim)")
+        if rope and head_dim % 2 and rotary_dim is None:
+            raise ValueError(f"RoPE over the whole head needs an even head_dim, got {head_dim}; "
+                             "set an even rotary_dim < head_dim for partial rotary")
         rng = np.random.default_rng(0) if rng is None else rng
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         self.fused_qkv, self.cross = fused_qkv, cross
@@ -251,7 +250,7 @@ class MultiHeadAttention(Module):
         o, core = attention_forward(q, k, v, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
                                     **self.core_options)  # (B, H, T, D)
         y, out = self.out_proj.forward(self._merge_heads(o))  # (B, T, C)
-        cache = AttentionCache(q_in, k_in, v_in, rope_q, rope_k, core, out,
+        cache = MultiHeadAttentionCache(q_in, k_in, v_in, rope_q, rope_k, core, out,
                                (B, T, k.shape[2]), kv_cache is not None)
         return y, cache
 
@@ -259,7 +258,7 @@ class MultiHeadAttention(Module):
         return dict(theta=self.rope["theta"], rotary_dim=self.rope["rotary_dim"],
                     layout=self.rope["layout"])
 
-    def backward(self, dy: np.ndarray, cache: AttentionCache):
+    def backward(self, dy: np.ndarray, cache: MultiHeadAttentionCache):
         """Adds every projection gradient into ``grads``.
 
         Returns dx (B, T, C); for cross-attention ``(dx, dmemory)`` with dmemory (B, S, C).

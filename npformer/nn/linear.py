@@ -10,6 +10,7 @@ from typing import Optional
 
 import numpy as np
 
+from .._validate import check_int
 from ..functional.linear import linear_backward, linear_forward
 from .module import Module
 
@@ -19,12 +20,11 @@ class Linear(Module):
                  rng: Optional[np.random.Generator] = None, init_std: float = 0.02,
                  dtype=np.float64) -> None:
         super().__init__()
-        for name, value in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(value, (int, np.integer)) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        in_features = check_int(in_features, "in_features", 1)
+        out_features = check_int(out_features, "out_features", 1)
         rng = np.random.default_rng(0) if rng is None else rng
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = in_features
+        self.out_features = out_features
         # weight ~ N(0, init_std²) (GPT-2's 0.02), bias = 0
         self.add_parameter("weight", (rng.standard_normal((out_features, in_features)) * init_std).astype(dtype))
         if bias:
