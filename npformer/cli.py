@@ -1,6 +1,7 @@
 """The ``npformer`` command line.
 
-    npformer gradcheck [NAME ...] [--json] [--list]
+    npformer gradcheck [NAME ...] [--json] [--list] [--preset NAME|all ...]
+    npformer presets [--json]
 
 Each subcommand lives in its own function; ``main`` only parses and dispatches.
 """
@@ -21,7 +22,17 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
             print(name)
         return 0
     try:
-        reports = run_checks(args.names or None)
+        if args.preset:
+            from .checks.models import check_presets
+            from .presets import get_preset, preset_names
+
+            names = preset_names() if "all" in args.preset else args.preset
+            for name in names:
+                get_preset(name)  # unknown names fail before any work
+            reports = run_checks(args.names) if args.names else []
+            reports += check_presets(names)
+        else:
+            reports = run_checks(args.names or None)
     except ValueError as error:
         print(f"npformer gradcheck: {error}", file=sys.stderr)
         return 2
@@ -43,6 +54,47 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
     return 0 if all(r.passed for r in reports) else 1
 
 
+def lineage_rows() -> List[dict]:
+    """One row per preset: name, parent, year, what changed, parameter count and forward
+    FLOPs per token at the preset's default size."""
+    from .models.stats import forward_flops_per_token, parameter_count
+    from .presets import LINEAGE, preset_config
+
+    rows = []
+    for preset in LINEAGE:
+        config = preset_config(preset.name)
+        rows.append(dict(name=preset.name, parent=preset.parent, year=preset.year,
+                         paper=preset.paper, changes=preset.changes,
+                         changed_fields={k: list(v) if isinstance(v, tuple) else v
+                                         for k, v in preset.fields.items()},
+                         n_params=parameter_count(config),
+                         forward_flops_per_token=forward_flops_per_token(config),
+                         seq_len=config.max_seq_len, d_model=config.d_model,
+                         n_layers=config.n_layers, n_heads=config.n_heads,
+                         n_kv_heads=config.kv_heads))
+    return rows
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    rows = lineage_rows()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return 0
+    header = ("preset", "parent", "year", "params", "MFLOP/token", "what changed")
+    table = [(r["name"], r["parent"] or "-", str(r["year"]), f"{r['n_params']:,}",
+              f"{r['forward_flops_per_token'] / 1e6:.2f}", r["changes"]) for r in rows]
+    widths = [max(len(x) for x in column) for column in zip(header, *table)]
+    widths[-1] = 0  # the last column is not padded
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join("-" * (w or len(h)) for h, w in zip(header, widths)))
+    for row in table:
+        print("  ".join(x.ljust(w) for x, w in zip(row, widths)))
+    print(f"default size: C = {rows[0]['d_model']}, {rows[0]['n_layers']} layers, "
+          f"{rows[0]['n_heads']} heads; FLOPs: forward matrix products per token at "
+          f"T = {rows[0]['seq_len']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npformer",
@@ -62,7 +114,21 @@ def build_parser() -> argparse.ArgumentParser:
     gradcheck.add_argument("names", nargs="*", metavar="NAME", help="checks to run (default: all)")
     gradcheck.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     gradcheck.add_argument("--list", action="store_true", help="list the registered check names")
+    gradcheck.add_argument(
+        "--preset", action="append", metavar="NAME",
+        help="check every parameter of a tiny instance of this preset end to end (repeatable; "
+        "'all' for every preset); layer checks run only if named as well",
+    )
     gradcheck.set_defaults(run=_cmd_gradcheck)
+
+    presets = commands.add_parser(
+        "presets",
+        help="print the lineage: preset, parent, year, what changed, parameters, FLOPs",
+        description="The presets from the 2017 Transformer to Llama 3, each its parent plus "
+        "what changed, with the parameter count and forward FLOPs per token at default size.",
+    )
+    presets.add_argument("--json", action="store_true", help="print a JSON list of objects")
+    presets.set_defaults(run=_cmd_presets)
     return parser
 
 

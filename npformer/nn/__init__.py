@@ -5,7 +5,11 @@ gradient into ``module.grads`` (see :mod:`npformer.nn.module`).
 """
 
 from .attention import KVCache, MultiHeadAttention
+from .embedding import Embedding
+from .feedforward import FeedForward
 from .linear import Linear
-from .module import Module
+from .module import Module, ModuleList
+from .norm import LayerNorm, RMSNorm, make_norm
 
-__all__ = ["KVCache", "Linear", "Module", "MultiHeadAttention"]
+__all__ = ["Embedding", "FeedForward", "KVCache", "LayerNorm", "Linear", "Module", "ModuleList",
+           "MultiHeadAttention", "RMSNorm", "make_norm"]

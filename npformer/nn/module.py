@@ -83,3 +83,28 @@ class Module:
         """``grads[name] += grad`` (skipped for None: an absent optional parameter)."""
         if grad is not None:
             self.grads[name] += grad
+
+
+class ModuleList(Module):
+    """An ordered list of modules, named ``"0"``, ``"1"``, ... (``layers.3.attn.q_proj.weight``)."""
+
+    def __init__(self, modules=()) -> None:
+        super().__init__()
+        object.__setattr__(self, "_items", [])
+        for module in modules:
+            self.append(module)
+
+    def append(self, module: Module) -> None:
+        if not isinstance(module, Module):
+            raise ValueError(f"ModuleList holds modules, got {type(module).__name__}")
+        self._children[str(len(self._items))] = module
+        self._items.append(module)
+
+    def __getitem__(self, index: int) -> Module:
+        return self._items[index]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __iter__(self):
+        return iter(self._items)

@@ -1,0 +1,296 @@
+"""``ModelConfig``: one dataclass whose fields are the switches of the lineage.
+
+Every architecture from the 2017 Transformer to Llama 3 is a value of this class (the presets
+in :mod:`npformer.presets` are each their parent plus the fields that changed). A field that
+names a convention says which model uses which value, so the config doubles as a map of
+where the models differ.
+
+``validate()`` (run by the constructor and by ``replace``) raises a ``ValueError`` naming
+the field, its value and what would be valid for every impossible combination: heads not
+divisible by kv heads, an odd rotary dim, a window on an encoder, biased GLU, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+
+FFN_TYPES = ("relu", "gelu", "gelu_tanh", "swiglu", "geglu")
+GLU_TYPES = ("swiglu", "geglu")
+NORM_TYPES = ("layernorm", "rmsnorm")
+NORM_PLACEMENTS = ("post", "pre")
+BLOCK_LAYOUTS = ("sequential", "parallel")
+POSITION_TYPES = ("sinusoidal", "learned", "rope", "none")
+ROPE_LAYOUTS = ("half", "interleaved")
+ATTENTION_KINDS = ("dense", "local")
+SOFTMAX_TYPES = ("softmax", "softmax1", "clipped")
+ARCHITECTURES = ("decoder", "encoder-decoder")
+DTYPES = ("float64", "float32")
+
+
+def _fail(field_name: str, value, valid: str) -> None:
+    raise ValueError(f"config field {field_name}={value!r} is invalid: {valid}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The switches. Shapes: V vocab_size, C d_model, H n_heads, K n_kv_heads, D head_dim,
+    F d_ff, L n_layers."""
+
+    # --- what kind of model -------------------------------------------------------------
+    architecture: str = "decoder"  # "decoder" (GPT-1 onward) or "encoder-decoder" (2017)
+    vocab_size: int = 65  # V (65 = the characters of the shipped Shakespeare corpus)
+    d_model: int = 128  # C, the residual stream width
+    n_layers: int = 4  # L (decoder layers; for the encoder-decoder, the decoder's)
+    n_encoder_layers: Optional[int] = None  # encoder-decoder only; None = n_layers
+    max_seq_len: int = 256  # longest sequence (size of a learned position table)
+
+    # --- attention ----------------------------------------------------------------------
+    n_heads: int = 4  # H
+    n_kv_heads: Optional[int] = None  # K: None = H (MHA); 1 = multi-query (PaLM); 1<K<H GQA (Llama 2)
+    head_dim: Optional[int] = None  # D: None = C // H
+    attention_pattern: Tuple[str, ...] = ("dense",)  # cycled over layers: GPT-3 ("dense", "local")
+    window: Optional[int] = None  # keys per query in a "local" layer: i − w < j ≤ i
+    attention_scale: Optional[float] = None  # None = 1/√D; GPT-Neo uses 1.0 (no scaling)
+    softmax: str = "softmax"  # "softmax", "softmax1" (off by one), "clipped" (Bondarenko et al.)
+    clip_gamma: float = -0.03  # clipped softmax: stretch p to (ζ − γ) p + γ, then clip to [0, 1]
+    clip_zeta: float = 1.0
+    attention_softcap: Optional[float] = None  # cap · tanh(scores / cap) (Gemma 2), None = off
+    document_mask: bool = False  # Llama 3: train on packed documents, no attention across them
+
+    # --- positions ----------------------------------------------------------------------
+    positions: str = "learned"  # "sinusoidal" (2017), "learned" (GPT-1..GPT-Neo), "rope", "none"
+    rope_theta: float = 10000.0  # Llama 3: 500000
+    rotary_dim: Optional[int] = None  # dims of each head rotated; None = all (GPT-J: 64 of 256)
+    rope_layout: str = "half"  # "interleaved" pairs (0,1),(2,3).. (GPT-J); "half" (NeoX, Llama)
+
+    # --- feed-forward -------------------------------------------------------------------
+    ffn: str = "gelu"  # "relu" (2017), "gelu" exact (NeoX), "gelu_tanh" (GPT-1/2), "swiglu", "geglu"
+    d_ff: Optional[int] = None  # F: None = ffn_multiplier · C rounded up to ffn_multiple_of
+    ffn_multiplier: Optional[float] = None  # None: 4 (plain FFN), 8/3 (GLU, Llama); PaLM: 4
+    ffn_multiple_of: int = 1  # GLU width rounding (Llama rounds up to a multiple of 256)
+
+    # --- normalisation and block layout --------------------------------------------------
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm" (Llama)
+    norm_eps: float = 1e-5  # inside the square root; Llama 1: 1e-6, Llama 2/3: 1e-5
+    norm_bias: bool = True  # LayerNorm's additive bias (PaLM: none); RMSNorm never has one
+    norm_placement: str = "pre"  # "post" (2017, GPT-1: norm after the residual add) or "pre"
+    block: str = "sequential"  # "sequential" or "parallel": x + attn(n(x)) + ffn(n(x)) (GPT-J)
+    parallel_norms: int = 1  # parallel block: 1 shared norm (GPT-J, PaLM) or 2 (GPT-NeoX)
+    final_norm: bool = True  # a norm before the head (GPT-2 onward; not 2017 or GPT-1)
+
+    # --- biases, embeddings, head -------------------------------------------------------
+    qkv_bias: bool = True  # GPT-2, NeoX: yes; GPT-Neo, GPT-J, PaLM, Llama: no
+    out_bias: bool = True  # attention output projection (GPT-Neo: yes; GPT-J: no)
+    ffn_bias: bool = True  # FFN linears (GPT-J: yes; PaLM, Llama: no; GLU: never here)
+    lm_head_bias: bool = False  # GPT-J's head has a bias
+    tie_embeddings: bool = True  # head weight = token embedding (GPT-1/2, PaLM; not GPT-J/NeoX/Llama)
+    scale_embeddings: bool = False  # multiply token embeddings by √C (2017)
+    logit_scale: float = 1.0  # logits multiplied by this (Cohere's logit_scale)
+    padding_idx: Optional[int] = None  # a token whose embedding row gets no gradient
+
+    # --- training-time ------------------------------------------------------------------
+    dropout: float = 0.0  # on embeddings and on each branch output before its residual add
+    init_std: float = 0.02  # N(0, std²) for every weight matrix
+    scaled_residual_init: bool = False  # GPT-2: residual output projections std / √(2L)
+    dtype: str = "float64"  # "float64" (gradient checks) or "float32"
+
+    def __post_init__(self) -> None:
+        # tuples from lists (JSON) so the frozen config stays hashable
+        object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern))
+        self.validate()
+
+    # ---- derived sizes ------------------------------------------------------------------
+
+    @property
+    def kv_heads(self) -> int:
+        """K, with None resolved to H."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        """D, with None resolved to C // H."""
+        return self.d_model // self.n_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def ffn_width(self) -> int:
+        """F. Default 4C; for a GLU (8/3)·C, so its three matrices cost what two 4C ones do
+        (Llama), rounded up to a multiple of ``ffn_multiple_of`` (Llama's ``multiple_of``)."""
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.ffn_multiplier is not None:
+            width = int(self.ffn_multiplier * self.d_model)
+        elif self.ffn in GLU_TYPES:
+            width = int(2 * (4 * self.d_model) / 3)  # Llama: int(2 · 4C / 3)
+        else:
+            width = 4 * self.d_model
+        m = self.ffn_multiple_of
+        return max(m * ((width + m - 1) // m), 1)
+
+    @property
+    def encoder_layers(self) -> int:
+        return self.n_layers if self.n_encoder_layers is None else self.n_encoder_layers
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """The window of decoder layer ``layer``: None for a dense layer."""
+        kind = self.attention_pattern[layer % len(self.attention_pattern)]
+        return self.window if kind == "local" else None
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed (validated); unknown field names are refused."""
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}; valid fields: "
+                             f"{[f.name for f in dataclasses.fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["attention_pattern"] = list(self.attention_pattern)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config field(s) {unknown}")
+        return cls(**d)
+
+    # ---- validation ---------------------------------------------------------------------
+
+    def validate(self) -> None:
+        self._check_choices()
+        self._check_sizes()
+        self._check_attention()
+        self._check_positions()
+        self._check_combinations()
+
+    def _check_choices(self) -> None:
+        for name, valid in (("architecture", ARCHITECTURES), ("ffn", FFN_TYPES),
+                            ("norm", NORM_TYPES), ("norm_placement", NORM_PLACEMENTS),
+                            ("block", BLOCK_LAYOUTS), ("positions", POSITION_TYPES),
+                            ("rope_layout", ROPE_LAYOUTS), ("softmax", SOFTMAX_TYPES),
+                            ("dtype", DTYPES)):
+            value = getattr(self, name)
+            if value not in valid:
+                _fail(name, value, f"choose one of {list(valid)}")
+        for name in ("qkv_bias", "out_bias", "ffn_bias", "lm_head_bias", "norm_bias",
+                     "tie_embeddings", "scale_embeddings", "final_norm", "document_mask",
+                     "scaled_residual_init"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                _fail(name, getattr(self, name), "must be True or False")
+
+    def _check_sizes(self) -> None:
+        def positive_int(name, value, minimum=1):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+                _fail(name, value, f"must be an integer ≥ {minimum}")
+
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "ffn_multiple_of"):
+            positive_int(name, getattr(self, name))
+        for name in ("n_kv_heads", "head_dim", "d_ff", "n_encoder_layers"):
+            if getattr(self, name) is not None:
+                positive_int(name, getattr(self, name))
+        if self.head_dim is None and self.d_model % self.n_heads:
+            _fail("n_heads", self.n_heads,
+                  f"d_model={self.d_model} is not divisible by it; set head_dim explicitly or "
+                  f"choose n_heads among {[h for h in range(1, self.d_model + 1) if self.d_model % h == 0]}")
+        if self.n_heads % self.kv_heads:
+            _fail("n_kv_heads", self.n_kv_heads,
+                  f"n_heads={self.n_heads} must be divisible by it; valid: "
+                  f"{[k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]}")
+        if self.ffn_multiplier is not None and not (
+                isinstance(self.ffn_multiplier, (int, float)) and self.ffn_multiplier > 0):
+            _fail("ffn_multiplier", self.ffn_multiplier, "must be None or a number > 0")
+        for name in ("norm_eps", "init_std", "logit_scale"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+                _fail(name, value, "must be a finite number > 0")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            _fail("dropout", self.dropout, "must be a probability in [0, 1)")
+        if self.padding_idx is not None and not (
+                isinstance(self.padding_idx, (int, np.integer)) and 0 <= self.padding_idx < self.vocab_size):
+            _fail("padding_idx", self.padding_idx, f"must be None or an id in [0, {self.vocab_size})")
+
+    def _check_attention(self) -> None:
+        if not self.attention_pattern:
+            _fail("attention_pattern", self.attention_pattern, "give at least one of 'dense', 'local'")
+        for kind in self.attention_pattern:
+            if kind not in ATTENTION_KINDS:
+                _fail("attention_pattern", self.attention_pattern,
+                      f"entries must be among {list(ATTENTION_KINDS)}, got {kind!r}")
+        has_local = "local" in self.attention_pattern
+        if has_local and (self.window is None or isinstance(self.window, bool)
+                          or not isinstance(self.window, (int, np.integer)) or self.window < 1):
+            _fail("window", self.window, "a 'local' layer in attention_pattern needs an integer window ≥ 1")
+        if not has_local and self.window is not None:
+            _fail("window", self.window, "no layer is 'local' in attention_pattern; set window=None "
+                  "or add 'local' to attention_pattern")
+        if self.attention_scale is not None and not (
+                isinstance(self.attention_scale, (int, float)) and np.isfinite(self.attention_scale)
+                and self.attention_scale > 0):
+            _fail("attention_scale", self.attention_scale, "must be None (1/√D) or a number > 0")
+        if self.attention_softcap is not None and not (
+                isinstance(self.attention_softcap, (int, float)) and self.attention_softcap > 0):
+            _fail("attention_softcap", self.attention_softcap, "must be None or a number > 0")
+        if self.softmax == "clipped":
+            from .functional.softmax_variants import check_clip_range
+
+            check_clip_range(self.clip_gamma, self.clip_zeta, "clip_gamma", "clip_zeta")
+
+    def _check_positions(self) -> None:
+        if self.positions == "sinusoidal" and self.d_model % 2:
+            _fail("d_model", self.d_model, "sinusoidal positions need an even d_model")
+        if self.positions != "rope":
+            if self.rotary_dim is not None:
+                _fail("rotary_dim", self.rotary_dim, f"only used with positions='rope' "
+                      f"(positions={self.positions!r}); set rotary_dim=None")
+            return
+        if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
+            _fail("rope_theta", self.rope_theta, "must be a number > 0")
+        rotary = self.head_size if self.rotary_dim is None else self.rotary_dim
+        if isinstance(rotary, bool) or not isinstance(rotary, (int, np.integer)) or rotary < 2 \
+                or rotary % 2 or rotary > self.head_size:
+            _fail("rotary_dim", self.rotary_dim,
+                  f"RoPE rotates pairs: need an even number in [2, head_dim={self.head_size}]"
+                  + (" (head_dim is odd: set an even rotary_dim < head_dim)" if self.rotary_dim is None else ""))
+
+    def _check_combinations(self) -> None:
+        if self.ffn in GLU_TYPES and self.ffn_bias:
+            _fail("ffn_bias", self.ffn_bias, f"the {self.ffn} FFN here has no biases (PaLM, Llama); "
+                  "set ffn_bias=False")
+        if self.norm == "rmsnorm" and self.norm_bias:
+            _fail("norm_bias", self.norm_bias, "RMSNorm has no bias; set norm_bias=False")
+        if self.block == "parallel":
+            if self.norm_placement != "pre":
+                _fail("block", self.block, "the parallel block (GPT-J, NeoX, PaLM) is pre-norm; "
+                      "set norm_placement='pre'")
+            if self.parallel_norms not in (1, 2):
+                _fail("parallel_norms", self.parallel_norms, "1 (GPT-J, PaLM) or 2 (GPT-NeoX)")
+            if self.architecture == "encoder-decoder":
+                _fail("block", self.block, "the encoder-decoder has sequential blocks only")
+        if self.architecture == "encoder-decoder":
+            if "local" in self.attention_pattern:
+                _fail("attention_pattern", self.attention_pattern,
+                      "the encoder-decoder supports dense attention only")
+            if self.positions == "rope":
+                _fail("positions", self.positions, "the encoder-decoder takes 'sinusoidal', "
+                      "'learned' or 'none' (RoPE is not wired through cross-attention)")
+            if self.document_mask:
+                _fail("document_mask", self.document_mask, "decoder-only (Llama 3)")
+        elif self.n_encoder_layers is not None:
+            _fail("n_encoder_layers", self.n_encoder_layers, "only for architecture='encoder-decoder'")
+
+
+def config_field_names() -> Tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(ModelConfig))
+
+
+__all__ = ["ModelConfig", "config_field_names"]

@@ -1,0 +1,85 @@
+"""``FeedForward``: the position-wise MLP of every block, in its five historical forms.
+
+    relu       y = W₂ relu(W₁ x + b₁) + b₂        (2017)
+    gelu       y = W₂ gelu(W₁ x + b₁) + b₂        exact erf GeLU (GPT-NeoX)
+    gelu_tanh  y = W₂ gelu_tanh(W₁ x + b₁) + b₂   the tanh form (GPT-1, GPT-2, GPT-Neo, GPT-J)
+    swiglu     y = W_down (silu(W_gate x) ⊙ W_up x)   (PaLM, Llama)
+    geglu      y = W_down (gelu(W_gate x) ⊙ W_up x)   (T5 v1.1, Gemma)
+
+Shapes: x (B, T, C), hidden (B, T, F). The plain forms own ``up`` (F, C) and ``down``
+(C, F) linears; the gated forms own ``gate``, ``up`` and ``down`` weights without biases
+and call the fused pair in :mod:`npformer.functional.glu`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from ..functional.gelu import gelu_backward, gelu_forward
+from ..functional.glu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
+from ..functional.relu import relu_backward, relu_forward
+from .linear import Linear
+from .module import Module
+
+_ACTIVATIONS = {
+    "relu": (relu_forward, relu_backward),
+    "gelu": (lambda h: gelu_forward(h, "none"), gelu_backward),
+    "gelu_tanh": (lambda h: gelu_forward(h, "tanh"), gelu_backward),
+}
+_GATED = {
+    "swiglu": (swiglu_forward, swiglu_backward),
+    "geglu": (geglu_forward, geglu_backward),
+}
+
+
+class FeedForwardCache(NamedTuple):
+    up: object  # linear cache (plain) or the fused GLU cache (gated)
+    activation: object  # activation cache (plain) or None
+    down: object  # linear cache (plain) or None
+
+
+class FeedForward(Module):
+    def __init__(self, d_model: int, d_ff: int, kind: str = "gelu", bias: bool = True, *,
+                 rng: Optional[np.random.Generator] = None, init_std: float = 0.02,
+                 down_init_std: Optional[float] = None, dtype=np.float64) -> None:
+        super().__init__()
+        if kind not in _ACTIVATIONS and kind not in _GATED:
+            raise ValueError(f"unknown FFN kind {kind!r}; valid: {list(_ACTIVATIONS) + list(_GATED)}")
+        if kind in _GATED and bias:
+            raise ValueError(f"the {kind} FFN has no biases here (PaLM, Llama); pass bias=False")
+        rng = np.random.default_rng(0) if rng is None else rng
+        down_std = init_std if down_init_std is None else down_init_std
+        self.kind = kind
+        if kind in _GATED:
+            self.gate = Linear(d_model, d_ff, False, rng=rng, init_std=init_std, dtype=dtype)
+        self.up = Linear(d_model, d_ff, bias, rng=rng, init_std=init_std, dtype=dtype)
+        self.down = Linear(d_ff, d_model, bias, rng=rng, init_std=down_std, dtype=dtype)
+
+    def forward(self, x: np.ndarray):
+        """x (B, T, C) → y (B, T, C)."""
+        if self.kind in _GATED:
+            fused_forward, _ = _GATED[self.kind]
+            y, cache = fused_forward(x, self.gate.params["weight"], self.up.params["weight"],
+                                     self.down.params["weight"])
+            return y, FeedForwardCache(cache, None, None)
+        activation_forward, _ = _ACTIVATIONS[self.kind]
+        h, up = self.up.forward(x)  # (B, T, F)
+        a, activation = activation_forward(h)  # (B, T, F)
+        y, down = self.down.forward(a)  # (B, T, C)
+        return y, FeedForwardCache(up, activation, down)
+
+    def backward(self, dy: np.ndarray, cache: FeedForwardCache) -> np.ndarray:
+        if self.kind in _GATED:
+            _, fused_backward = _GATED[self.kind]
+            dx, dgate, dup, ddown = fused_backward(dy, cache.up)
+            self.gate.accumulate("weight", dgate)
+            self.up.accumulate("weight", dup)
+            self.down.accumulate("weight", ddown)
+            return dx
+        _, activation_backward = _ACTIVATIONS[self.kind]
+        # forward: y = down(a), a = act(h), h = up(x)
+        da = self.down.backward(dy, cache.down)  # (B, T, F)
+        dh = activation_backward(da, cache.activation)  # (B, T, F)
+        return self.up.backward(dh, cache.up)  # (B, T, C)
