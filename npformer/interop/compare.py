@@ -1,0 +1,129 @@
+"""``npformer compare``: the npformer model against its PyTorch twin, tensor by tensor.
+
+Both models get the same weights and the same batch; both run forward, the mean
+cross-entropy, and backward; then logits, loss and every parameter gradient are compared
+(``max|a − b| ≤ atol + rtol · max|ref|``: float64 rtol 1e-10, float32 rtol 1e-4 + atol 1e-5).
+
+The twin is
+- the Hugging Face class of the preset's family (``save_hf`` → ``from_pretrained``), for
+  every preset Hugging Face can express, and for ``--hf DIR``;
+- ``torch.nn.Transformer`` plus embeddings and head written in torch, for transformer-2017;
+- :mod:`npformer.interop.torch_reference` (the lineage written directly in torch) for the
+  presets no Hugging Face class reproduces (gpt3: GPT-2 with banded layers; palm: a
+  parallel, multi-query, half-split-RoPE model — Cohere is its nearest class but rotates
+  interleaved pairs).
+
+In float64 the Hugging Face reference runs under :func:`~npformer.interop.hf_float64.exact_float64`,
+which removes the float32 islands transformers keeps even in a float64 model. torch and
+transformers are needed here (the test extra), not for loading or saving.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..checks.models import randomize_model
+from ..functional.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from ..gradcheck import TensorReport
+from ..models import build_model
+from ..presets import get_preset, tiny_config
+from .hf_checkpoint import hf_state_dict, load_hf, save_hf
+
+TOLERANCES = {"float64": (1e-10, 0.0), "float32": (1e-4, 1e-5)}
+TORCH_REFERENCE_PRESETS = ("transformer-2017", "gpt3", "palm")  # no Hugging Face class reproduces them
+
+
+# A gradient that is zero by structure (a key bias: softmax ignores a shift shared by a whole
+# row of scores) comes out as rounding noise on both sides (~1e-17), which has no scale to be
+# relative to: differences below this fraction of the model's largest gradient count as zero.
+STRUCTURAL_ZERO = 1e-13
+
+
+def _report(name: str, tensor: str, ours, theirs, dtype: str, floor: float = 0.0) -> TensorReport:
+    ours = np.asarray(ours, dtype=np.float64)
+    theirs = np.asarray(theirs, dtype=np.float64)
+    if ours.shape != theirs.shape:
+        return TensorReport(name, tensor, float("inf"), float("inf"), False, ours.size, ours.size)
+    rtol, atol = TOLERANCES[dtype]
+    abs_err = float(np.max(np.abs(ours - theirs), initial=0.0))
+    scale = float(np.max(np.abs(theirs), initial=0.0))
+    rel_err = abs_err / scale if scale > 0 else abs_err
+    passed = bool(np.all(np.isfinite(ours)) and abs_err <= atol + rtol * scale + floor)
+    return TensorReport(name, tensor, abs_err, rel_err, passed, ours.size, ours.size)
+
+
+def _batch(vocab_size: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, vocab_size, (2, 7)), rng.integers(0, vocab_size, (2, 7))
+
+
+def _ours(model, ids, targets, **inputs):
+    logits = model.forward(ids, **inputs) if inputs.get("tgt_ids") is None else None
+    if logits is None:
+        logits = model.forward(inputs.pop("src_ids"), inputs.pop("tgt_ids"))
+    loss, cache = cross_entropy_forward(logits, targets)
+    model.zero_grad()
+    model.backward(cross_entropy_backward(1.0, cache))
+    return logits, float(loss)
+
+
+def _torch_loss(logits, targets):
+    import torch
+
+    logp = torch.log_softmax(logits, dim=-1)
+    return -logp.gather(-1, torch.as_tensor(targets)[..., None]).mean()
+
+
+def compare_hf_dir(path: str, dtype: str = "float64", name: Optional[str] = None) -> List[TensorReport]:
+    """npformer's ``load_hf(path)`` against ``transformers``' ``from_pretrained(path)``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from .hf_float64 import exact_float64, hf_parameter_name
+
+    name = name or os.path.basename(os.path.normpath(path))
+    ours = load_hf(path, np.dtype(dtype))
+    ids, targets = _batch(ours.config.vocab_size)
+    logits, loss = _ours(ours, ids, targets)
+    grads = hf_state_dict(ours, grads=True)
+    torch_dtype = getattr(torch, dtype)
+    with exact_float64(enabled=dtype == "float64"):
+        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
+        hf_logits = hf(torch.as_tensor(ids)).logits
+        hf_loss = _torch_loss(hf_logits, targets)
+        hf_loss.backward()
+    reports = [_report(name, "logits", logits, hf_logits.detach().numpy(), dtype),
+               _report(name, "loss", loss, hf_loss.item(), dtype)]
+    theirs = {hf_parameter_name(hf, n): p for n, p in hf.named_parameters()}
+    floor = gradient_floor(grads.values())
+    for tensor, grad in grads.items():
+        if tensor not in theirs:
+            reports.append(TensorReport(name, f"{tensor} (missing in torch)", float("inf"),
+                                        float("inf"), False, grad.size, grad.size))
+            continue
+        reports.append(_report(name, tensor, grad, theirs[tensor].grad.numpy(), dtype, floor))
+    return reports
+
+
+def gradient_floor(grads) -> float:
+    """:data:`STRUCTURAL_ZERO` times the largest gradient entry of the model."""
+    return STRUCTURAL_ZERO * max(float(np.max(np.abs(g), initial=0.0)) for g in grads)
+
+
+def compare_preset(name: str, dtype: str = "float64", seed: int = 0) -> List[TensorReport]:
+    """A tiny instance of preset ``name`` (unusual random weights) against its torch twin."""
+    get_preset(name)
+    config = tiny_config(name, dropout=0.0, d_ff=None)  # F from C: openai-gpt fixes F = 4C
+    model = build_model(config, seed=seed).eval()
+    randomize_model(model, np.random.default_rng(seed))
+    if name in TORCH_REFERENCE_PRESETS:
+        from .torch_reference import compare_with_torch_reference
+
+        return compare_with_torch_reference(name, model, dtype)
+    with tempfile.TemporaryDirectory() as directory:
+        save_hf(model, directory)
+        return compare_hf_dir(directory, dtype, name=name)
