@@ -30,11 +30,11 @@ import numpy as np
 from .._validate import check_grad, check_ids
 from ..config import ModelConfig
 from ..nn.attention import KVCache
-from ..nn.linear import Linear
-from ..nn.module import Module, ModuleList
+from ..nn.module import ModuleList
 from ..nn.norm import make_norm
 from .blocks import Dropout, make_block
 from .input_embedding import InputEmbedding, check_row_ids, check_token_ids
+from .language_model import LanguageModel
 
 
 class DecoderCache(NamedTuple):
@@ -46,45 +46,23 @@ class DecoderCache(NamedTuple):
     logits_dtype: np.dtype
 
 
-class DecoderLM(Module):
+class DecoderLM(LanguageModel):
     """Decoder-only language model built from a :class:`~npformer.config.ModelConfig`.
 
     seed: initialises the weights (N(0, init_std²) matrices, unit norm weights, zero biases)
     and, separately, the dropout generator ``dropout_rng``.
     """
 
+    architecture = "decoder"
+
     def __init__(self, config: ModelConfig, seed: int = 0) -> None:
         super().__init__()
-        if not isinstance(config, ModelConfig):
-            raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
-        if config.architecture != "decoder":
-            raise ValueError(f"DecoderLM builds architecture='decoder', got {config.architecture!r}; "
-                             "use EncoderDecoder (or build_model) for the 2017 encoder-decoder")
-        object.__setattr__(self, "config", config)
-        rng = np.random.default_rng(seed)
+        rng = self._start(config, seed)
         self.embed = InputEmbedding(config, rng)
         self.layers = ModuleList(make_block(config, layer, rng) for layer in range(config.n_layers))
         if config.final_norm:
             self.final_norm = make_norm(config)
-        if not config.tie_embeddings:
-            self.lm_head = Linear(config.d_model, config.vocab_size, config.lm_head_bias, rng=rng,
-                                  init_std=config.init_std, dtype=config.np_dtype)
-        elif config.lm_head_bias:
-            self.add_parameter("lm_head_bias", np.zeros(config.vocab_size, dtype=config.np_dtype))
-        self.dropout_rng = np.random.default_rng([seed, 1])
-        self.training = True
-        self._last_cache: Optional[DecoderCache] = None
-
-    # ---- mode -----------------------------------------------------------------------------
-
-    def train(self, mode: bool = True) -> "DecoderLM":
-        """Dropout on (as in torch, a new model is in training mode)."""
-        self.training = bool(mode)
-        return self
-
-    def eval(self) -> "DecoderLM":
-        """Dropout off (inference, sampling, comparisons)."""
-        return self.train(False)
+        self._add_head(rng)
 
     def new_kv_caches(self) -> List[KVCache]:
         """One empty :class:`KVCache` per layer, for incremental decoding."""
@@ -144,39 +122,18 @@ class DecoderLM(Module):
         final = None
         if config.final_norm:
             x, final = self.final_norm.forward(x)  # (B, T, C)
-        if config.tie_embeddings:
-            logits, head = self.embed.tokens.as_head_forward(x)  # (B, T, V) = x W_tokᵀ
-            if config.lm_head_bias:
-                logits = logits + self.params["lm_head_bias"]
-        else:
-            logits, head = self.lm_head.forward(x)
-        if config.logit_scale != 1.0:
-            logits = logits * config.logit_scale  # Cohere: logits scaled by a constant
+        logits, head = self._head_forward(x)  # (B, T, V)
         cache = DecoderCache(embedding, block_caches, final, head, logits.shape, logits.dtype)
         return logits, cache
 
     # ---- backward --------------------------------------------------------------------------
 
-    def backward(self, dlogits: np.ndarray) -> np.ndarray:
-        """Adds ∂L/∂θ into every gradient, given dlogits = ∂L/∂logits (B, T, V), for the last
-        :meth:`forward`. Returns the gradient with respect to the token vectors (B, T, C)."""
-        if self._last_cache is None:
-            raise ValueError("backward needs a forward first (and not a KV-cached one: "
-                             "decoding with kv_caches is inference only)")
-        return self.backward_with_cache(dlogits, self._last_cache)
-
     def backward_with_cache(self, dlogits: np.ndarray, cache: DecoderCache) -> np.ndarray:
+        """The pure form of ``backward``: adds every parameter gradient and returns the gradient
+        with respect to the token vectors (B, T, C)."""
         config = self.config
         dlogits = check_grad(dlogits, cache.logits_shape, cache.logits_dtype, "dlogits")
-        if config.logit_scale != 1.0:
-            dlogits = dlogits * config.logit_scale  # forward: logits = s · z
-        if config.tie_embeddings:
-            # forward: logits = x W_tokᵀ (+ b): the head's share of dW_tok
-            if config.lm_head_bias:
-                self.accumulate("lm_head_bias", dlogits.reshape(-1, config.vocab_size).sum(axis=0))
-            dx = self.embed.tokens.as_head_backward(dlogits, cache.head)
-        else:
-            dx = self.lm_head.backward(dlogits, cache.head)  # (B, T, C)
+        dx = self._head_backward(dlogits, cache.head)  # (B, T, C); the head's share of dW_tok
         if config.final_norm:
             dx = self.final_norm.backward(dx, cache.final_norm)
         for block, block_cache in zip(reversed(self.layers), reversed(cache.blocks)):

@@ -27,11 +27,11 @@ import numpy as np
 
 from .._validate import check_grad, check_ids
 from ..config import ModelConfig
-from ..nn.linear import Linear
-from ..nn.module import Module, ModuleList
+from ..nn.module import ModuleList
 from ..nn.norm import make_norm
 from .blocks import Dropout, SequentialBlock
 from .input_embedding import InputEmbedding, check_row_ids, check_token_ids
+from .language_model import LanguageModel
 
 
 class EncoderDecoderCache(NamedTuple):
@@ -46,7 +46,7 @@ class EncoderDecoderCache(NamedTuple):
     logits_dtype: np.dtype
 
 
-class EncoderDecoder(Module):
+class EncoderDecoder(LanguageModel):
     """The 2017 encoder-decoder, built from a config with ``architecture="encoder-decoder"``.
 
     Parameters: ``embed`` (shared, or the target's when untied), ``src_embed`` (untied only),
@@ -54,15 +54,11 @@ class EncoderDecoder(Module):
     ``cross_norm``), optional ``encoder_norm`` / ``decoder_norm``, ``lm_head`` (untied only).
     """
 
+    architecture = "encoder-decoder"
+
     def __init__(self, config: ModelConfig, seed: int = 0) -> None:
         super().__init__()
-        if not isinstance(config, ModelConfig):
-            raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
-        if config.architecture != "encoder-decoder":
-            raise ValueError(f"EncoderDecoder builds architecture='encoder-decoder', got "
-                             f"{config.architecture!r}; use DecoderLM")
-        object.__setattr__(self, "config", config)
-        rng = np.random.default_rng(seed)
+        rng = self._start(config, seed)
         self.embed = InputEmbedding(config, rng)
         if not config.tie_embeddings:
             self.src_embed = InputEmbedding(config, rng)
@@ -73,21 +69,7 @@ class EncoderDecoder(Module):
         if config.final_norm:
             self.encoder_norm = make_norm(config)
             self.decoder_norm = make_norm(config)
-        if not config.tie_embeddings:
-            self.lm_head = Linear(config.d_model, config.vocab_size, config.lm_head_bias, rng=rng,
-                                  init_std=config.init_std, dtype=config.np_dtype)
-        elif config.lm_head_bias:
-            self.add_parameter("lm_head_bias", np.zeros(config.vocab_size, dtype=config.np_dtype))
-        self.dropout_rng = np.random.default_rng([seed, 1])
-        self.training = True
-        self._last_cache: Optional[EncoderDecoderCache] = None
-
-    def train(self, mode: bool = True) -> "EncoderDecoder":
-        self.training = bool(mode)
-        return self
-
-    def eval(self) -> "EncoderDecoder":
-        return self.train(False)
+        self._add_head(rng)
 
     @property
     def source_embedding(self) -> InputEmbedding:
@@ -147,38 +129,19 @@ class EncoderDecoder(Module):
         if config.final_norm:
             x, decoder_norm = self.decoder_norm.forward(x)  # (B, T, C)
 
-        if config.tie_embeddings:
-            logits, head = self.embed.tokens.as_head_forward(x)  # (B, T, V) = x Wᵀ
-            if config.lm_head_bias:
-                logits = logits + self.params["lm_head_bias"]
-        else:
-            logits, head = self.lm_head.forward(x)
-        if config.logit_scale != 1.0:
-            logits = logits * config.logit_scale
+        logits, head = self._head_forward(x)  # (B, T, V)
         cache = EncoderDecoderCache(src_embedding, encoder_caches, encoder_norm, tgt_embedding,
                                     decoder_caches, decoder_norm, head, logits.shape, logits.dtype)
         return logits, cache
 
     # ---- backward --------------------------------------------------------------------------
 
-    def backward(self, dlogits: np.ndarray):
+    def backward_with_cache(self, dlogits: np.ndarray, cache: EncoderDecoderCache):
         """Adds every parameter gradient; returns the gradients with respect to the source and
         target token vectors ``(d_src (B, S, C), d_tgt (B, T, C))``."""
-        if self._last_cache is None:
-            raise ValueError("backward needs a forward first")
-        return self.backward_with_cache(dlogits, self._last_cache)
-
-    def backward_with_cache(self, dlogits: np.ndarray, cache: EncoderDecoderCache):
         config = self.config
         dlogits = check_grad(dlogits, cache.logits_shape, cache.logits_dtype, "dlogits")
-        if config.logit_scale != 1.0:
-            dlogits = dlogits * config.logit_scale
-        if config.tie_embeddings:
-            if config.lm_head_bias:
-                self.accumulate("lm_head_bias", dlogits.reshape(-1, config.vocab_size).sum(axis=0))
-            dx = self.embed.tokens.as_head_backward(dlogits, cache.head)  # (B, T, C)
-        else:
-            dx = self.lm_head.backward(dlogits, cache.head)
+        dx = self._head_backward(dlogits, cache.head)  # (B, T, C)
         if config.final_norm:
             dx = self.decoder_norm.backward(dx, cache.decoder_norm)
 
