@@ -3,6 +3,8 @@
     npformer gradcheck [NAME ...] [--json] [--list] [--preset NAME|all ...]
     npformer presets [--json]
     npformer compare (--preset NAME|all ... | --hf DIR) [--dtype float64|float32] [--json]
+    npformer train [--preset NAME] [--steps N] [--out DIR] [--resume] ...
+    npformer sample --ckpt DIR [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K]
 
 Each subcommand lives in its own function; ``main`` only parses and dispatches.
 """
@@ -13,6 +15,8 @@ import argparse
 import json
 import sys
 from typing import List, Optional
+
+import numpy as np
 
 
 def _print_reports(reports, as_json: bool) -> None:
@@ -123,6 +127,72 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+_MODEL_SIZE_FLAGS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "dropout")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import Trainer, TrainingDiverged, TrainOptions
+
+    overrides = {name: getattr(args, name) for name in _MODEL_SIZE_FLAGS
+                 if getattr(args, name) is not None}
+    options = TrainOptions(
+        preset=args.preset, out=args.out, data=args.data, tokenizer=args.tokenizer,
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+        min_lr=args.min_lr,
+        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+        seed=args.seed, eval_interval=args.eval_interval, eval_batches=args.eval_batches,
+        checkpoint_interval=args.checkpoint_interval, dtype=args.dtype,
+        model_overrides=overrides, stop_after=args.stop_after)
+    try:
+        trainer = Trainer(options, resume=args.resume, overwrite=args.overwrite,
+                          progress=not args.no_progress)
+        config = trainer.config
+        print(f"npformer train: {options.preset}, {trainer.model.num_parameters():,} parameters "
+              f"(C={config.d_model}, {config.n_layers} layers, {config.n_heads} heads), "
+              f"{options.tokenizer} tokens (V={config.vocab_size}), {options.dtype}, "
+              f"step {trainer.step} -> {options.steps}, writing to {trainer.run_dir}")
+        summary = trainer.run()
+    except TrainingDiverged as error:
+        print(f"npformer train: {error}", file=sys.stderr)
+        return 1
+    except ValueError as error:
+        print(f"npformer train: {error}", file=sys.stderr)
+        return 2
+    val = summary["val_loss"]
+    print(f"step {summary['step']}: train loss {summary['loss']:.4f}, validation loss "
+          f"{'-' if val is None else f'{val:.4f}'}, {summary['seconds'] / 60:.1f} min, "
+          f"{summary['tokens_per_s']:.0f} tokens/s; checkpoint, log.csv and loss.png in "
+          f"{summary['run_dir']}")
+    if args.sample_tokens:
+        print("sample:")
+        print(_sample_text(summary["run_dir"], args.prompt, args.sample_tokens, 0.8, None, args.seed))
+    return 0
+
+
+def _sample_text(run_dir, prompt, tokens, temperature, top_k, seed, use_cache=True) -> str:
+    from .generate import generate, generate_seq2seq
+    from .train import load_trained
+
+    model, tokenizer = load_trained(run_dir)
+    prompt_ids = tokenizer.encode(prompt)
+    if model.config.architecture == "encoder-decoder":
+        new = generate_seq2seq(model, prompt_ids, tokens, temperature=temperature, top_k=top_k, seed=seed)
+    else:
+        new = generate(model, prompt_ids, tokens, temperature=temperature, top_k=top_k, seed=seed,
+                       use_cache=use_cache)
+    return prompt + tokenizer.decode(np.asarray(new, dtype=np.int64))
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    try:
+        print(_sample_text(args.ckpt, args.prompt, args.tokens, args.temperature, args.top_k,
+                           args.seed, use_cache=not args.no_cache))
+    except ValueError as error:
+        print(f"npformer sample: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="npformer",
@@ -171,6 +241,52 @@ def build_parser() -> argparse.ArgumentParser:
     )
     presets.add_argument("--json", action="store_true", help="print a JSON list of objects")
     presets.set_defaults(run=_cmd_presets)
+
+    train = commands.add_parser(
+        "train", help="train a preset on the shipped Shakespeare corpus (or --data FILE)",
+        description="Train any preset with hand-written AdamW (warm-up + cosine decay, "
+        "gradient clipping). Writes config, tokenizer, checkpoints (safetensors, atomic), "
+        "log.csv/log.json and loss.png to --out; --resume continues exactly.")
+    add = train.add_argument
+    add("--preset", default="gpt2", help="preset name (npformer presets lists them); default gpt2")
+    add("--out", default=None, help="run directory (default runs/PRESET)")
+    add("--data", default=None, help="a UTF-8 text file (default: the shipped tinyshakespeare.txt)")
+    add("--tokenizer", default="char", choices=["char", "byte"])
+    add("--steps", type=int, default=1000, help="total optimizer steps (the schedule's length)")
+    add("--batch-size", type=int, default=16)
+    add("--seq-len", type=int, default=128)
+    add("--lr", type=float, default=3e-3, help="peak learning rate")
+    add("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
+    add("--warmup-steps", type=int, default=50)
+    add("--weight-decay", type=float, default=0.1)
+    add("--grad-clip", type=float, default=1.0, help="global-norm clip (0 = off)")
+    add("--seed", type=int, default=0)
+    add("--eval-interval", type=int, default=100)
+    add("--eval-batches", type=int, default=8)
+    add("--checkpoint-interval", type=int, default=100)
+    add("--dtype", default="float32", choices=["float32", "float64"])
+    add("--d-model", dest="d_model", type=int, default=None, help="override the preset's width")
+    add("--n-layers", dest="n_layers", type=int, default=None)
+    add("--n-heads", dest="n_heads", type=int, default=None)
+    add("--n-kv-heads", dest="n_kv_heads", type=int, default=None)
+    add("--dropout", type=float, default=None, help="default 0 for these short runs")
+    add("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add("--overwrite", action="store_true", help="replace an existing run in --out")
+    add("--stop-after", type=int, default=None, help="stop (and checkpoint) after this step")
+    add("--sample-tokens", type=int, default=300, help="print a sample of this length at the end (0: none)")
+    add("--prompt", default="ROMEO:", help="prompt of the final sample")
+    add("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_cmd_train)
+
+    sample = commands.add_parser("sample", help="generate text from a trained run (KV-cached)")
+    sample.add_argument("--ckpt", required=True, help="a run directory written by npformer train")
+    sample.add_argument("--prompt", default="ROMEO:")
+    sample.add_argument("--tokens", type=int, default=300)
+    sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    sample.add_argument("--top-k", type=int, default=None)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--no-cache", action="store_true", help="recompute the context every step")
+    sample.set_defaults(run=_cmd_sample)
     return parser
 
 

@@ -1,0 +1,345 @@
+"""The training loop: any preset, the shipped Shakespeare corpus, hand-written AdamW.
+
+One step, every piece hand-derived and gradient-checked elsewhere:
+
+    x, y      = sampler.next()                      (B, T) ids and next-token targets
+    logits    = model.forward(x [, doc_ids])        (B, T, V)
+    L, cache  = cross_entropy_forward(logits, y)    mean over B·T tokens
+    model.zero_grad(); model.backward(cross_entropy_backward(1, cache))
+    ‖g‖       = clip_grad_norm(grads, grad_clip)    global norm, scaled down if above the clip
+    lr        = warm-up then cosine decay
+    AdamW step (decoupled weight decay, none on norms, biases, embeddings)
+
+Everything that decides the next step — weights, optimizer moments, the batch sampler's and
+the dropout generator's states — goes into each checkpoint, so ``--resume`` continues
+exactly: N steps in one run equal N/2 steps plus a resumed N/2 (same losses, bit for bit).
+
+The 2017 encoder-decoder learns the same text as a sequence-to-sequence task: the encoder
+reads T characters and the decoder writes the next T (its input starts with the encoder's
+last character).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from . import checkpoint as ckpt
+from .config import ModelConfig
+from .dataset import (BatchSampler, ByteTokenizer, CharTokenizer, PackedBatchSampler, load_text,
+                      split_documents, split_train_val, tokenizer_from_dict)
+from .functional.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from .models import build_model
+from .optim import AdamW, clip_grad_norm, lr_at
+from .presets import get_preset, preset_config
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainOptions:
+    preset: str = "gpt2"
+    out: Optional[str] = None  # default: runs/<preset>
+    data: Optional[str] = None  # default: the shipped tinyshakespeare.txt
+    tokenizer: str = "char"  # "char" or "byte"
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr: Optional[float] = None  # default lr / 10
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_interval: int = 100
+    eval_batches: int = 8
+    checkpoint_interval: int = 100
+    dtype: str = "float32"
+    model_overrides: Dict[str, object] = field(default_factory=dict)  # d_model, n_layers, ...
+    stop_after: Optional[int] = None  # stop (with a checkpoint) after this step, for testing resume
+
+    def run_dir(self) -> str:
+        return self.out or os.path.join("runs", self.preset)
+
+
+def _check_options(options: TrainOptions) -> None:
+    get_preset(options.preset)
+    for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches",
+                 "checkpoint_interval"):
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
+    if not isinstance(options.warmup_steps, int) or options.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an integer ≥ 0, got {options.warmup_steps!r}")
+    for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+        value = getattr(options, name)
+        if name == "min_lr" and value is None:
+            continue
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+    if options.tokenizer not in ("char", "byte"):
+        raise ValueError(f"tokenizer must be 'char' or 'byte', got {options.tokenizer!r}")
+
+
+def model_config_for(options: TrainOptions, vocab_size: int) -> ModelConfig:
+    """The preset at the run's sizes: vocabulary from the tokenizer, positions for 2·T
+    (the encoder-decoder reads T and writes T) or T, dropout off unless overridden."""
+    overrides = dict(options.model_overrides)
+    overrides.setdefault("dropout", 0.0)
+    overrides.setdefault("dtype", options.dtype)
+    config = preset_config(options.preset, vocab_size=vocab_size, max_seq_len=options.seq_len,
+                           **overrides)
+    return config
+
+
+class Trainer:
+    """Holds the run: model, optimizer, samplers; ``run()`` trains to ``options.steps``."""
+
+    def __init__(self, options: TrainOptions, *, resume: bool = False, overwrite: bool = False,
+                 progress: bool = True, log=print) -> None:
+        _check_options(options)
+        self.options, self.progress, self.log = options, progress, log
+        self.run_dir = options.run_dir()
+        text = load_text(options.data)
+        if resume:
+            self._resume(text)
+        else:
+            self._start(text, overwrite)
+
+    # ---- setup ---------------------------------------------------------------------------
+
+    def _start(self, text: str, overwrite: bool) -> None:
+        options = self.options
+        # Everything that can fail on bad input runs before an existing run is replaced.
+        self.tokenizer = CharTokenizer(text) if options.tokenizer == "char" else ByteTokenizer()
+        self.config = model_config_for(options, self.tokenizer.vocab_size)
+        self._build(text)
+        if os.path.exists(self.run_dir) and (not os.path.isdir(self.run_dir) or os.listdir(self.run_dir)):
+            if not overwrite:
+                raise ValueError(f"{self.run_dir} already exists and is not empty; pass --resume to "
+                                 "continue that run, --overwrite to replace it, or another --out")
+            if not os.path.isfile(os.path.join(self.run_dir, "train.json")):
+                raise ValueError(f"{self.run_dir} is not a training run directory (no train.json); "
+                                 "refusing to delete it — choose another --out")
+            shutil.rmtree(self.run_dir)
+        self.step = 0
+        self.history: List[dict] = []
+        os.makedirs(self.run_dir, exist_ok=True)
+        ckpt.write_json(os.path.join(self.run_dir, "config.json"), self.config.to_dict())
+        ckpt.write_json(os.path.join(self.run_dir, "tokenizer.json"), self.tokenizer.to_dict())
+        ckpt.write_json(os.path.join(self.run_dir, "train.json"), self._options_dict())
+
+    def _resume(self, text: str) -> None:
+        if not os.path.isdir(self.run_dir):
+            raise ValueError(f"--resume: {self.run_dir} does not exist (nothing to resume)")
+        if not os.path.isfile(os.path.join(self.run_dir, "train.json")):
+            raise ValueError(f"--resume: {self.run_dir} is not a training run directory "
+                             "(no train.json)")
+        saved = ckpt.read_json(os.path.join(self.run_dir, "train.json"))
+        for name in ("preset", "batch_size", "seq_len", "tokenizer", "dtype", "seed"):
+            if saved[name] != getattr(self.options, name):
+                raise ValueError(f"--resume: the run in {self.run_dir} used {name}={saved[name]!r}, "
+                                 f"not {getattr(self.options, name)!r}; resume with the same value")
+        config, tokenizer, model_tensors, optimizer_tensors, state = ckpt.load_checkpoint(self.run_dir)
+        self.tokenizer = tokenizer_from_dict(tokenizer)
+        asked = model_config_for(self.options, self.tokenizer.vocab_size)
+        for name in self.options.model_overrides:  # sizes given again must be the run's sizes
+            if getattr(asked, name) != getattr(config, name):
+                raise ValueError(f"--resume: the run in {self.run_dir} has {name}="
+                                 f"{getattr(config, name)!r}, not {getattr(asked, name)!r}; its "
+                                 "checkpoint belongs to that config (omit the flag to keep it)")
+        self.config = config
+        self._build(text)
+        ckpt.assign_parameters(self.model, model_tensors)
+        self.optimizer.load_flat_state(optimizer_tensors)
+        self.train_sampler.load_state_dict(state["sampler"])
+        self.model.dropout_rng.bit_generator.state = state["dropout_rng"]
+        self.step = state["step"]
+        self.history = [row for row in state.get("history", []) if row["step"] <= self.step]
+        ckpt.write_json(os.path.join(self.run_dir, "train.json"), self._options_dict())
+
+    def _build(self, text: str) -> None:
+        options, config = self.options, self.config
+        ids = self.tokenizer.encode(text)
+        train_ids, val_ids = split_train_val(ids)
+        self.encoder_decoder = config.architecture == "encoder-decoder"
+        window = 2 * options.seq_len if self.encoder_decoder else options.seq_len
+        if config.document_mask:
+            # packed documents: split the text at blank lines, keep the order, 90/10 split
+            documents = [self.tokenizer.encode(d) for d in split_documents(text)]
+            cut = int(len(documents) * 0.9)
+            self.train_sampler = PackedBatchSampler(documents[:cut], options.batch_size, window, options.seed)
+            self._val_sampler = lambda: PackedBatchSampler(documents[cut:], options.batch_size,
+                                                           window, options.seed + 1)
+        else:
+            self.train_sampler = BatchSampler(train_ids, options.batch_size, window, options.seed)
+            self._val_sampler = lambda: BatchSampler(val_ids, options.batch_size, window, options.seed + 1)
+        self.model = build_model(config, seed=options.seed)
+        self.optimizer = AdamW(self.model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+
+    def _options_dict(self) -> dict:
+        return asdict(self.options)
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def _forward_loss(self, batch):
+        """(loss, cross-entropy cache) of one batch; the model keeps its own cache."""
+        x, y = batch[0], batch[1]
+        if self.encoder_decoder:
+            T = self.options.seq_len
+            src, tgt_in, targets = x[:, :T], x[:, T - 1:2 * T - 1], y[:, T - 1:2 * T - 1]
+            logits = self.model.forward(src, tgt_in)
+        else:
+            doc_ids = batch[2] if len(batch) > 2 else None
+            logits, targets = self.model.forward(x, doc_ids=doc_ids), y
+        if not np.isfinite(logits).all():  # the loss would be NaN; say so as a divergence
+            raise self._diverged("NaN or infinite logits")
+        return cross_entropy_forward(logits, targets)
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        last = ckpt.latest_checkpoint(self.run_dir)
+        return TrainingDiverged(
+            f"the loss became {what} at step {self.step + 1}; stopped without saving. The last "
+            f"good checkpoint is {last or '(none yet)'}; lower --lr or raise --warmup-steps")
+
+    def train_step(self) -> dict:
+        min_lr = self.options.lr / 10 if self.options.min_lr is None else self.options.min_lr
+        lr = lr_at(self.step, self.options.lr, self.options.warmup_steps, self.options.steps, min_lr)
+        self.model.train()
+        try:
+            loss, cache = self._forward_loss(self.train_sampler.next())
+        except ValueError as error:
+            # The batch is ours and valid, so a layer refusing NaN/inf activations means the
+            # weights have blown up: a divergence, reported as one.
+            if "NaN" not in str(error):
+                raise
+            raise self._diverged(f"NaN or infinite inside the model ({error})") from error
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise self._diverged(str(loss))
+        self.model.zero_grad()
+        self.model.backward(cross_entropy_backward(1.0, cache))
+        grads = self.model.gradients()
+        grad_norm = clip_grad_norm(grads, self.options.grad_clip) if self.options.grad_clip else float(
+            np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values())))
+        if not math.isfinite(grad_norm):  # stepping would write NaN into every weight
+            raise self._diverged(f"finite ({loss:.4g}) but its gradient norm {grad_norm}")
+        self.optimizer.step(grads, lr=lr)
+        self.step += 1
+        return dict(step=self.step, loss=loss, lr=lr, grad_norm=float(grad_norm))
+
+    def evaluate(self) -> float:
+        """Mean loss over ``eval_batches`` fixed validation batches (dropout off)."""
+        self.model.eval()
+        sampler = self._val_sampler()
+        losses = [float(self._forward_loss(sampler.next())[0]) for _ in range(self.options.eval_batches)]
+        self.model._last_cache = None  # nothing to backpropagate from evaluation
+        return float(np.mean(losses))
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        options = self.options
+        tokens_per_step = options.batch_size * options.seq_len
+        start_step, started = self.step, time.perf_counter()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=options.steps, initial=self.step, unit="step", dynamic_ncols=True)
+        last = None
+        try:
+            while self.step < options.steps:
+                row = self.train_step()
+                elapsed = time.perf_counter() - started
+                row["tokens_per_s"] = (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)
+                if self.step % options.eval_interval == 0 or self.step == options.steps:
+                    row["val_loss"] = self.evaluate()
+                self.history.append(row)
+                last = row
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{row['lr']:.2e}",
+                                    tok_s=f"{row['tokens_per_s']:.0f}",
+                                    val=f"{self.last_val_loss():.3f}" if self.last_val_loss() else "-")
+                stopping = options.stop_after is not None and self.step >= options.stop_after
+                if self.step % options.checkpoint_interval == 0 or self.step == options.steps or stopping:
+                    self.save()
+                if stopping:
+                    break
+        finally:
+            if bar is not None:
+                bar.close()
+        elapsed = time.perf_counter() - started
+        return dict(step=self.step, loss=None if last is None else last["loss"],
+                    val_loss=self.last_val_loss(), seconds=elapsed,
+                    tokens_per_s=(self.step - start_step) * tokens_per_step / max(elapsed, 1e-9),
+                    run_dir=self.run_dir)
+
+    def last_val_loss(self) -> Optional[float]:
+        for row in reversed(self.history):
+            if "val_loss" in row:
+                return row["val_loss"]
+        return None
+
+    # ---- saving --------------------------------------------------------------------------
+
+    def save(self) -> None:
+        state = dict(sampler=self.train_sampler.state_dict(),
+                     dropout_rng=self.model.dropout_rng.bit_generator.state,
+                     history=self.history)
+        ckpt.save_checkpoint(self.run_dir, self.step, self.model.parameters(),
+                             self.optimizer.flat_state(), state)
+        self._write_logs()
+
+    def _write_logs(self) -> None:
+        columns = ["step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s"]
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        for row in self.history:
+            writer.writerow({k: row.get(k, "") for k in columns})
+        ckpt.write_atomically(os.path.join(self.run_dir, "log.csv"), [buffer.getvalue().encode()])
+        ckpt.write_json(os.path.join(self.run_dir, "log.json"), self.history)
+        plot_losses(self.history, os.path.join(self.run_dir, "loss.png"), self.options.preset)
+
+
+def plot_losses(history: List[dict], path: str, title: str) -> None:
+    """Training and validation loss against step, as a PNG (matplotlib, written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    axes.plot([r["step"] for r in history], [r["loss"] for r in history], label="train", lw=1)
+    val = [r for r in history if "val_loss" in r]
+    if val:
+        axes.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+    axes.set_xlabel("step")
+    axes.set_ylabel("cross-entropy (nats / token)")
+    axes.set_title(f"npformer {title}")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    ckpt.write_atomically(path, [buffer.getvalue()])
+
+
+def load_trained(run_dir: str):
+    """(model in eval mode, tokenizer) from the latest checkpoint of a run directory."""
+    config, tokenizer, model_tensors, _, _ = ckpt.load_checkpoint(run_dir)
+    model = build_model(config)
+    ckpt.assign_parameters(model, model_tensors)
+    return model.eval(), tokenizer_from_dict(tokenizer)

@@ -1,0 +1,264 @@
+"""The training loop: every preset learns, runs are reproducible and resumable bit for bit,
+a kill at any moment leaves a loadable run, and bad input is refused before anything is
+overwritten.
+
+Runs are tiny (C = 12..16, 1–2 layers, B·T = 8·16 tokens) so the whole file takes seconds;
+float64 where exact equality of losses is the claim.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from npformer import checkpoint as ckpt
+from npformer.cli import main
+from npformer.presets import preset_names, tiny_overrides
+from npformer.train import Trainer, TrainingDiverged, TrainOptions, load_trained
+
+TINY = dict(d_model=16, n_layers=1, n_heads=2)
+
+
+def _options(tmp_path, name="run", **changes) -> TrainOptions:
+    values = dict(preset="gpt2", out=str(tmp_path / name), steps=8, batch_size=4, seq_len=16,
+                  lr=1e-2, warmup_steps=2, dtype="float64", eval_interval=4, eval_batches=2,
+                  checkpoint_interval=4, model_overrides=dict(TINY))
+    values.update(changes)
+    return TrainOptions(**values)
+
+
+def _train(options, **kwargs):
+    trainer = Trainer(options, progress=False, **kwargs)
+    summary = trainer.run()
+    return trainer, summary
+
+
+def _losses(trainer):
+    return [row["loss"] for row in trainer.history]
+
+
+# ---- every preset learns -------------------------------------------------------------
+
+
+def _tiny_sizes(name):
+    sizes = {k: v for k, v in tiny_overrides(name).items() if k not in ("vocab_size", "max_seq_len")}
+    return sizes
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_lowers_the_loss_in_50_steps(tmp_path, name):
+    options = _options(tmp_path, preset=name, steps=50, batch_size=8, lr=1e-2, warmup_steps=5,
+                       dtype="float32", eval_interval=50, eval_batches=4, checkpoint_interval=50,
+                       model_overrides=_tiny_sizes(name))
+    trainer = Trainer(options, progress=False)
+    before = trainer.evaluate()  # validation loss of the initial weights
+    summary = trainer.run()
+    losses = _losses(trainer)
+    assert all(np.isfinite(losses))
+    # random init gives ~ln 65 = 4.17 nats; 50 steps must clearly improve on both measures
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, (name, losses[:5], losses[-5:])
+    assert summary["val_loss"] < before - 0.3, (name, before, summary["val_loss"])
+
+
+# ---- reproducibility and resume ------------------------------------------------------
+
+
+def test_same_seed_same_losses_other_seed_other_losses(tmp_path):
+    first, _ = _train(_options(tmp_path, "a"))
+    second, _ = _train(_options(tmp_path, "b"))
+    third, _ = _train(_options(tmp_path, "c", seed=1))
+    assert _losses(first) == _losses(second)
+    assert _losses(first) != _losses(third)
+
+
+@pytest.mark.parametrize("preset, extra", [
+    ("gpt2", dict(model_overrides=dict(TINY, dropout=0.1))),  # the dropout generator resumes too
+    ("llama3", {}),  # packed documents: the packed sampler resumes
+    ("transformer-2017", {}),  # sequence to sequence
+])
+def test_n_steps_equal_half_plus_resumed_half(tmp_path, preset, extra):
+    straight, _ = _train(_options(tmp_path, "straight", preset=preset, **extra))
+    _train(_options(tmp_path, "halves", preset=preset, stop_after=4, **extra))
+    resumed, _ = _train(_options(tmp_path, "halves", preset=preset, **extra), resume=True)
+    assert resumed.step == 8
+    assert _losses(resumed) == _losses(straight)  # float64, bit for bit
+    assert [r.get("val_loss") for r in resumed.history] == [r.get("val_loss") for r in straight.history]
+    for name, value in straight.model.parameters().items():
+        assert np.array_equal(value, resumed.model.parameters()[name]), name
+
+
+def test_outputs_of_a_run(tmp_path):
+    trainer, summary = _train(_options(tmp_path))
+    run = trainer.run_dir
+    for name in ("config.json", "tokenizer.json", "train.json", "log.csv", "log.json",
+                 "loss.png", "latest.json"):
+        assert os.path.isfile(os.path.join(run, name)), name
+    with open(os.path.join(run, "loss.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    log = json.load(open(os.path.join(run, "log.json")))
+    assert [row["step"] for row in log] == list(range(1, 9))
+    assert [row["step"] for row in log if "val_loss" in row] == [4, 8]
+    csv_lines = open(os.path.join(run, "log.csv")).read().splitlines()
+    assert csv_lines[0] == "step,loss,val_loss,lr,grad_norm,tokens_per_s" and len(csv_lines) == 9
+    # the warm-up then cosine schedule: lr rises for 2 steps, then falls to lr / 10
+    lrs = [row["lr"] for row in log]
+    assert lrs[0] < lrs[1] == pytest.approx(1e-2) and lrs[-1] < lrs[2]
+    model, tokenizer = load_trained(run)
+    for name, value in trainer.model.parameters().items():
+        assert np.array_equal(model.parameters()[name], value), name
+    assert tokenizer.vocab_size == 65 and summary["val_loss"] == log[-1]["val_loss"]
+
+
+def test_a_kill_during_training_resumes_to_the_uninterrupted_result(tmp_path):
+    """SIGKILL a real `npformer train` process after its first checkpoint; --resume then
+    finishes the run with exactly the losses and weights of a run that was never killed."""
+    args = ["--preset", "gpt2", "--steps", "60", "--batch-size", "4", "--seq-len", "16",
+            "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--dtype", "float64",
+            "--checkpoint-interval", "5", "--eval-interval", "30", "--eval-batches", "2",
+            "--lr", "1e-2", "--warmup-steps", "2", "--no-progress", "--sample-tokens", "0"]
+    killed = str(tmp_path / "killed")
+    process = subprocess.Popen([sys.executable, "-m", "npformer", "train", "--out", killed] + args,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not os.path.isfile(os.path.join(killed, "latest.json")) and process.poll() is None:
+        assert time.time() < deadline, "no checkpoint within 120 s"
+        time.sleep(0.05)
+    time.sleep(0.3)  # somewhere in the middle of later steps (or saves)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    step_at_kill = ckpt.load_checkpoint(killed)[4]["step"]  # loadable whatever the moment
+    assert main(["train", "--out", killed, "--resume"] + args) == 0
+    assert main(["train", "--out", str(tmp_path / "straight")] + args) == 0
+    _, _, killed_tensors, killed_optimizer, killed_state = ckpt.load_checkpoint(killed)
+    _, _, straight_tensors, straight_optimizer, straight_state = ckpt.load_checkpoint(str(tmp_path / "straight"))
+    assert killed_state["step"] == straight_state["step"] == 60 and step_at_kill >= 5
+    assert [r["loss"] for r in killed_state["history"]] == [r["loss"] for r in straight_state["history"]]
+    for name in straight_tensors:
+        assert np.array_equal(killed_tensors[name], straight_tensors[name]), name
+    for name in straight_optimizer:
+        assert np.array_equal(killed_optimizer[name], straight_optimizer[name]), name
+
+
+# ---- divergence and bad input --------------------------------------------------------
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(_options(tmp_path, steps=12), progress=False)
+    forward = trainer.model.forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        logits = forward(*args, **kwargs)
+        if trainer.step == 6 and trainer.model.training:
+            logits = logits.copy()
+            logits[0, 0, 0] = np.nan
+        return logits
+
+    monkeypatch.setattr(trainer.model, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"the loss became NaN or infinite logits at step 7.*step-000004"):
+        trainer.run()
+    assert ckpt.load_checkpoint(trainer.run_dir)[4]["step"] == 4
+    model, _ = load_trained(trainer.run_dir)
+    assert all(np.isfinite(v).all() for v in model.parameters().values())
+
+
+def test_nan_from_divergence_is_reported_by_the_cli(tmp_path, capsys):
+    code = main(["train", "--out", str(tmp_path / "run"), "--steps", "20", "--batch-size", "2",
+                 "--seq-len", "8", "--d-model", "16", "--n-layers", "1", "--n-heads", "2",
+                 "--lr", "1e30", "--warmup-steps", "0", "--grad-clip", "0", "--no-progress",
+                 "--sample-tokens", "0", "--checkpoint-interval", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the loss became" in err and "lower --lr" in err
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(preset="gpt5"), "unknown preset"),
+    (dict(steps=0), "steps must be an integer"),
+    (dict(lr=float("nan")), "lr must be a finite number"),
+    (dict(tokenizer="bpe"), "tokenizer must be 'char' or 'byte'"),
+    (dict(model_overrides=dict(TINY, n_heads=3)), "n_heads"),
+])
+def test_bad_options_are_clear_errors(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=message):
+        Trainer(_options(tmp_path, **changes), progress=False)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty"),
+    (b"\x00\x01\x02binary\xff", "binary|UTF-8"),
+])
+def test_bad_data_files_are_refused(tmp_path, content, message):
+    path = tmp_path / "data.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        Trainer(_options(tmp_path, data=str(path)), progress=False)
+
+
+def test_any_text_file_can_be_the_corpus(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    trainer, _ = _train(_options(tmp_path, data=str(path)))
+    assert trainer.tokenizer.vocab_size == len(set(path.read_text()))
+
+
+def test_resume_errors_overwrite_nothing(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        Trainer(_options(tmp_path, "missing"), resume=True, progress=False)
+    trainer, _ = _train(_options(tmp_path))
+    run = trainer.run_dir
+    before = {name: open(os.path.join(run, name), "rb").read()
+              for name in ("config.json", "latest.json", "log.json", "train.json")}
+    with pytest.raises(ValueError, match="already exists"):  # a new run into a used directory
+        Trainer(_options(tmp_path), progress=False)
+    with pytest.raises(ValueError, match="d_model=16, not 32"):  # a checkpoint of another config
+        Trainer(_options(tmp_path, model_overrides=dict(TINY, d_model=32)), resume=True, progress=False)
+    with pytest.raises(ValueError, match="seq_len=16, not 32"):
+        Trainer(_options(tmp_path, seq_len=32), resume=True, progress=False)
+    with pytest.raises(ValueError, match="n_heads"):  # a bad size, even with --overwrite
+        Trainer(_options(tmp_path, model_overrides=dict(TINY, n_heads=5)), overwrite=True, progress=False)
+    after = {name: open(os.path.join(run, name), "rb").read() for name in before}
+    assert after == before
+    other = tmp_path / "not_a_run"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not a training run directory"):
+        Trainer(_options(tmp_path, "not_a_run"), overwrite=True, progress=False)
+    assert (other / "precious.txt").read_text() == "keep me"
+
+
+def test_a_checkpoint_of_another_config_is_refused_when_loading(tmp_path):
+    trainer, _ = _train(_options(tmp_path))
+    config = json.load(open(os.path.join(trainer.run_dir, "config.json")))
+    config["d_model"] = 32
+    ckpt.write_json(os.path.join(trainer.run_dir, "config.json"), config)
+    with pytest.raises(ValueError, match="checkpoint tensor .* has shape"):
+        load_trained(trainer.run_dir)
+
+
+# ---- the CLI: train then sample ------------------------------------------------------
+
+
+def test_cli_train_then_sample_with_and_without_the_cache(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    code = main(["train", "--preset", "llama2", "--out", run, "--steps", "6", "--batch-size", "2",
+                 "--seq-len", "16", "--d-model", "16", "--n-layers", "1", "--n-heads", "4",
+                 "--n-kv-heads", "2", "--no-progress", "--sample-tokens", "20", "--prompt", "KING:"])
+    out = capsys.readouterr().out
+    assert code == 0 and "validation loss" in out and "tokens/s" in out and "\nKING:" in out
+    sample = ["sample", "--ckpt", run, "--prompt", "ROMEO:", "--tokens", "40", "--seed", "3",
+              "--top-k", "5"]
+    assert main(sample) == 0
+    cached = capsys.readouterr().out
+    assert main(sample + ["--no-cache"]) == 0
+    uncached = capsys.readouterr().out
+    assert cached == uncached and cached.startswith("ROMEO:") and len(cached.rstrip("\n")) == 46
+    assert main(["sample", "--ckpt", str(tmp_path / "nothing")]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert main(["train", "--preset", "gpt5", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
