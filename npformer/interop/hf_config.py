@@ -159,15 +159,20 @@ def _llama_like(hf: dict) -> dict:
     _require(hf, "mlp_bias", False, "the GLU MLP here has no biases")
     _require(hf, "pretraining_tp", 1, "a tensor-parallel split of the MLP")
     rope = _rope(hf)
+    if rope["factor"] != 1.0:
+        # transformers' Llama and Cohere rotary embeddings ignore the field and rotate every
+        # channel of the head (only gpt_neox reads it): refuse rather than load another model
+        raise ValueError(f"config.json partial_rotary_factor={rope['factor']!r} is not supported "
+                         f"for model_type {hf.get('model_type')!r}: transformers rotates the whole "
+                         "head there and ignores it (partial rotary exists as gpt_neox or gptj)")
     head_dim = _get(hf, "head_dim", C // H)
-    rotary = int(head_dim * rope["factor"])
     bias = bool(_get(hf, "attention_bias", False))
     pad = _get(hf, "pad_token_id")
     return _common(hf, vocab_size=hf["vocab_size"], d_model=C, n_layers=hf["num_hidden_layers"],
                    n_heads=H, n_kv_heads=_get(hf, "num_key_value_heads", H), head_dim=head_dim,
                    max_seq_len=hf["max_position_embeddings"], d_ff=hf["intermediate_size"],
                    ffn="swiglu", ffn_bias=False, positions="rope", rope_theta=rope["theta"],
-                   rotary_dim=None if rotary == head_dim else rotary, qkv_bias=bias, out_bias=bias,
+                   qkv_bias=bias, out_bias=bias,
                    # the Llama trap: HF builds nn.Embedding(padding_idx=pad_token_id), and that
                    # row then gets no gradient; we reproduce it
                    padding_idx=pad if pad is not None and 0 <= pad < hf["vocab_size"] else None,
@@ -223,10 +228,7 @@ def _rotary_factor(config: ModelConfig) -> float:
 
 
 def _rope_parameters(config: ModelConfig) -> dict:
-    params = {"rope_type": "default", "rope_theta": config.rope_theta}
-    if config.rotary_dim is not None:
-        params["partial_rotary_factor"] = _rotary_factor(config)
-    return params
+    return {"rope_type": "default", "rope_theta": config.rope_theta}
 
 
 def _write(config: ModelConfig, model_type: str) -> dict:
@@ -269,6 +271,10 @@ def _write(config: ModelConfig, model_type: str) -> dict:
                                     "partial_rotary_factor": _rotary_factor(config)},
                 "attention_bias": config.qkv_bias, "hidden_dropout": config.dropout,
                 "attention_dropout": 0.0}
+    if config.rotary_dim not in (None, config.head_size):
+        raise ValueError(f"rotary_dim={config.rotary_dim} < head_dim={config.head_size} cannot be "
+                         f"saved as model_type {model_type!r}: transformers rotates the whole head "
+                         "there (partial rotary exists as gpt_neox or gptj)")
     llama_like = {**base, "hidden_size": C, "num_hidden_layers": L, "num_attention_heads": H,
                   "num_key_value_heads": config.kv_heads, "head_dim": config.head_size,
                   "max_position_embeddings": P, "intermediate_size": config.ffn_width,
