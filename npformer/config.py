@@ -29,6 +29,7 @@ ATTENTION_KINDS = ("dense", "local")
 SOFTMAX_TYPES = ("softmax", "softmax1", "clipped")
 ARCHITECTURES = ("decoder", "encoder-decoder")
 DTYPES = ("float64", "float32")
+ATTENTION_IMPLS = ("numba", "numpy")
 
 
 def _fail(field_name: str, value, valid: str) -> None:
@@ -60,6 +61,10 @@ class ModelConfig:
     clip_zeta: float = 1.0
     attention_softcap: Optional[float] = None  # cap · tanh(scores / cap) (Gemma 2), None = off
     document_mask: bool = False  # Llama 3: train on packed documents, no attention across them
+    # "numba": the fused, tiled kernels of npformer.kernels.flash_attention (no T×S matrix;
+    # the clipped softmax falls back to the reference); "numpy": the readable reference,
+    # npformer.functional.attention. Same results to rounding; a choice of speed, not of model.
+    attention_impl: str = "numba"
 
     # --- positions ----------------------------------------------------------------------
     positions: str = "learned"  # "sinusoidal" (2017), "learned" (GPT-1..GPT-Neo), "rope", "none"
@@ -178,7 +183,7 @@ class ModelConfig:
                             ("norm", NORM_TYPES), ("norm_placement", NORM_PLACEMENTS),
                             ("block", BLOCK_LAYOUTS), ("positions", POSITION_TYPES),
                             ("rope_layout", ROPE_LAYOUTS), ("softmax", SOFTMAX_TYPES),
-                            ("dtype", DTYPES)):
+                            ("dtype", DTYPES), ("attention_impl", ATTENTION_IMPLS)):
             value = getattr(self, name)
             if value not in valid:
                 _fail(name, value, f"choose one of {list(valid)}")

@@ -70,8 +70,8 @@ def make_attention(config: ModelConfig, layer: int, rng: np.random.Generator, *,
         rotary_dim=config.rotary_dim, rope_layout=config.rope_layout,
         causal=causal and not cross, window=None if cross or not causal else config.layer_window(layer),
         scale=config.attention_scale, softmax=config.softmax, clip_gamma=config.clip_gamma,
-        clip_zeta=config.clip_zeta, softcap=config.attention_softcap, cross=cross,
-        rng=rng, init_std=std, dtype=config.np_dtype,
+        clip_zeta=config.clip_zeta, softcap=config.attention_softcap,
+        attention_impl=config.attention_impl, cross=cross, rng=rng, init_std=std, dtype=config.np_dtype,
     )
     _scale_residual_projection(config, attention.out_proj, rng)
     return attention

@@ -41,6 +41,17 @@ from .linear import Linear
 from .module import Module
 
 
+def _attention_core(attention_impl: str, softmax: str):
+    """The (forward, backward) pair that computes ``o = attention(q, k, v)``."""
+    if attention_impl == "numba":
+        from ..kernels.flash_attention import (FLASH_SOFTMAX_VARIANTS, flash_attention_backward,
+                                               flash_attention_forward)
+
+        if softmax in FLASH_SOFTMAX_VARIANTS:
+            return flash_attention_forward, flash_attention_backward
+    return attention_forward, attention_backward
+
+
 class KVCache:
     """Keys and values (after RoPE) of every token seen so far, for one attention layer.
 
@@ -99,6 +110,10 @@ class MultiHeadAttention(Module):
     "half" (GPT-NeoX, Llama) or "interleaved" (GPT-J)).
     causal, window, scale, softmax, clip_gamma, clip_zeta, softcap: passed to the core
     (:func:`npformer.functional.attention.attention_forward`).
+    attention_impl: "numba" computes the core with the fused kernels
+    (:mod:`npformer.kernels.flash_attention`, same results, no T×S matrix); the clipped
+    softmax, which they do not implement, falls back to the reference. "numpy": always the
+    reference.
     cross: cross-attention (2017 decoder): k, v come from ``memory``; no causal mask, no RoPE.
     """
 
@@ -108,7 +123,8 @@ class MultiHeadAttention(Module):
                  rotary_dim: Optional[int] = None, rope_layout: str = "half",
                  causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
                  softmax: str = "softmax", clip_gamma: float = -0.03, clip_zeta: float = 1.0,
-                 softcap: Optional[float] = None, cross: bool = False,
+                 softcap: Optional[float] = None, attention_impl: str = "numba",
+                 cross: bool = False,
                  rng: Optional[np.random.Generator] = None, init_std: float = 0.02,
                  dtype=np.float64) -> None:
         super().__init__()
@@ -139,12 +155,15 @@ class MultiHeadAttention(Module):
         if rope and head_dim % 2 and rotary_dim is None:
             raise ValueError(f"RoPE over the whole head needs an even head_dim, got {head_dim}; "
                              "set an even rotary_dim < head_dim for partial rotary")
+        if attention_impl not in ("numba", "numpy"):
+            raise ValueError(f"attention_impl must be 'numba' or 'numpy', got {attention_impl!r}")
         rng = np.random.default_rng(0) if rng is None else rng
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         self.fused_qkv, self.cross = fused_qkv, cross
         self.rope = dict(theta=rope_theta, rotary_dim=rotary_dim, layout=rope_layout) if rope else None
         self.core_options = dict(causal=causal, window=window, scale=scale, softmax=softmax,
                                  clip_gamma=clip_gamma, clip_zeta=clip_zeta, softcap=softcap)
+        self.core = _attention_core(attention_impl, softmax)  # (forward, backward) pair
         q_width, kv_width = n_heads * head_dim, n_kv_heads * head_dim
         make = dict(rng=rng, init_std=init_std, dtype=dtype)
         if fused_qkv:
@@ -247,8 +266,9 @@ class MultiHeadAttention(Module):
             else:
                 k, v = kv_cache.append(k, v, doc_ids)
                 doc_ids = kv_cache.doc_ids
-        o, core = attention_forward(q, k, v, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
-                                    **self.core_options)  # (B, H, T, D)
+        core_forward, _ = self.core
+        o, core = core_forward(q, k, v, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
+                               **self.core_options)  # (B, H, T, D)
         y, out = self.out_proj.forward(self._merge_heads(o))  # (B, T, C)
         cache = MultiHeadAttentionCache(q_in, k_in, v_in, rope_q, rope_k, core, out,
                                (B, T, k.shape[2]), kv_cache is not None)
@@ -270,7 +290,8 @@ class MultiHeadAttention(Module):
         do = self.out_proj.backward(dy, cache.out)  # (B, T, H·D)
         do = self._split_heads(do, self.n_heads)  # (B, H, T, D)
         # forward: o = attention(q, k, v)
-        dq, dk, dv = attention_backward(do, cache.core)  # (B,H,T,D), (B,K,S,D), (B,K,S,D)
+        _, core_backward = self.core
+        dq, dk, dv = core_backward(do, cache.core)  # (B,H,T,D), (B,K,S,D), (B,K,S,D)
         if self.rope is not None:
             # forward: q = rope(q), k = rope(k): the inverse rotation
             dq = rope_backward(dq, cache.rope_q)

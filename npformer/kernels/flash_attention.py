@@ -1,0 +1,774 @@
+"""FlashAttention-style fused attention on the CPU: numba kernels, forward and backward.
+
+    o, cache = flash_attention_forward(q, k, v, causal=..., window=..., doc_ids=..., ...)
+    dq, dk, dv = flash_attention_backward(do, cache)
+
+Same arguments and results as :func:`npformer.functional.attention.attention_forward` /
+``attention_backward`` (softmax and softmax₁; clipped softmax → ValueError, use the NumPy
+path), but memory linear in the sequence length: the cache holds q, k, v, o and the per-row
+log-sum-exp (B, H, T), never a T × S matrix. The algorithm and its derivation are in the
+readable twin, :mod:`npformer.kernels.flash_attention_reference`; this file is that
+algorithm arranged for speed, and tests/test_flash_attention.py holds the two together.
+
+How the time is spent, and what this file does about it
+-------------------------------------------------------
+- Tile products. Every (query block, key block) tile does two (forward) or five (backward)
+  small matrix products. They go through ``np.dot`` on C-contiguous tiles inside ``@njit``,
+  which numba lowers to SciPy's BLAS (``scipy.linalg.cython_blas``); issue 7 measured that
+  about 3× faster than row-update loops and ~1.7× faster than a hand-written register-blocked
+  product, so SciPy is a dependency of the kernels. A product with a transposed right
+  operand (q kᵀ on row-major tiles) ran about 2× slower than the plain or transposed-left
+  kinds on 64-wide tiles here, so the forward works on key-major tiles zᵀ = k qᵀ (qᵀ copied
+  once per query block) and the backward copies kᵀ and vᵀ once per key block.
+- Single-threaded BLAS. The kernels are already parallel (``numba.prange``); a multithreaded
+  BLAS inside each of those threads oversubscribes the two cores (issue 7 measured 4.5×
+  slower, and OpenBLAS floods stderr with "Detect OpenMP Loop" warnings). Every kernel call
+  therefore runs under a threadpoolctl limit of one BLAS thread, restored afterwards
+  (:func:`_one_blas_thread`).
+- exp. numba has no vectorised exp here (no SVML: each ``math.exp`` is a scalar libm call,
+  5–10× slower per element than a vector loop), and the online softmax evaluates one exp per
+  score, twice (forward and backward). :func:`_exp_tile` is a vectorisable exp: Cody–Waite
+  range reduction x = n ln2 + r with |r| ≤ ln2/2, a Taylor polynomial for e^r (degree 13 in
+  float64, 7 in float32: truncation below each dtype's rounding), and 2ⁿ put into the
+  exponent bits by an integer add on an integer view of the result. Arguments below
+  ``floor`` (−708 in float64, −87 in float32, where e^x reaches the smallest normal number)
+  give exactly 0, which is also how a masked score (−inf) gets probability 0. The scale is
+  folded into it: exp(scale · q·k − m) is one fused multiply-add per score.
+- Skipped tiles. :func:`_tile_kinds` classifies each (b, query block, key block) tile as
+  skip (no query may see any key: beyond the causal diagonal, outside the window, across
+  documents, all padding), full (every pair allowed: no per-element mask) or partial. A
+  window of w keys costs ~T·w. Document ids are compared by their range per block, so tiles
+  across packed documents (ids that increase along the row) are skipped; arbitrary ids are
+  still exact, only skipped less.
+- Parallelism without races. Forward: one work item per (b, query head, query block); items
+  are interleaved first block/last block so that the static split of ``prange`` gives both
+  threads the same causal work. Backward, two schedules:
+    * by kv head (enough B·K items for the threads): an item owns one (b, kv head), loops over
+      key blocks, the G query heads of the group and the query blocks; it is the only writer
+      of dk, dv of its kv head and of dq of its G query heads — one pass, 5 products per tile;
+    * two passes (few B·K items, e.g. one sequence with multi-query attention): pass 1 items
+      are (b, kv head, key block) and write dk, dv; pass 2 items are (b, query head, query
+      block) and write dq. Each output has one writer; the cost is recomputing p and dp once
+      more (7 products per tile instead of 5).
+- In context. OpenBLAS's worker threads keep spinning for 0.1–1 s after a multithreaded
+  NumPy matmul; a kernel started right after one ran 1.5–2.4× slower here (not after a
+  1-thread matmul, nor a second later). Limiting BLAS threads during the kernel does not stop
+  workers that are already spinning; benchmarks/attention.py reports both figures.
+- float32 inputs are computed in float32 (BLAS sgemm, float32 exp); results equal the
+  float64 NumPy reference to ~1e-6 relative. float64 inputs are computed in float64.
+
+``NUMBA_DISABLE_JIT=1`` runs the same code as Python (numpy's dot, ``prange`` = ``range``):
+slow, same results.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+import scipy.linalg.cython_blas  # noqa: F401  numba's np.dot binds to this BLAS; load it first
+from numba import njit, prange
+from threadpoolctl import ThreadpoolController
+
+from .._validate import check_grad
+from .flash_attention_reference import (
+    FLASH_SOFTMAX_VARIANTS,
+    FlashAttentionCache,
+    FlashAttentionOptions,
+    prepare_flash_attention,
+)
+
+__all__ = ["flash_attention_forward", "flash_attention_backward", "FLASH_SOFTMAX_VARIANTS",
+           "FlashAttentionCache", "FlashAttentionOptions"]
+
+BLOCK_Q = 64  # queries per tile
+BLOCK_K = 64  # keys per tile
+
+_SKIP, _FULL, _PARTIAL = 0, 1, 2  # tile kinds: nothing allowed / everything / check each pair
+
+
+# ---- the BLAS thread limit ---------------------------------------------------------------
+
+_CONTROLLER = None
+
+
+def _one_blas_thread():
+    """Context manager: every loaded BLAS (numpy's and SciPy's OpenBLAS) runs one thread.
+
+    Why: the kernels call BLAS from inside numba's prange threads; a multithreaded BLAS in
+    each of them oversubscribes the cores (issue 7 measured 4.5× slower, plus "Detect OpenMP
+    Loop" warnings). The controller is built once (listing the loaded libraries takes
+    milliseconds); limiting and restoring is a few cheap C calls.
+    """
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER.limit(limits=1, user_api="blas")
+
+
+# ---- constants of the vectorisable exp --------------------------------------------------
+
+
+def _exp_constants(dtype):
+    """[log2(e), ln2_hi, ln2_lo, floor, 1/2, 1/0!, 1/1!, …, 1/13!] in ``dtype``.
+
+    ln2_hi + ln2_lo = ln 2 split so that n · ln2_hi is exact for the n that occur
+    (Cody & Waite): fdlibm's split in float64, Cephes' in float32.
+    """
+    if dtype == np.float64:
+        head = [1.4426950408889634, 6.93147180369123816490e-01, 1.90821492927058770002e-10,
+                -708.0, 0.5]
+    else:
+        head = [1.4426950408889634, 0.693359375, -2.12194440e-4, -87.0, 0.5]
+    taylor = [1.0 / math.factorial(i) for i in range(14)]
+    return np.array(head + taylor, dtype=dtype)
+
+
+def _bits_witness(dtype):
+    """A 1-element integer array as wide as ``dtype`` (its dtype selects the bit view)."""
+    return np.zeros(1, dtype=np.int32 if dtype == np.float32 else np.int64)
+
+
+def _mantissa_bits(dtype) -> int:
+    return 23 if dtype == np.float32 else 52
+
+
+# ---- tile helpers (called inside the parallel kernels) ---------------------------------
+
+
+@njit(cache=True)
+def _tile_kinds(B, T, S, block_q, block_k, causal, window, doc_ids, has_doc, key_pad, has_pad):
+    """(B, nQ, nK) int8: _SKIP, _FULL or _PARTIAL for every (b, query block, key block).
+
+    Query i sits at position i + S − T. Conservative in one direction only: _SKIP and _FULL
+    are exact claims, anything unsure is _PARTIAL (checked element by element).
+    """
+    offset = S - T
+    n_qb = (T + block_q - 1) // block_q
+    n_kb = (S + block_k - 1) // block_k
+    kinds = np.empty((B, n_qb, n_kb), dtype=np.int8)
+    for b in range(B):
+        for qb in range(n_qb):
+            q_lo = qb * block_q + offset  # first and last query position of the block
+            q_hi = min(T, (qb + 1) * block_q) - 1 + offset
+            dq_lo = 0
+            dq_hi = 0
+            if has_doc:
+                dq_lo = doc_ids[b, q_lo]
+                dq_hi = doc_ids[b, q_lo]
+                for pos in range(q_lo, q_hi + 1):
+                    dq_lo = min(dq_lo, doc_ids[b, pos])
+                    dq_hi = max(dq_hi, doc_ids[b, pos])
+            for kb in range(n_kb):
+                k_lo = kb * block_k
+                k_hi = min(S, (kb + 1) * block_k) - 1
+                none = False  # provably no allowed pair
+                full = True  # provably every pair allowed
+                if causal:
+                    if k_lo > q_hi:
+                        none = True
+                    if k_hi > q_lo:
+                        full = False
+                if window > 0:
+                    if k_hi <= q_lo - window:
+                        none = True
+                    if k_lo <= q_hi - window:
+                        full = False
+                if has_doc and not none:
+                    dk_lo = doc_ids[b, k_lo]
+                    dk_hi = doc_ids[b, k_lo]
+                    for pos in range(k_lo, k_hi + 1):
+                        dk_lo = min(dk_lo, doc_ids[b, pos])
+                        dk_hi = max(dk_hi, doc_ids[b, pos])
+                    if dk_hi < dq_lo or dk_lo > dq_hi:
+                        none = True
+                    if not (dq_lo == dq_hi and dk_lo == dk_hi and dq_lo == dk_lo):
+                        full = False
+                if has_pad and not none:
+                    n_pad = 0
+                    for pos in range(k_lo, k_hi + 1):
+                        if key_pad[b, pos]:
+                            n_pad += 1
+                    if n_pad == k_hi - k_lo + 1:
+                        none = True
+                    if n_pad > 0:
+                        full = False
+                kinds[b, qb, kb] = _SKIP if none else (_FULL if full else _PARTIAL)
+    return kinds
+
+
+@njit(cache=True)
+def _zigzag(r, n):
+    """r-th block of n in the order 0, n−1, 1, n−2, …: equal causal work in each half."""
+    return r // 2 if r % 2 == 0 else n - 1 - r // 2
+
+
+@njit(cache=True)
+def _mask_tile(z, key_major, b, i0, j0, offset, causal, window, doc_ids, has_doc, key_pad,
+               has_pad):
+    """−inf where query i0 + i may not see key j0 + j (attention_mask's rules).
+
+    z is (Tq, Sk), or (Sk, Tq) when key_major. Causal and window allow one run of keys per
+    query, j0 + lo ≤ key < j0 + hi; only inside it are documents and padding looked up.
+    """
+    n_queries = z.shape[1] if key_major else z.shape[0]
+    n_keys = z.shape[0] if key_major else z.shape[1]
+    for i in range(n_queries):
+        qpos = i0 + i + offset
+        lo = 0
+        hi = n_keys
+        if causal:  # key ≤ qpos
+            hi = max(0, min(n_keys, qpos - j0 + 1))
+        if window > 0:  # key > qpos − window
+            lo = min(n_keys, max(0, qpos - window + 1 - j0))
+        hi = max(hi, lo)
+        for j in range(n_keys):
+            masked = j < lo or j >= hi
+            if not masked and (has_doc or has_pad):
+                kpos = j0 + j
+                masked = ((has_doc and doc_ids[b, kpos] != doc_ids[b, qpos])
+                          or (has_pad and key_pad[b, kpos]))
+            if masked:
+                if key_major:
+                    z[j, i] = -np.inf
+                else:
+                    z[i, j] = -np.inf
+
+
+@njit(cache=True)
+def _finish_scores(z, slope, params, key_major, kind, b, i0, j0, offset, causal, window,
+                   doc_ids, has_doc, key_pad, has_pad):
+    """Turn a tile of products q·k into scores, in place; returns the scale left to apply.
+
+    Without soft-capping the scale is folded into the exp (exp(scale · z − shift), one fused
+    multiply-add), so the tile stays q·k and the scale is returned. With soft-capping the
+    tile becomes c = cap tanh(scale · q·k / cap), slope = sech²(scale · q·k / cap), and 1
+    is returned. Then masked entries of a _PARTIAL tile become −inf.
+    params = [scale, cap] in the tile dtype (cap = 0: no soft-capping).
+    """
+    scale = params[0]
+    cap = params[1]
+    exp_scale = scale
+    if cap > 0:
+        for a in range(z.shape[0]):
+            for c in range(z.shape[1]):
+                u = scale * z[a, c] / cap  # s / cap
+                e = math.exp(-2.0 * abs(u))  # exp(−2|u|) ∈ (0, 1]
+                slope[a, c] = 4.0 * e / ((1.0 + e) * (1.0 + e))  # sech²(u), no cancellation
+                z[a, c] = cap * math.tanh(u)  # c = cap tanh(s / cap)
+        exp_scale = scale - scale + 1  # 1 in the tile dtype
+    if kind == _PARTIAL:
+        _mask_tile(z, key_major, b, i0, j0, offset, causal, window, doc_ids, has_doc, key_pad,
+                   has_pad)
+    return exp_scale
+
+
+@njit(cache=True)
+def _column_max(z, out):
+    """out[c] = max_a z[a, c] for z (A, C): vectorised along the contiguous axis."""
+    for c in range(z.shape[1]):
+        out[c] = z[0, c]
+    for a in range(1, z.shape[0]):
+        for c in range(z.shape[1]):
+            out[c] = max(out[c], z[a, c])
+
+
+@njit(cache=True)
+def _column_sum(p, out):
+    """out[c] = Σ_a p[a, c] for p (A, C)."""
+    for c in range(p.shape[1]):
+        out[c] = 0.0
+    for a in range(p.shape[0]):
+        for c in range(p.shape[1]):
+            out[c] += p[a, c]
+
+
+@njit(cache=True, fastmath={"contract"})  # fused multiply-adds only; no reassociation
+def _exp_tile(z, scale, shift_rows, shift_cols, p, p_bits, n_bits, consts, mantissa_bits):
+    """p[a, c] = exp(scale · z[a, c] − shift_rows[a] − shift_cols[c]); 0 below ``floor``.
+
+    z, p (A, C); one of the two shifts is all zeros (the tile is query- or key-major).
+    p_bits: p viewed as integers of its width; n_bits: integer scratch (A, C).
+    exp(x) = 2ⁿ e^r with n = round(x / ln 2), r = x − n ln 2 ∈ [−ln2/2, ln2/2]:
+    e^r by its Taylor polynomial (Horner), 2ⁿ by adding n to the exponent field. The
+    polynomial's degree fits the precision: the first omitted term, (ln2/2)^(d+1) / (d+1)!,
+    is 5e-9 for d = 7 (float32, whose rounding is 6e-8) and 4e-18 for d = 13 (float64).
+    """
+    log2e = consts[0]
+    ln2_hi = consts[1]
+    ln2_lo = consts[2]
+    floor = consts[3]
+    half = consts[4]
+    c0, c1, c2, c3, c4 = consts[5], consts[6], consts[7], consts[8], consts[9]
+    c5, c6, c7, c8, c9 = consts[10], consts[11], consts[12], consts[13], consts[14]
+    c10, c11, c12, c13 = consts[15], consts[16], consts[17], consts[18]
+    zero = half - half
+    if mantissa_bits == 23:  # float32: degree 7, 32-bit integers
+        for a in range(z.shape[0]):
+            row_shift = shift_rows[a]
+            for c in range(z.shape[1]):
+                x = scale * z[a, c] - (row_shift + shift_cols[c])
+                inside = x > floor  # False for −inf (masked) and for negligible values
+                x = x if inside else floor
+                n = np.floor(x * log2e + half)
+                r = (x - n * ln2_hi) - n * ln2_lo
+                poly = (((((((c7 * r + c6) * r + c5) * r + c4) * r + c3) * r + c2) * r + c1) * r
+                        + c0)
+                p[a, c] = poly if inside else zero
+                n_bits[a, c] = np.int32(n) << mantissa_bits if inside else 0
+    else:  # float64: degree 13, 64-bit integers
+        for a in range(z.shape[0]):
+            row_shift = shift_rows[a]
+            for c in range(z.shape[1]):
+                x = scale * z[a, c] - (row_shift + shift_cols[c])
+                inside = x > floor
+                x = x if inside else floor
+                n = np.floor(x * log2e + half)
+                r = (x - n * ln2_hi) - n * ln2_lo
+                poly = (((((((((((((c13 * r + c12) * r + c11) * r + c10) * r + c9) * r + c8) * r
+                            + c7) * r + c6) * r + c5) * r + c4) * r + c3) * r + c2) * r + c1) * r
+                        + c0)
+                p[a, c] = poly if inside else zero
+                n_bits[a, c] = np.int64(n) << mantissa_bits if inside else 0
+    for a in range(z.shape[0]):
+        for c in range(z.shape[1]):
+            p_bits[a, c] += n_bits[a, c]  # e^r · 2ⁿ: n added to the exponent field
+
+
+@njit(cache=True)
+def _ds_tile(p, dp, delta_rows, delta_cols, slope, params):
+    """dp ← scale · p ⊙ (dp − δ) [⊙ slope]: the score gradient, times scale, in place.
+
+    forward p = softmax(z): dz = p ⊙ (dp − δ), δ = rowsum(do ⊙ o) per query (delta_rows[a]
+    + delta_cols[c], one of them zeros); forward c = cap tanh(s / cap): ds = dz ⊙ slope;
+    forward s = scale q·k: scale goes with ds into dq and dk.
+    """
+    scale = params[0]
+    if params[1] > 0:
+        for a in range(p.shape[0]):
+            for c in range(p.shape[1]):
+                dp[a, c] = scale * (p[a, c] * (dp[a, c] - (delta_rows[a] + delta_cols[c]))
+                                    ) * slope[a, c]
+    else:
+        for a in range(p.shape[0]):
+            d = delta_rows[a]
+            for c in range(p.shape[1]):
+                dp[a, c] = scale * (p[a, c] * (dp[a, c] - (d + delta_cols[c])))
+
+
+@njit(cache=True)
+def _transpose_into(tile, out):
+    """out (C, A) = tileᵀ for tile (A, C)."""
+    for a in range(tile.shape[0]):
+        for c in range(tile.shape[1]):
+            out[c, a] = tile[a, c]
+
+
+# ---- forward -----------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True)
+def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids, has_doc,
+                    key_pad, has_pad, kinds, block_q, block_k, consts, bits_witness,
+                    mantissa_bits, o, lse):
+    """The online-softmax forward. q, k, v, o, lse: flat C-ordered views of
+    (B, H, T, D), (B, K, S, D), (B, K, S, Dv), (B, H, T, Dv), (B, H, T); dims = (B, H, K,
+    T, S, D, Dv). One work item per (b, query head, query block).
+
+    Tiles are key-major, zᵀ = k qᵀ (Sk, Tq): with qᵀ transposed once per item both products
+    (k qᵀ and pᵀᵀ v) are plain or transposed-left BLAS calls, the fast kinds (a transposed
+    right operand, q kᵀ, measured about 2× slower on 64-wide tiles).
+    """
+    B, H, n_kv, T, S, D, Dv = dims
+    G = H // n_kv
+    offset = S - T
+    n_qb = (T + block_q - 1) // block_q
+    n_kb = (S + block_k - 1) // block_k
+    dtype = q.dtype
+    for item in prange(B * H * n_qb):
+        bh = item // n_qb
+        qb = _zigzag(item % n_qb, n_qb)
+        b = bh // H
+        h = bh % H
+        kv = h // G
+        i0 = qb * block_q
+        rows = min(block_q, T - i0)
+        q_start = (bh * T + i0) * D
+        q_t = np.empty((D, rows), dtype=dtype)  # (D, Tq) qᵀ
+        _transpose_into(q[q_start:q_start + rows * D].reshape((rows, D)), q_t)
+        z_flat = np.empty(block_k * rows, dtype=dtype)
+        p_flat = np.empty(block_k * rows, dtype=dtype)
+        slope_flat = np.empty(block_k * rows, dtype=dtype)
+        n_flat = np.empty(block_k * rows, dtype=bits_witness.dtype)
+        no_shift = np.zeros(block_k, dtype=dtype)
+        pv = np.empty((rows, Dv), dtype=dtype)  # (Tq, Dv) p v of one tile
+        acc = np.zeros((rows, Dv), dtype=dtype)  # (Tq, Dv) Σ exp(z − m) v
+        m = np.empty(rows, dtype=dtype)  # (Tq,) running max
+        l = np.empty(rows, dtype=dtype)  # (Tq,) running Σ exp(z − m)
+        tile_max = np.empty(rows, dtype=dtype)
+        shift = np.empty(rows, dtype=dtype)
+        tile_sum = np.empty(rows, dtype=dtype)
+        for i in range(rows):  # softmax₁: its extra key (z = 0, v = 0) is already seen
+            m[i] = 0.0 if softmax_one else -np.inf
+            l[i] = 1.0 if softmax_one else 0.0
+        for kb in range(n_kb):
+            kind = kinds[b, qb, kb]
+            if kind == _SKIP:
+                continue
+            j0 = kb * block_k
+            cols = min(block_k, S - j0)
+            k_start = ((b * n_kv + kv) * S + j0) * D
+            v_start = ((b * n_kv + kv) * S + j0) * Dv
+            k_tile = k[k_start:k_start + cols * D].reshape((cols, D))  # (Sk, D)
+            v_tile = v[v_start:v_start + cols * Dv].reshape((cols, Dv))  # (Sk, Dv)
+            z_t = z_flat[:cols * rows].reshape((cols, rows))  # (Sk, Tq)
+            p_t = p_flat[:cols * rows].reshape((cols, rows))  # (Sk, Tq)
+            slope_t = slope_flat[:cols * rows].reshape((cols, rows))
+            n_bits = n_flat[:cols * rows].reshape((cols, rows))
+            np.dot(k_tile, q_t, z_t)  # (Sk, Tq) zᵀ = k qᵀ
+            exp_scale = _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset,
+                                       causal, window, doc_ids, has_doc, key_pad, has_pad)
+            _column_max(z_t, tile_max)  # (Tq,) max over this tile's keys
+            for i in range(rows):
+                tile_max[i] = max(m[i], exp_scale * tile_max[i])  # m' = max(m, max z')
+                shift[i] = tile_max[i] if tile_max[i] > -np.inf else 0.0  # no −inf − (−inf)
+            _exp_tile(z_t, exp_scale, no_shift, shift, p_t, p_t.view(bits_witness.dtype),
+                      n_bits, consts, mantissa_bits)  # (Sk, Tq) exp(z − m')
+            _column_sum(p_t, tile_sum)  # (Tq,) Σ exp(z' − m')
+            np.dot(p_t.T, v_tile, pv)  # (Tq, Dv) p' v'
+            for i in range(rows):
+                rescale = math.exp(m[i] - shift[i])  # exp(m − m'): 0 while m = −inf
+                l[i] = rescale * l[i] + tile_sum[i]  # l ← exp(m − m') l + Σ exp(z' − m')
+                for e in range(Dv):
+                    acc[i, e] = rescale * acc[i, e] + pv[i, e]  # a ← exp(m − m') a + p' v'
+                m[i] = tile_max[i]
+        o_start = (bh * T + i0) * Dv
+        for i in range(rows):
+            if l[i] > 0:
+                inverse = 1.0 / l[i]
+                for e in range(Dv):
+                    o[o_start + i * Dv + e] = acc[i, e] * inverse  # o = a / l
+                lse[bh * T + i0 + i] = m[i] + math.log(l[i])  # lse = m + log l
+            else:  # every key masked: o = 0 (already zero), p = 0 in the backward
+                lse[bh * T + i0 + i] = -np.inf
+
+
+# ---- backward ----------------------------------------------------------------------------
+
+
+@njit(cache=True, parallel=True)
+def _delta_kernel(do, o, n_rows, Dv, delta):
+    """delta[r] = Σ_e do[r, e] o[r, e] for the flat (B·H·T, Dv) rows: δ = rowsum(do ⊙ o)."""
+    for r in prange(n_rows):
+        total = 0.0
+        for e in range(Dv):
+            total += do[r * Dv + e] * o[r * Dv + e]
+        delta[r] = total
+
+
+@njit(cache=True)
+def _lse_shift(lse, start, rows, out):
+    """out[i] = lse[start + i], or +inf for a fully masked row (so p = exp(−inf) = 0)."""
+    for i in range(rows):
+        value = lse[start + i]
+        out[i] = value if value > -np.inf else np.inf
+
+
+@njit(cache=True)
+def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
+                         has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
+                         bits_witness, mantissa_bits, b, kv, kb, dk, dv, dq, with_dq):
+    """dk, dv of key block kb of kv head kv in batch row b: the sum over the G query heads
+    of the group and over every query block; written to dk, dv. With with_dq, each tile's dq
+    is also added to dq (the caller guarantees no other thread writes those rows).
+
+    Query-major tiles z = q kᵀ (Tq, Sk), with kᵀ and vᵀ transposed once for all of them.
+    Flat arrays as in _forward_kernel.
+    """
+    B, H, n_kv, T, S, D, Dv = dims
+    G = H // n_kv
+    offset = S - T
+    n_qb = (T + block_q - 1) // block_q
+    dtype = q.dtype
+    j0 = kb * block_k
+    cols = min(block_k, S - j0)
+    k_start = ((b * n_kv + kv) * S + j0) * D
+    v_start = ((b * n_kv + kv) * S + j0) * Dv
+    k_tile = k[k_start:k_start + cols * D].reshape((cols, D))  # (Sk, D)
+    v_tile = v[v_start:v_start + cols * Dv].reshape((cols, Dv))  # (Sk, Dv)
+    k_t = np.empty((D, cols), dtype=dtype)  # (D, Sk) kᵀ
+    v_t = np.empty((Dv, cols), dtype=dtype)  # (Dv, Sk) vᵀ
+    _transpose_into(k_tile, k_t)
+    _transpose_into(v_tile, v_t)
+    size = block_q * cols
+    z_flat = np.empty(size, dtype=dtype)
+    p_flat = np.empty(size, dtype=dtype)
+    ds_flat = np.empty(size, dtype=dtype)
+    slope_flat = np.empty(size, dtype=dtype)
+    n_flat = np.empty(size, dtype=bits_witness.dtype)
+    dq_flat = np.empty(block_q * D, dtype=dtype)
+    dk_tile = np.empty((cols, D), dtype=dtype)  # (Sk, D) one tile's dk
+    dv_tile = np.empty((cols, Dv), dtype=dtype)  # (Sk, Dv) one tile's dv
+    dk_acc = np.zeros((cols, D), dtype=dtype)  # (Sk, D) Σ over heads and query blocks
+    dv_acc = np.zeros((cols, Dv), dtype=dtype)  # (Sk, Dv)
+    no_shift = np.zeros(cols, dtype=dtype)
+    lse_rows = np.empty(block_q, dtype=dtype)
+    for g in range(G):
+        bh = b * H + kv * G + g  # query head kv·G + g reads this kv head
+        for qb in range(n_qb):
+            kind = kinds[b, qb, kb]
+            if kind == _SKIP:
+                continue
+            i0 = qb * block_q
+            rows = min(block_q, T - i0)
+            q_start = (bh * T + i0) * D
+            do_start = (bh * T + i0) * Dv
+            q_tile = q[q_start:q_start + rows * D].reshape((rows, D))  # (Tq, D)
+            do_tile = do[do_start:do_start + rows * Dv].reshape((rows, Dv))  # (Tq, Dv)
+            _lse_shift(lse, bh * T + i0, rows, lse_rows)
+            z = z_flat[:rows * cols].reshape((rows, cols))  # (Tq, Sk)
+            p = p_flat[:rows * cols].reshape((rows, cols))
+            ds = ds_flat[:rows * cols].reshape((rows, cols))
+            slope = slope_flat[:rows * cols].reshape((rows, cols))
+            n_bits = n_flat[:rows * cols].reshape((rows, cols))
+            np.dot(q_tile, k_t, z)  # (Tq, Sk) q kᵀ
+            exp_scale = _finish_scores(z, slope, params, False, kind, b, i0, j0, offset,
+                                       causal, window, doc_ids, has_doc, key_pad, has_pad)
+            # p = exp(z − lse): the probabilities, recomputed
+            _exp_tile(z, exp_scale, lse_rows, no_shift, p, p.view(bits_witness.dtype), n_bits,
+                      consts, mantissa_bits)
+            np.dot(do_tile, v_t, ds)  # forward o = p v, so dp = do vᵀ   (Tq, Sk)
+            _ds_tile(p, ds, delta[bh * T + i0:bh * T + i0 + rows], no_shift, slope, params)
+            np.dot(p.T, do_tile, dv_tile)  # forward o = p v, so dv = pᵀ do   (Sk, Dv)
+            dv_acc += dv_tile
+            np.dot(ds.T, q_tile, dk_tile)  # forward s = scale q kᵀ: dk = scale dsᵀ q   (Sk, D)
+            dk_acc += dk_tile
+            if with_dq:
+                dq_tile = dq_flat[:rows * D].reshape((rows, D))
+                np.dot(ds, k_tile, dq_tile)  # and dq = scale ds k   (Tq, D)
+                for i in range(rows):
+                    for d in range(D):
+                        dq[q_start + i * D + d] += dq_tile[i, d]
+    for j in range(cols):
+        for d in range(D):
+            dk[k_start + j * D + d] = dk_acc[j, d]
+        for e in range(Dv):
+            dv[v_start + j * Dv + e] = dv_acc[j, e]
+
+
+@njit(cache=True, parallel=True)
+def _backward_by_kv_head(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
+                         has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
+                         bits_witness, mantissa_bits, dq, dk, dv):
+    """One pass; one work item per (b, kv head): the only writer of dk, dv of that kv head
+    and of dq of its G query heads. dq must be zeroed."""
+    B, H, n_kv, T, S, D, Dv = dims
+    n_kb = (S + block_k - 1) // block_k
+    for item in prange(B * n_kv):
+        b = item // n_kv
+        kv = item % n_kv
+        for kb in range(n_kb):
+            _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window,
+                                 doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k,
+                                 consts, bits_witness, mantissa_bits, b, kv, kb, dk, dv, dq,
+                                 True)
+
+
+@njit(cache=True, parallel=True)
+def _backward_dk_dv(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids, has_doc,
+                    key_pad, has_pad, kinds, block_q, block_k, consts, bits_witness,
+                    mantissa_bits, dk, dv):
+    """Two-pass backward, pass 1: one item per (b, kv head, key block) writes its dk, dv."""
+    B, H, n_kv, T, S, D, Dv = dims
+    n_kb = (S + block_k - 1) // block_k
+    for item in prange(B * n_kv * n_kb):
+        b_kv = item // n_kb
+        kb = _zigzag(item % n_kb, n_kb)
+        _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
+                             has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
+                             bits_witness, mantissa_bits, b_kv // n_kv, b_kv % n_kv, kb, dk,
+                             dv, dk, False)
+
+
+@njit(cache=True, parallel=True)
+def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids, has_doc,
+                 key_pad, has_pad, kinds, block_q, block_k, consts, bits_witness, mantissa_bits,
+                 dq):
+    """Two-pass backward, pass 2: one item per (b, query head, query block) writes its dq.
+
+    Key-major tiles zᵀ = k qᵀ (Sk, Tq) as in the forward, with qᵀ and doᵀ transposed once.
+    """
+    B, H, n_kv, T, S, D, Dv = dims
+    G = H // n_kv
+    offset = S - T
+    n_qb = (T + block_q - 1) // block_q
+    n_kb = (S + block_k - 1) // block_k
+    dtype = q.dtype
+    for item in prange(B * H * n_qb):
+        bh = item // n_qb
+        qb = _zigzag(item % n_qb, n_qb)
+        b = bh // H
+        kv = (bh % H) // G
+        i0 = qb * block_q
+        rows = min(block_q, T - i0)
+        q_start = (bh * T + i0) * D
+        do_start = (bh * T + i0) * Dv
+        q_t = np.empty((D, rows), dtype=dtype)  # (D, Tq) qᵀ
+        do_t = np.empty((Dv, rows), dtype=dtype)  # (Dv, Tq) doᵀ
+        _transpose_into(q[q_start:q_start + rows * D].reshape((rows, D)), q_t)
+        _transpose_into(do[do_start:do_start + rows * Dv].reshape((rows, Dv)), do_t)
+        size = block_k * rows
+        z_flat = np.empty(size, dtype=dtype)
+        p_flat = np.empty(size, dtype=dtype)
+        ds_flat = np.empty(size, dtype=dtype)
+        slope_flat = np.empty(size, dtype=dtype)
+        n_flat = np.empty(size, dtype=bits_witness.dtype)
+        dq_tile = np.empty((rows, D), dtype=dtype)
+        dq_acc = np.zeros((rows, D), dtype=dtype)  # (Tq, D) Σ over key blocks
+        no_shift = np.zeros(block_k, dtype=dtype)
+        lse_cols = np.empty(rows, dtype=dtype)
+        _lse_shift(lse, bh * T + i0, rows, lse_cols)
+        delta_cols = delta[bh * T + i0:bh * T + i0 + rows]
+        for kb in range(n_kb):
+            kind = kinds[b, qb, kb]
+            if kind == _SKIP:
+                continue
+            j0 = kb * block_k
+            cols = min(block_k, S - j0)
+            k_start = ((b * n_kv + kv) * S + j0) * D
+            v_start = ((b * n_kv + kv) * S + j0) * Dv
+            k_tile = k[k_start:k_start + cols * D].reshape((cols, D))  # (Sk, D)
+            v_tile = v[v_start:v_start + cols * Dv].reshape((cols, Dv))  # (Sk, Dv)
+            z_t = z_flat[:cols * rows].reshape((cols, rows))  # (Sk, Tq)
+            p_t = p_flat[:cols * rows].reshape((cols, rows))
+            ds_t = ds_flat[:cols * rows].reshape((cols, rows))
+            slope_t = slope_flat[:cols * rows].reshape((cols, rows))
+            n_bits = n_flat[:cols * rows].reshape((cols, rows))
+            np.dot(k_tile, q_t, z_t)  # (Sk, Tq) zᵀ = k qᵀ
+            exp_scale = _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset,
+                                       causal, window, doc_ids, has_doc, key_pad, has_pad)
+            _exp_tile(z_t, exp_scale, no_shift, lse_cols, p_t, p_t.view(bits_witness.dtype),
+                      n_bits, consts, mantissa_bits)  # pᵀ = exp(zᵀ − lse)
+            np.dot(v_tile, do_t, ds_t)  # dpᵀ = v doᵀ   (Sk, Tq)
+            _ds_tile(p_t, ds_t, no_shift, delta_cols, slope_t, params)  # scale dsᵀ
+            np.dot(ds_t.T, k_tile, dq_tile)  # dq = scale ds k   (Tq, D)
+            dq_acc += dq_tile
+        for i in range(rows):
+            for d in range(D):
+                dq[q_start + i * D + d] = dq_acc[i, d]
+
+
+# ---- the public pair ----------------------------------------------------------------------
+
+
+def _mask_arrays(options: FlashAttentionOptions, B: int):
+    """doc_ids (B, S) int64 and key padding (B, S) bool for the kernels; (1, 1) dummies when
+    absent (one compiled signature for every mask combination)."""
+    doc_ids = (np.zeros((1, 1), dtype=np.int64) if options.doc_ids is None
+               else np.ascontiguousarray(options.doc_ids, dtype=np.int64))
+    key_pad = (np.zeros((1, 1), dtype=np.bool_) if options.key_padding_mask is None
+               else np.ascontiguousarray(options.key_padding_mask, dtype=np.bool_))
+    return (doc_ids, options.doc_ids is not None, key_pad,
+            options.key_padding_mask is not None)
+
+
+def _kernel_arguments(q, k, v, options, block_q, block_k):
+    """The arguments every kernel shares: dims, params, mask description and exp constants."""
+    B, H, T, D = q.shape
+    n_kv, S, Dv = k.shape[1], k.shape[2], v.shape[3]
+    dtype = q.dtype
+    dims = (B, H, n_kv, T, S, D, Dv)
+    params = np.array([options.scale, options.softcap or 0.0], dtype=dtype)  # [scale, cap]
+    window = 0 if options.window is None else options.window
+    doc_ids, has_doc, key_pad, has_pad = _mask_arrays(options, B)
+    kinds = _tile_kinds(B, T, S, block_q, block_k, options.causal, window, doc_ids, has_doc,
+                        key_pad, has_pad)
+    mask = (options.causal, window, doc_ids, has_doc, key_pad, has_pad, kinds)
+    exp_args = (_exp_constants(dtype), _bits_witness(dtype), _mantissa_bits(dtype))
+    return dims, params, mask, exp_args
+
+
+def _flash_forward(q, k, v, options: FlashAttentionOptions, block_q: int, block_k: int):
+    """The forward for validated inputs and given tile sizes; returns (o, cache)."""
+    q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
+    B, H, T, D = q.shape
+    Dv = v.shape[3]
+    dims, params, mask, exp_args = _kernel_arguments(q, k, v, options, block_q, block_k)
+    causal, window, doc_ids, has_doc, key_pad, has_pad, kinds = mask
+    o = np.zeros((B, H, T, Dv), dtype=q.dtype)  # (B, H, T, Dv)
+    lse = np.empty((B, H, T), dtype=q.dtype)  # (B, H, T)
+    with _one_blas_thread():
+        _forward_kernel(q.reshape(-1), k.reshape(-1), v.reshape(-1), dims, params,
+                        options.softmax == "softmax1", causal, window, doc_ids, has_doc,
+                        key_pad, has_pad, kinds, block_q, block_k, *exp_args,
+                        o.reshape(-1), lse.reshape(-1))
+    return o, FlashAttentionCache(q, k, v, o, lse, options)
+
+
+def _use_one_pass(B: int, n_kv: int, n_threads: int) -> bool:
+    """The one-pass backward (items = B·K) when they keep every thread busy to within 25%."""
+    items = B * n_kv
+    if items < n_threads:
+        return False
+    rounds = -(-items // n_threads)  # ceil: items per thread of the busiest thread
+    return rounds * n_threads <= 1.25 * items
+
+
+def _flash_backward(do, cache: FlashAttentionCache, block_q: int, block_k: int,
+                    schedule: str = "auto"):
+    """The backward with given tile sizes; schedule "auto" | "by_kv_head" | "two_pass"."""
+    q, k, v, o, lse, options = cache
+    do = np.ascontiguousarray(check_grad(do, o.shape, q.dtype, "do"))
+    B, H, T, D = q.shape
+    n_kv = k.shape[1]
+    dims, params, mask, exp_args = _kernel_arguments(q, k, v, options, block_q, block_k)
+    causal, window, doc_ids, has_doc, key_pad, has_pad, kinds = mask
+    if schedule == "auto":
+        schedule = "by_kv_head" if _use_one_pass(B, n_kv, numba.get_num_threads()) else "two_pass"
+    if schedule not in ("by_kv_head", "two_pass"):
+        raise ValueError(f"schedule must be 'auto', 'by_kv_head' or 'two_pass', got {schedule!r}")
+    flat = (q.reshape(-1), k.reshape(-1), v.reshape(-1), do.reshape(-1), lse.reshape(-1))
+    delta = np.empty(B * H * T, dtype=q.dtype)  # (B·H·T,) δ = rowsum(do ⊙ o)
+    dq = np.zeros_like(q)  # (B, H, T, D)
+    dk = np.zeros_like(k)  # (B, K, S, D)
+    dv = np.zeros_like(v)  # (B, K, S, Dv)
+    shared = (dims, params, causal, window, doc_ids, has_doc, key_pad, has_pad, kinds,
+              block_q, block_k, *exp_args)
+    with _one_blas_thread():
+        _delta_kernel(do.reshape(-1), o.reshape(-1), B * H * T, o.shape[3], delta)
+        if schedule == "by_kv_head":
+            _backward_by_kv_head(*flat, delta, *shared, dq.reshape(-1), dk.reshape(-1),
+                                 dv.reshape(-1))
+        else:
+            _backward_dk_dv(*flat, delta, *shared, dk.reshape(-1), dv.reshape(-1))
+            _backward_dq(*flat, delta, *shared, dq.reshape(-1))
+    return dq, dk, dv
+
+
+def flash_attention_forward(q, k, v, *, causal=False, window=None, doc_ids=None,
+                            key_padding_mask=None, scale=None, softmax="softmax",
+                            clip_gamma=-0.03, clip_zeta=1.0, softcap=None):
+    """Fused ``o = softmax(mask(softcap(scale · q kᵀ))) v``; returns ``(o, cache)``.
+
+    q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv), float32 or float64 → o (B, H, T, Dv).
+    Options exactly as :func:`npformer.functional.attention.attention_forward`;
+    softmax ∈ FLASH_SOFTMAX_VARIANTS ("clipped" raises: use attention_impl="numpy").
+    The cache holds q, k, v, o, lse (B, H, T) and the options — no T × S matrix.
+    """
+    q, k, v, options = prepare_flash_attention(
+        q, k, v, causal=causal, window=window, doc_ids=doc_ids,
+        key_padding_mask=key_padding_mask, scale=scale, softmax=softmax,
+        clip_gamma=clip_gamma, clip_zeta=clip_zeta, softcap=softcap)
+    return _flash_forward(q, k, v, options, BLOCK_Q, BLOCK_K)
+
+
+def flash_attention_backward(do, cache: FlashAttentionCache):
+    """Returns ``(dq, dk, dv)``: (B, H, T, D), (B, K, S, D), (B, K, S, Dv).
+
+    dk and dv sum the G = H / K query heads that share each kv head.
+    """
+    if not isinstance(cache, FlashAttentionCache):
+        raise ValueError(f"cache must be the FlashAttentionCache returned by "
+                         f"flash_attention_forward, got {type(cache).__name__}")
+    return _flash_backward(do, cache, BLOCK_Q, BLOCK_K)

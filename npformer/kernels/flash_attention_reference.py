@@ -1,0 +1,287 @@
+"""FlashAttention in plain NumPy: the tiled online-softmax algorithm, block by block.
+
+This is the readable twin of the numba kernels in :mod:`npformer.kernels.flash_attention`:
+the same algorithm, the same tiles, the same cache, written for a reader rather than for
+speed. Both compute exactly what :func:`npformer.functional.attention.attention_forward`
+computes, ``o = softmax(mask(softcap(scale · q kᵀ))) v``, without ever holding a T × S
+matrix: only one (Tq, Sk) tile of scores at a time, and per query row two numbers.
+
+Shapes: q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv) → o (B, H, T, Dv) and the
+log-sum-exp ``lse`` (B, H, T); query head h reads kv head h // G with G = H / K.
+
+Forward: the online softmax (Milakov & Gimelshein 2018; Dao et al. 2022)
+------------------------------------------------------------------------
+For one query row with scores z_1 … z_S (already soft-capped and masked, −inf where masked),
+
+    o = Σ_j exp(z_j) v_j / Σ_j exp(z_j)
+
+Walk the keys in blocks and keep three running quantities for the keys seen so far:
+
+    m  = max_j z_j                   the running maximum (for a safe exp)
+    l  = Σ_j exp(z_j − m)            the running normaliser, relative to m
+    a  = Σ_j exp(z_j − m) v_j        the running unnormalised output (Dv,), relative to m
+
+A new block with scores z' updates them with m' = max(m, max z'):
+
+    l ← exp(m − m') l + Σ exp(z' − m')
+    a ← exp(m − m') a + Σ exp(z' − m') v'
+    m ← m'
+
+(multiplying by exp(m − m') re-expresses the old sums relative to the new maximum; every
+exponent is ≤ 0, so nothing overflows). After the last block o = a / l, and the row's
+log-sum-exp is
+
+    lse = log Σ_j exp(z_j) = m + log l
+
+which is all the backward needs: p_j = exp(z_j − lse) recovers every probability exactly.
+
+- Masks: a masked score is −inf and contributes exp(−inf) = 0. A row with every key masked
+  keeps m = −inf and l = 0: it gets o = 0 and lse = −inf (and p = 0 in the backward). While
+  m' = −inf the shift uses 0 instead of m' (exp(−inf − 0) = 0, where −inf − (−inf) is NaN).
+- Tiles: a (query block, key block) tile in which no query may see any key (beyond the causal
+  diagonal, outside the sliding window, across two documents, or all padding) contributes
+  nothing and is skipped; with a window of w keys the work is ~T·w instead of T·S.
+- softmax₁ (p_j = exp(z_j) / (1 + Σ_k exp(z_k))): the "1" is an extra key with score 0 and
+  value 0, so the running state starts at m = 0, l = exp(0 − 0) = 1, a = 0 instead of
+  m = −inf, l = 0. Then lse = log(1 + Σ exp(z_j)) and p_j = exp(z_j − lse) is softmax₁;
+  a fully masked row gets l = 1, o = 0, lse = 0, p = 0.
+- Soft-capping c = cap · tanh(s / cap) is applied to each tile's scores before the mask.
+
+Backward: recompute each tile from lse (FlashAttention-2)
+---------------------------------------------------------
+The reference backward (npformer.functional.attention) needs p (T, S). Here every tile of p
+is recomputed, p = exp(z − lse) (0 where masked), and the reference's formulas are applied
+tile by tile:
+
+    forward o = p v          →  dv_J += p_IJᵀ do_I,        dp_IJ = do_I v_Jᵀ
+    forward p = softmax(z)   →  dz = p ⊙ (dp − δ),  with δ_i = ⟨dp_i, p_i⟩ = Σ_j p_ij (do_i · v_j)
+                                = do_i · o_i,  so  δ = rowsum(do ⊙ o)  (B, H, T), computed once
+    forward c = cap tanh(s/cap) → ds = dz ⊙ sech²(s / cap)   (only with soft-capping)
+    forward s = scale q kᵀ   →  dq_I += scale · ds_IJ k_J,  dk_J += scale · ds_IJᵀ q_I
+
+δ is the same for softmax₁: its backward is also p ⊙ (dp − ⟨dp, p⟩) and o = Σ_j p_j v_j still
+holds (the extra key has value 0). Grouped heads: dk and dv of kv head κ sum the tiles of its
+G query heads; dq of a query head sums the tiles of every key block.
+
+Clipped softmax has no online form (its clip needs the final normaliser before the values
+are summed); it stays on the NumPy path (``attention_impl="numpy"``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from .._validate import check_grad, check_int, check_positive
+from ..functional.attention import _check_qkv
+from ..functional.attention_mask import attention_mask
+from ..functional.softmax_variants import check_clip_range
+
+FLASH_SOFTMAX_VARIANTS = ("softmax", "softmax1")
+
+
+class FlashAttentionOptions(NamedTuple):
+    scale: float
+    causal: bool
+    window: Optional[int]  # None: no sliding window
+    doc_ids: Optional[np.ndarray]  # (B, S) int, or None
+    key_padding_mask: Optional[np.ndarray]  # (B, S) bool, True = padding, or None
+    softmax: str  # "softmax" | "softmax1"
+    softcap: Optional[float]  # None: no soft-capping
+
+
+class FlashAttentionCache(NamedTuple):
+    """Everything the backward needs, and no T × S matrix."""
+
+    q: np.ndarray  # (B, H, T, D)
+    k: np.ndarray  # (B, K, S, D)
+    v: np.ndarray  # (B, K, S, Dv)
+    o: np.ndarray  # (B, H, T, Dv)
+    lse: np.ndarray  # (B, H, T) log Σ_j exp(z_j) per query row; −inf for a fully masked row
+    options: FlashAttentionOptions
+
+
+def prepare_flash_attention(q, k, v, *, causal=False, window=None, doc_ids=None,
+                            key_padding_mask=None, scale=None, softmax="softmax",
+                            clip_gamma=-0.03, clip_zeta=1.0, softcap=None):
+    """Validate the inputs exactly as attention_forward does; returns (q, k, v, options).
+
+    The masks are validated by :func:`attention_mask` on a single query row, (B, 1, 1, S),
+    so that no (T, S) mask is ever built; its two checks that involve T are repeated here.
+    """
+    q, k, v = _check_qkv(q, k, v)
+    B, H, T, D = q.shape
+    S = k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else check_positive(scale, "scale")
+    if not isinstance(softmax, str) or softmax not in FLASH_SOFTMAX_VARIANTS + ("clipped",):
+        raise ValueError(f"softmax must be one of {sorted(FLASH_SOFTMAX_VARIANTS + ('clipped',))}, "
+                         f"got {softmax!r}")
+    check_clip_range(clip_gamma, clip_zeta, "clip_gamma", "clip_zeta")
+    if softmax == "clipped":
+        raise ValueError(
+            "softmax='clipped' has no online (tiled) form: its clip needs each row's final "
+            f"normaliser; the flash attention kernels support {list(FLASH_SOFTMAX_VARIANTS)}. "
+            "Use the NumPy path (attention_impl=\"numpy\") for clipped softmax"
+        )
+    if softcap is not None:
+        softcap = check_positive(softcap, "softcap")
+    attention_mask(B, 1, S, causal=causal, window=window, doc_ids=doc_ids,
+                   key_padding_mask=key_padding_mask)  # types and shapes; (B, 1, 1, S) only
+    if causal and T > S:
+        raise ValueError(
+            f"causal attention needs T <= S (query i sits at position i + S − T, so a query "
+            f"would have no key to see), got T={T}, S={S}"
+        )
+    if doc_ids is not None and T > S:
+        raise ValueError(
+            f"doc_ids needs T <= S (self-attention: the queries are the last T of the S key "
+            f"positions), got T={T}, S={S}"
+        )
+    window = None if window is None else check_int(window, "window", 1)
+    options = FlashAttentionOptions(float(scale), bool(causal), window, doc_ids,
+                                    key_padding_mask, softmax, softcap)
+    return q, k, v, options
+
+
+def tile_allowed(options: FlashAttentionOptions, b: int, T: int, S: int,
+                 rows: slice, cols: slice) -> np.ndarray:
+    """The (Tq, Sk) bool block of the attention mask of batch row b: True = query may see key.
+
+    Same rules as npformer.functional.attention_mask, for one tile: query i sits at
+    position i + S − T (bottom-right alignment).
+    """
+    query_pos = np.arange(rows.start, rows.stop)[:, None] + (S - T)  # (Tq, 1)
+    key_pos = np.arange(cols.start, cols.stop)[None, :]  # (1, Sk)
+    allowed = np.ones((query_pos.shape[0], key_pos.shape[1]), dtype=bool)  # (Tq, Sk)
+    if options.causal:
+        allowed &= key_pos <= query_pos
+    if options.window is not None:
+        allowed &= key_pos > query_pos - options.window
+    if options.doc_ids is not None:
+        docs = options.doc_ids[b]  # (S,)
+        allowed &= docs[query_pos] == docs[key_pos]
+    if options.key_padding_mask is not None:
+        allowed &= ~options.key_padding_mask[b, cols][None, :]
+    return allowed
+
+
+def _tile_scores(q_tile, k_tile, allowed, options):
+    """z = mask(softcap(scale · q kᵀ)) for one tile, and dz/ds (None without soft-capping).
+
+    q_tile (Tq, D), k_tile (Sk, D), allowed (Tq, Sk) → z (Tq, Sk), slope (Tq, Sk) or None.
+    """
+    s = options.scale * (q_tile @ k_tile.T)  # (Tq, Sk) s = scale · q kᵀ
+    slope = None
+    if options.softcap is not None:
+        u = s / options.softcap  # (Tq, Sk)
+        e = np.exp(-2 * np.abs(u))  # (Tq, Sk) exp(−2|u|) ∈ (0, 1]
+        slope = 4 * e / (1 + e) ** 2  # (Tq, Sk) sech²(u) = d(cap tanh(u))/ds, no cancellation
+        s = options.softcap * np.tanh(u)  # (Tq, Sk) c = cap tanh(s / cap)
+    z = np.where(allowed, s, -np.inf).astype(q_tile.dtype, copy=False)  # (Tq, Sk) exact mask
+    return z, slope
+
+
+def flash_attention_reference_forward(q, k, v, *, causal=False, window=None, doc_ids=None,
+                                      key_padding_mask=None, scale=None, softmax="softmax",
+                                      clip_gamma=-0.03, clip_zeta=1.0, softcap=None,
+                                      block_q=16, block_k=16):
+    """Tiled ``o = softmax(mask(softcap(scale · q kᵀ))) v``; returns ``(o, cache)``.
+
+    Options as :func:`npformer.functional.attention.attention_forward` (except
+    softmax="clipped", which has no online form). block_q, block_k: tile size in queries
+    and keys.
+    """
+    q, k, v, options = prepare_flash_attention(
+        q, k, v, causal=causal, window=window, doc_ids=doc_ids,
+        key_padding_mask=key_padding_mask, scale=scale, softmax=softmax,
+        clip_gamma=clip_gamma, clip_zeta=clip_zeta, softcap=softcap)
+    block_q = check_int(block_q, "block_q", 1)
+    block_k = check_int(block_k, "block_k", 1)
+    B, H, T, D = q.shape
+    n_kv, S, Dv = k.shape[1], k.shape[2], v.shape[3]  # K, S, Dv
+    G = H // n_kv
+    dtype = q.dtype
+    softmax_one = options.softmax == "softmax1"
+    o = np.zeros((B, H, T, Dv), dtype=dtype)  # (B, H, T, Dv)
+    lse = np.empty((B, H, T), dtype=dtype)  # (B, H, T)
+    for b in range(B):
+        for h in range(H):
+            kv = h // G  # the kv head that query head h reads
+            for i0 in range(0, T, block_q):
+                rows = slice(i0, min(i0 + block_q, T))
+                q_tile = q[b, h, rows]  # (Tq, D)
+                Tq = q_tile.shape[0]
+                # running state: softmax starts from nothing; softmax₁ from its extra key (z = 0)
+                m = np.full(Tq, 0.0 if softmax_one else -np.inf, dtype=dtype)  # (Tq,) max
+                l = np.full(Tq, 1.0 if softmax_one else 0.0, dtype=dtype)  # (Tq,) Σ exp(z − m)
+                acc = np.zeros((Tq, Dv), dtype=dtype)  # (Tq, Dv) Σ exp(z − m) v
+                for j0 in range(0, S, block_k):
+                    cols = slice(j0, min(j0 + block_k, S))
+                    allowed = tile_allowed(options, b, T, S, rows, cols)  # (Tq, Sk)
+                    if not allowed.any():
+                        continue  # no query of this block may see any key of that block
+                    z, _ = _tile_scores(q_tile, k[b, kv, cols], allowed, options)  # (Tq, Sk)
+                    m_new = np.maximum(m, z.max(axis=1))  # (Tq,)
+                    # (Tq,) the shift m', but 0 while m' = −inf: no −inf − (−inf)
+                    shift = np.where(m_new == -np.inf, 0, m_new).astype(dtype)
+                    p = np.exp(z - shift[:, None])  # (Tq, Sk) exp(z − m'), 0 where masked
+                    rescale = np.exp(m - shift)  # (Tq,) exp(m − m'): old sums relative to m'
+                    l = rescale * l + p.sum(axis=1)  # (Tq,)
+                    acc = rescale[:, None] * acc + p @ v[b, kv, cols]  # (Tq, Dv)
+                    m = m_new
+                seen = l > 0  # (Tq,) False only for a fully masked row of plain softmax
+                o[b, h, rows][seen] = acc[seen] / l[seen, None]  # (Tq, Dv) o = a / l
+                lse[b, h, rows] = -np.inf
+                lse[b, h, rows][seen] = m[seen] + np.log(l[seen])  # (Tq,) lse = m + log l
+    return o, FlashAttentionCache(q, k, v, o, lse, options)
+
+
+def flash_attention_reference_backward(do, cache: FlashAttentionCache, *, block_q=16,
+                                       block_k=16):
+    """Returns ``(dq, dk, dv)``: (B, H, T, D), (B, K, S, D), (B, K, S, Dv).
+
+    Every tile of p is recomputed from lse; dk and dv sum the G query heads of each kv head.
+    """
+    q, k, v, o, lse, options = cache
+    block_q = check_int(block_q, "block_q", 1)
+    block_k = check_int(block_k, "block_k", 1)
+    B, H, T, D = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    G = H // n_kv
+    do = check_grad(do, o.shape, q.dtype, "do")
+    # δ_i = ⟨dp_i, p_i⟩ = do_i · Σ_j p_ij v_j = do_i · o_i: one number per query row
+    delta = np.sum(do * o, axis=-1)  # (B, H, T)
+    # p = exp(z − lse); a fully masked row (lse = −inf) has z = −inf everywhere: use +inf so
+    # that exp(−inf − inf) = 0 instead of exp(−inf + inf) = NaN
+    lse_shift = np.where(lse == -np.inf, np.inf, lse)  # (B, H, T)
+    dq = np.zeros_like(q)  # (B, H, T, D)
+    dk = np.zeros_like(k)  # (B, K, S, D)
+    dv = np.zeros_like(v)  # (B, K, S, Dv)
+    for b in range(B):
+        for h in range(H):
+            kv = h // G
+            for j0 in range(0, S, block_k):
+                cols = slice(j0, min(j0 + block_k, S))
+                k_tile, v_tile = k[b, kv, cols], v[b, kv, cols]  # (Sk, D), (Sk, Dv)
+                for i0 in range(0, T, block_q):
+                    rows = slice(i0, min(i0 + block_q, T))
+                    allowed = tile_allowed(options, b, T, S, rows, cols)  # (Tq, Sk)
+                    if not allowed.any():
+                        continue
+                    q_tile, do_tile = q[b, h, rows], do[b, h, rows]  # (Tq, D), (Tq, Dv)
+                    z, slope = _tile_scores(q_tile, k_tile, allowed, options)  # (Tq, Sk)
+                    p = np.exp(z - lse_shift[b, h, rows, None])  # (Tq, Sk) the probabilities
+                    # forward: o = p v, so dv = pᵀ do and dp = do vᵀ
+                    dv[b, kv, cols] += p.T @ do_tile  # (Sk, Dv)
+                    dp = do_tile @ v_tile.T  # (Tq, Sk)
+                    # forward: p = softmax(z), so dz = p ⊙ (dp − δ)  (0 where masked: p = 0)
+                    ds = p * (dp - delta[b, h, rows, None])  # (Tq, Sk)
+                    # forward: c = cap tanh(s / cap), so ds = dc ⊙ sech²(s / cap)
+                    if slope is not None:
+                        ds = ds * slope
+                    # forward: s = scale · q kᵀ, so dq = scale · ds k and dk = scale · dsᵀ q
+                    dq[b, h, rows] += options.scale * (ds @ k_tile)  # (Tq, D)
+                    dk[b, kv, cols] += options.scale * (ds.T @ q_tile)  # (Sk, D)
+    return dq, dk, dv
