@@ -14,19 +14,10 @@ import numpy as np
 from ..gradcheck import check_pair, register_check
 from ..kernels.flash_attention import _flash_backward, _flash_forward
 from ..kernels.flash_attention_reference import prepare_flash_attention
+from .attention import _qkv  # the same shaped, offset q, k, v as the reference's checks
 
 GRADS = ("q", "k", "v")
 BLOCK_Q, BLOCK_K = 4, 3  # tile sizes of these checks: several tiles per sequence
-
-
-def _qkv(rng: np.random.Generator, B: int, H: int, K: int, T: int, S: int, D: int, Dv: int,
-         spread: float = 1.0) -> dict:
-    # q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv); spread scales the scores
-    return {
-        "q": (rng.standard_normal((B, H, T, D)) * 1.3 + 0.4) * spread,
-        "k": rng.standard_normal((B, K, S, D)) * 0.9 - 0.3,
-        "v": rng.standard_normal((B, K, S, Dv)) * 1.6 + 0.7,
-    }
 
 
 def kernel_forward(q, k, v, **options):
