@@ -71,6 +71,20 @@ def _normal_cdf(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + erf(z))
 
 
+def _tanh_u(x: np.ndarray) -> np.ndarray:
+    """t = tanh(u), u = k (x + c x³) = k x (1 + c x²), as a new array of x's shape and dtype.
+
+    Written with in-place updates (one temporary instead of five): on the (B, T, 4C)
+    activations of a training step the element-wise passes over memory are the cost.
+    """
+    t = np.multiply(x, x, out=np.empty_like(x))  # x²    (...)
+    t *= _TANH_C
+    t += 1.0
+    t *= x
+    t *= _TANH_K  # u
+    return np.tanh(t, out=t)
+
+
 class GeluCache(NamedTuple):
     x: np.ndarray  # (...)
     approximate: str  # "none" or "tanh"
@@ -84,8 +98,10 @@ def gelu_forward(x: np.ndarray, approximate: str = "none"):
         cdf = _normal_cdf(x)  # Φ(x)    (...)
         y = x * cdf  # (...)
     else:
-        t = np.tanh(_TANH_K * (x + _TANH_C * x * x * x))  # t = tanh(u)    (...)
-        y = 0.5 * x * (1.0 + t)  # (...)
+        y = _tanh_u(x)  # t = tanh(u)    (...)
+        y += 1.0
+        y *= x
+        y *= 0.5  # y = ½ x (1 + t)
     return np.asarray(y), GeluCache(x, approximate)  # asarray: a 0-d input stays 0-d
 
 
@@ -101,8 +117,15 @@ def gelu_backward(dy: np.ndarray, cache: GeluCache) -> np.ndarray:
     else:
         # forward: y = ½ x (1 + t), t = tanh(u), u = k (x + c x³),
         # so ∂y/∂x = ½ (1 + t) + ½ x (1 − t²) k (1 + 3 c x²)
-        x2 = x * x  # (...)
-        t = np.tanh(_TANH_K * (x + _TANH_C * x2 * x))  # (...)
-        dudx = _TANH_K * (1.0 + 3.0 * _TANH_C * x2)  # du/dx    (...)
-        dydx = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dudx  # (...)
+        t = _tanh_u(x)  # t = tanh(u)    (...)
+        dydx = np.multiply(x, x, out=np.empty_like(x))  # x²    (...)
+        dydx *= 3.0 * _TANH_K * _TANH_C
+        dydx += _TANH_K  # du/dx = k (1 + 3 c x²)
+        slope = np.multiply(t, t, out=np.empty_like(x))  # t²    (...)
+        np.subtract(1.0, slope, out=slope)  # 1 − t²
+        slope *= x
+        dydx *= slope  # x (1 − t²) du/dx
+        dydx += t
+        dydx += 1.0
+        dydx *= 0.5  # ½ (1 + t) + ½ x (1 − t²) du/dx
     return np.asarray(dy * dydx)
