@@ -14,10 +14,10 @@ Causal attention in float32 at (B, H, T, D) = (4, 8, 256, 64), (2, 8, 1024, 64),
                (torch.set_num_threads(2)); is_causal=True, or a boolean attn_mask. torch is
                imported before numba starts its threads (see main).
 
-Columns: median wall time of forward + backward over the repeats (each contender's repeats
-back to back, after a pause that lets the previous contender's threads go idle), GFLOP/s of
-the useful work (7 matrix products — 2 forward, 5 backward with recomputation — of 2·D
-flops per allowed (query, key) pair and head), the ratio to torch, and the peak extra memory
+Columns: median wall time of forward + backward over the repeats (run in rounds, one call
+of each contender per round, each after a pause that lets the previous contender's threads
+go idle), GFLOP/s of the useful work (7 matrix products — 2 forward, 5 backward with
+recomputation — of 2·D flops per allowed (query, key) pair and head), the ratio to torch, and the peak extra memory
 of one forward + backward, measured in a fresh child process: the rise of its peak RSS (reset
 through /proc/self/clear_refs, after malloc_trim) minus the bytes of the results (o, dq, dk,
 dv), in MiB and as a percentage of one B·H·T·T float32 matrix. No assertions: this prints
@@ -229,21 +229,23 @@ def measure_memory(case_index, name, quick):
     return report["rss_rise"] - report["results"], report["results"]
 
 
-def run_case(case_index, quick, repeats, names, torch, pause=2.0):
-    """Each contender's repeats back to back, after a pause that lets the previous
-    contender's threads go idle (OpenBLAS workers spin for up to about a second after a
-    multithreaded call, and slow whatever runs next ~2×); "numba (ctx)" starts each call
-    right after a NumPy matmul, on purpose."""
+def run_case(case_index, quick, repeats, names, torch, pause=1.0):
+    """Round robin: each round runs every contender once, so a slow spell of a shared
+    machine (run-to-run swings of ±30% were seen here) lands on all contenders alike rather
+    than on whichever ran during it. A pause before each call lets the previous contender's
+    threads go idle (OpenBLAS workers spin for up to about a second after a multithreaded
+    call, and slow whatever runs next ~2×); "numba (ctx)" starts each call right after a
+    NumPy matmul, on purpose."""
     label, B, H, T, D, mask = (QUICK_CASES if quick else FULL_CASES)[case_index]
     inputs, options, torch_mask, window = case_inputs(B, H, T, D, mask)
     steps = contender_steps(names, inputs, options, torch_mask, torch)
     before_matmul = context_matmul(B, T)
-    times = {}
-    for name, step in steps.items():
+    for step in steps.values():
         step()  # warm-up: numba compiles or loads its cache; torch and NumPy allocate
-        time.sleep(pause)
-        times[name] = []
-        for _ in range(repeats):
+    times = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            time.sleep(pause)
             if name == "numba (ctx)":
                 before_matmul()
             start = time.perf_counter()
@@ -339,7 +341,9 @@ def main(argv=None):
     print(f"python {platform.python_version()}, numpy {np.__version__}, numba "
           f"{numba.__version__}" + (f", torch {torch.__version__}" if torch else "")
           + f"; threads {THREADS}; OPENBLAS_CORETYPE="
-          f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')}")
+          f"{os.environ.get('OPENBLAS_CORETYPE', '(unset)')}, OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset)')} (npformer.kernels sets PASSIVE "
+          "unless given; it applies to torch's OpenMP threads too)")
     for lib in info:
         if lib["api"] == "openmp":
             print(f"  OpenMP {lib['library']}: {lib['threads']} threads")
@@ -359,6 +363,7 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
             settings=dict(threads=THREADS, openblas_coretype=os.environ.get("OPENBLAS_CORETYPE"),
+                          omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
                           blas=info, repeats=args.repeats, quick=args.quick,
                           numpy=np.__version__, numba=numba.__version__,
                           torch=torch.__version__ if torch else None),
