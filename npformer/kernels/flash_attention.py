@@ -20,6 +20,11 @@ How the time is spent, and what this file does about it
   operand (q kᵀ on row-major tiles) ran about 2× slower than the plain or transposed-left
   kinds on 64-wide tiles here, so the forward works on key-major tiles zᵀ = k qᵀ (qᵀ copied
   once per query block) and the backward copies kᵀ and vᵀ once per key block.
+- Accumulating products. A product that is summed over tiles (the forward's a += p v, the
+  backward's dv += pᵀ do, dk += dsᵀ q, dq += ds k) calls SciPy's ?gemm directly with
+  beta = 1 (:func:`_gemm_accumulate`) instead of ``np.dot`` into a temporary plus an add:
+  the backward became ~20% faster (T = 2048: 92 → 75 ms; T = 4096: 360 → 292 ms, medians of
+  10 interleaved runs).
 - Single-threaded BLAS. The kernels are already parallel (``numba.prange``); a multithreaded
   BLAS inside each of those threads oversubscribes the two cores (issue 7 measured 4.5×
   slower, and OpenBLAS floods stderr with "Detect OpenMP Loop" warnings). Every kernel call
@@ -63,12 +68,14 @@ slow, same results.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 import numba
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  numba's np.dot binds to this BLAS; load it first
 from numba import njit, prange
+from numba.core.extending import get_cython_function_address
 from threadpoolctl import ThreadpoolController
 
 from .._validate import check_grad
@@ -132,6 +139,20 @@ def _bits_witness(dtype):
 
 def _mantissa_bits(dtype) -> int:
     return 23 if dtype == np.float32 else 52
+
+
+# ---- accumulating matrix products: BLAS gemm with beta = 1 -------------------------------
+
+_GEMM_TYPE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 13))  # Fortran: every argument by pointer
+
+
+def _blas_gemm(dtype):
+    """SciPy's BLAS ?gemm (the library numba's np.dot uses), as a function pointer that the
+    kernels receive as an argument: passed in rather than read from a global, it keeps the
+    kernels cacheable (``cache=True``), and it also works as plain ctypes under
+    ``NUMBA_DISABLE_JIT=1``."""
+    name = "sgemm" if dtype == np.float32 else "dgemm"
+    return _GEMM_TYPE(get_cython_function_address("scipy.linalg.cython_blas", name))
 
 
 # ---- tile helpers (called inside the parallel kernels) ---------------------------------
@@ -365,13 +386,42 @@ def _transpose_into(tile, out):
             out[c, a] = tile[a, c]
 
 
+@njit(cache=True)
+def _gemm_accumulate(gemm, a, a_transposed, b, b_transposed, c):
+    """c += op(a) op(b), with op(x) = xᵀ when flagged; 2-D arrays with unit inner stride.
+
+    ``np.dot`` can only overwrite its output, so accumulating a tile's product (dv += pᵀ do,
+    dk += dsᵀ q, dq += ds k, and the forward's a += p v) took a product into a temporary
+    plus an add pass; ?gemm with beta = 1 adds in place and skips both (OpenBLAS does no
+    pass over c for beta = 1). BLAS is column-major, where a row-major (r, c) array reads as
+    its transpose, so the call computes cᵀ += op(b)ᵀ op(a)ᵀ.
+    """
+    M = a.shape[1] if a_transposed else a.shape[0]
+    K = a.shape[0] if a_transposed else a.shape[1]
+    N = b.shape[0] if b_transposed else b.shape[1]
+    flags = np.empty(2, dtype=np.uint8)
+    flags[0] = 84 if b_transposed else 78  # 'T' or 'N'
+    flags[1] = 84 if a_transposed else 78
+    ints = np.empty(6, dtype=np.int32)  # N, M, K, ldb, lda, ldc
+    ints[0] = N
+    ints[1] = M
+    ints[2] = K
+    ints[3] = b.strides[0] // b.itemsize
+    ints[4] = a.strides[0] // a.itemsize
+    ints[5] = c.strides[0] // c.itemsize
+    alpha_beta = np.ones(2, dtype=c.dtype)
+    gemm(flags[0:].ctypes, flags[1:].ctypes, ints[0:].ctypes, ints[1:].ctypes, ints[2:].ctypes,
+         alpha_beta[0:].ctypes, b.ctypes, ints[3:].ctypes, a.ctypes, ints[4:].ctypes,
+         alpha_beta[1:].ctypes, c.ctypes, ints[5:].ctypes)
+
+
 # ---- forward -----------------------------------------------------------------------------
 
 
 @njit(cache=True, parallel=True)
 def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids, has_doc,
                     key_pad, has_pad, kinds, block_q, block_k, consts, bits_witness,
-                    mantissa_bits, o, lse):
+                    mantissa_bits, gemm, o, lse):
     """The online-softmax forward. q, k, v, o, lse: flat C-ordered views of
     (B, H, T, D), (B, K, S, D), (B, K, S, Dv), (B, H, T, Dv), (B, H, T); dims = (B, H, K,
     T, S, D, Dv). One work item per (b, query head, query block).
@@ -402,7 +452,6 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
         slope_flat = np.empty(block_k * rows, dtype=dtype)
         n_flat = np.empty(block_k * rows, dtype=bits_witness.dtype)
         no_shift = np.zeros(block_k, dtype=dtype)
-        pv = np.empty((rows, Dv), dtype=dtype)  # (Tq, Dv) p v of one tile
         acc = np.zeros((rows, Dv), dtype=dtype)  # (Tq, Dv) Σ exp(z − m) v
         m = np.empty(rows, dtype=dtype)  # (Tq,) running max
         l = np.empty(rows, dtype=dtype)  # (Tq,) running Σ exp(z − m)
@@ -436,13 +485,13 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
             _exp_tile(z_t, exp_scale, no_shift, shift, p_t, p_t.view(bits_witness.dtype),
                       n_bits, consts, mantissa_bits)  # (Sk, Tq) exp(z − m')
             _column_sum(p_t, tile_sum)  # (Tq,) Σ exp(z' − m')
-            np.dot(p_t.T, v_tile, pv)  # (Tq, Dv) p' v'
             for i in range(rows):
                 rescale = math.exp(m[i] - shift[i])  # exp(m − m'): 0 while m = −inf
                 l[i] = rescale * l[i] + tile_sum[i]  # l ← exp(m − m') l + Σ exp(z' − m')
                 for e in range(Dv):
-                    acc[i, e] = rescale * acc[i, e] + pv[i, e]  # a ← exp(m − m') a + p' v'
+                    acc[i, e] *= rescale  # a ← exp(m − m') a …
                 m[i] = tile_max[i]
+            _gemm_accumulate(gemm, p_t, True, v_tile, False, acc)  # … + p' v'   (Tq, Dv)
         o_start = (bh * T + i0) * Dv
         for i in range(rows):
             if l[i] > 0:
@@ -478,7 +527,7 @@ def _lse_shift(lse, start, rows, out):
 @njit(cache=True)
 def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
                          has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
-                         bits_witness, mantissa_bits, b, kv, kb, dk, dv, dq, with_dq):
+                         bits_witness, mantissa_bits, gemm, b, kv, kb, dk, dv, dq, with_dq):
     """dk, dv of key block kb of kv head kv in batch row b: the sum over the G query heads
     of the group and over every query block; written to dk, dv. With with_dq, each tile's dq
     is also added to dq (the caller guarantees no other thread writes those rows).
@@ -507,9 +556,6 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
     ds_flat = np.empty(size, dtype=dtype)
     slope_flat = np.empty(size, dtype=dtype)
     n_flat = np.empty(size, dtype=bits_witness.dtype)
-    dq_flat = np.empty(block_q * D, dtype=dtype)
-    dk_tile = np.empty((cols, D), dtype=dtype)  # (Sk, D) one tile's dk
-    dv_tile = np.empty((cols, Dv), dtype=dtype)  # (Sk, Dv) one tile's dv
     dk_acc = np.zeros((cols, D), dtype=dtype)  # (Sk, D) Σ over heads and query blocks
     dv_acc = np.zeros((cols, Dv), dtype=dtype)  # (Sk, Dv)
     no_shift = np.zeros(cols, dtype=dtype)
@@ -540,16 +586,12 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
                       consts, mantissa_bits)
             np.dot(do_tile, v_t, ds)  # forward o = p v, so dp = do vᵀ   (Tq, Sk)
             _ds_tile(p, ds, delta[bh * T + i0:bh * T + i0 + rows], no_shift, slope, params)
-            np.dot(p.T, do_tile, dv_tile)  # forward o = p v, so dv = pᵀ do   (Sk, Dv)
-            dv_acc += dv_tile
-            np.dot(ds.T, q_tile, dk_tile)  # forward s = scale q kᵀ: dk = scale dsᵀ q   (Sk, D)
-            dk_acc += dk_tile
-            if with_dq:
-                dq_tile = dq_flat[:rows * D].reshape((rows, D))
-                np.dot(ds, k_tile, dq_tile)  # and dq = scale ds k   (Tq, D)
-                for i in range(rows):
-                    for d in range(D):
-                        dq[q_start + i * D + d] += dq_tile[i, d]
+            _gemm_accumulate(gemm, p, True, do_tile, False, dv_acc)  # forward o = p v, so
+            # dv += pᵀ do   (Sk, Dv); forward s = scale q kᵀ: dk += scale dsᵀ q   (Sk, D)
+            _gemm_accumulate(gemm, ds, True, q_tile, False, dk_acc)
+            if with_dq:  # and dq += scale ds k   (Tq, D), straight into this item's rows
+                dq_rows = dq[q_start:q_start + rows * D].reshape((rows, D))
+                _gemm_accumulate(gemm, ds, False, k_tile, False, dq_rows)
     for j in range(cols):
         for d in range(D):
             dk[k_start + j * D + d] = dk_acc[j, d]
@@ -560,7 +602,7 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
 @njit(cache=True, parallel=True)
 def _backward_by_kv_head(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
                          has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
-                         bits_witness, mantissa_bits, dq, dk, dv):
+                         bits_witness, mantissa_bits, gemm, dq, dk, dv):
     """One pass; one work item per (b, kv head): the only writer of dk, dv of that kv head
     and of dq of its G query heads. dq must be zeroed."""
     B, H, n_kv, T, S, D, Dv = dims
@@ -571,14 +613,14 @@ def _backward_by_kv_head(q, k, v, do, lse, delta, dims, params, causal, window, 
         for kb in range(n_kb):
             _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window,
                                  doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k,
-                                 consts, bits_witness, mantissa_bits, b, kv, kb, dk, dv, dq,
+                                 consts, bits_witness, mantissa_bits, gemm, b, kv, kb, dk, dv, dq,
                                  True)
 
 
 @njit(cache=True, parallel=True)
 def _backward_dk_dv(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids, has_doc,
                     key_pad, has_pad, kinds, block_q, block_k, consts, bits_witness,
-                    mantissa_bits, dk, dv):
+                    mantissa_bits, gemm, dk, dv):
     """Two-pass backward, pass 1: one item per (b, kv head, key block) writes its dk, dv."""
     B, H, n_kv, T, S, D, Dv = dims
     n_kb = (S + block_k - 1) // block_k
@@ -587,14 +629,14 @@ def _backward_dk_dv(q, k, v, do, lse, delta, dims, params, causal, window, doc_i
         kb = _zigzag(item % n_kb, n_kb)
         _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
                              has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
-                             bits_witness, mantissa_bits, b_kv // n_kv, b_kv % n_kv, kb, dk,
+                             bits_witness, mantissa_bits, gemm, b_kv // n_kv, b_kv % n_kv, kb, dk,
                              dv, dk, False)
 
 
 @njit(cache=True, parallel=True)
 def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids, has_doc,
                  key_pad, has_pad, kinds, block_q, block_k, consts, bits_witness, mantissa_bits,
-                 dq):
+                 gemm, dq):
     """Two-pass backward, pass 2: one item per (b, query head, query block) writes its dq.
 
     Key-major tiles zᵀ = k qᵀ (Sk, Tq) as in the forward, with qᵀ and doᵀ transposed once.
@@ -624,7 +666,6 @@ def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
         ds_flat = np.empty(size, dtype=dtype)
         slope_flat = np.empty(size, dtype=dtype)
         n_flat = np.empty(size, dtype=bits_witness.dtype)
-        dq_tile = np.empty((rows, D), dtype=dtype)
         dq_acc = np.zeros((rows, D), dtype=dtype)  # (Tq, D) Σ over key blocks
         no_shift = np.zeros(block_k, dtype=dtype)
         lse_cols = np.empty(rows, dtype=dtype)
@@ -652,8 +693,7 @@ def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
                       n_bits, consts, mantissa_bits)  # pᵀ = exp(zᵀ − lse)
             np.dot(v_tile, do_t, ds_t)  # dpᵀ = v doᵀ   (Sk, Tq)
             _ds_tile(p_t, ds_t, no_shift, delta_cols, slope_t, params)  # scale dsᵀ
-            np.dot(ds_t.T, k_tile, dq_tile)  # dq = scale ds k   (Tq, D)
-            dq_acc += dq_tile
+            _gemm_accumulate(gemm, ds_t, True, k_tile, False, dq_acc)  # dq += scale ds k
         for i in range(rows):
             for d in range(D):
                 dq[q_start + i * D + d] = dq_acc[i, d]
@@ -685,8 +725,9 @@ def _kernel_arguments(q, k, v, options, block_q, block_k):
     kinds = _tile_kinds(B, T, S, block_q, block_k, options.causal, window, doc_ids, has_doc,
                         key_pad, has_pad)
     mask = (options.causal, window, doc_ids, has_doc, key_pad, has_pad, kinds)
-    exp_args = (_exp_constants(dtype), _bits_witness(dtype), _mantissa_bits(dtype))
-    return dims, params, mask, exp_args
+    dtype_args = (_exp_constants(dtype), _bits_witness(dtype), _mantissa_bits(dtype),
+                  _blas_gemm(dtype))
+    return dims, params, mask, dtype_args
 
 
 def _flash_forward(q, k, v, options: FlashAttentionOptions, block_q: int, block_k: int):
@@ -694,14 +735,14 @@ def _flash_forward(q, k, v, options: FlashAttentionOptions, block_q: int, block_
     q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
     B, H, T, D = q.shape
     Dv = v.shape[3]
-    dims, params, mask, exp_args = _kernel_arguments(q, k, v, options, block_q, block_k)
+    dims, params, mask, dtype_args = _kernel_arguments(q, k, v, options, block_q, block_k)
     causal, window, doc_ids, has_doc, key_pad, has_pad, kinds = mask
     o = np.zeros((B, H, T, Dv), dtype=q.dtype)  # (B, H, T, Dv)
     lse = np.empty((B, H, T), dtype=q.dtype)  # (B, H, T)
     with _one_blas_thread():
         _forward_kernel(q.reshape(-1), k.reshape(-1), v.reshape(-1), dims, params,
                         options.softmax == "softmax1", causal, window, doc_ids, has_doc,
-                        key_pad, has_pad, kinds, block_q, block_k, *exp_args,
+                        key_pad, has_pad, kinds, block_q, block_k, *dtype_args,
                         o.reshape(-1), lse.reshape(-1))
     return o, FlashAttentionCache(q, k, v, o, lse, options)
 
@@ -722,7 +763,7 @@ def _flash_backward(do, cache: FlashAttentionCache, block_q: int, block_k: int,
     do = np.ascontiguousarray(check_grad(do, o.shape, q.dtype, "do"))
     B, H, T, D = q.shape
     n_kv = k.shape[1]
-    dims, params, mask, exp_args = _kernel_arguments(q, k, v, options, block_q, block_k)
+    dims, params, mask, dtype_args = _kernel_arguments(q, k, v, options, block_q, block_k)
     causal, window, doc_ids, has_doc, key_pad, has_pad, kinds = mask
     if schedule == "auto":
         schedule = "by_kv_head" if _use_one_pass(B, n_kv, numba.get_num_threads()) else "two_pass"
@@ -734,7 +775,7 @@ def _flash_backward(do, cache: FlashAttentionCache, block_q: int, block_k: int,
     dk = np.zeros_like(k)  # (B, K, S, D)
     dv = np.zeros_like(v)  # (B, K, S, Dv)
     shared = (dims, params, causal, window, doc_ids, has_doc, key_pad, has_pad, kinds,
-              block_q, block_k, *exp_args)
+              block_q, block_k, *dtype_args)
     with _one_blas_thread():
         _delta_kernel(do.reshape(-1), o.reshape(-1), B * H * T, o.shape[3], delta)
         if schedule == "by_kv_head":
