@@ -395,6 +395,30 @@ def test_bad_gradient_and_cache():
         flash_attention_backward(o, reference_cache)
 
 
+
+def test_blas_runs_one_thread_inside_the_kernels_and_is_restored():
+    """Inside the kernel calls every loaded BLAS is limited to one thread (the kernels call it
+    from prange threads); afterwards each library has its own setting back, also after an
+    error inside the block."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from npformer.kernels.flash_attention import _one_blas_thread
+
+    def blas_threads():
+        return {info["filepath"]: info["num_threads"] for info in threadpool_info()
+                if info["user_api"] == "blas"}
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        before = blas_threads()
+        assert before and set(before.values()) == {2}
+        with _one_blas_thread():
+            assert set(blas_threads().values()) == {1}
+        assert blas_threads() == before
+        with pytest.raises(RuntimeError):
+            with _one_blas_thread():
+                raise RuntimeError("inside")
+        assert blas_threads() == before
+
 # ---- the same kernels as plain Python (NUMBA_DISABLE_JIT=1) -------------------------------
 
 JIT_FREE_SUBSET = ("test_every_mask_and_variant and float32 or test_odd_shapes or "

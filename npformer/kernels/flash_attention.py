@@ -68,7 +68,9 @@ slow, same results.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import math
 
 import numba
@@ -97,26 +99,39 @@ _SKIP, _FULL, _PARTIAL = 0, 1, 2  # tile kinds: nothing allowed / everything / c
 
 # ---- the BLAS thread limit ---------------------------------------------------------------
 
-_CONTROLLER = None
+_BLAS_LIBRARIES = None  # threadpoolctl's controllers of the loaded BLAS libraries
 
 
+@contextlib.contextmanager
 def _one_blas_thread():
     """Context manager: every loaded BLAS (numpy's and SciPy's OpenBLAS) runs one thread.
 
     Why: the kernels call BLAS from inside numba's prange threads; a multithreaded BLAS in
     each of them oversubscribes the cores (issue 7 measured 4.5× slower, plus "Detect OpenMP
-    Loop" warnings). The controller is built once (listing the loaded libraries takes
-    milliseconds); limiting and restoring is a few cheap C calls.
+    Loop" warnings). The libraries are listed once (that takes milliseconds); then limiting
+    and restoring is a get and a set per library, a few microseconds — threadpoolctl's own
+    ``limit()`` re-reads every library's info on each call (~20 µs, as much as a T = 1
+    decode step's kernel).
     """
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER.limit(limits=1, user_api="blas")
+    global _BLAS_LIBRARIES
+    if _BLAS_LIBRARIES is None:
+        _BLAS_LIBRARIES = ThreadpoolController().select(user_api="blas").lib_controllers
+    saved = [(library, library.get_num_threads()) for library in _BLAS_LIBRARIES]
+    try:
+        for library, threads in saved:
+            if threads != 1:
+                library.set_num_threads(1)
+        yield
+    finally:
+        for library, threads in saved:
+            if threads != 1:
+                library.set_num_threads(threads)
 
 
 # ---- constants of the vectorisable exp --------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)  # one shared array per dtype; the kernels only read it
 def _exp_constants(dtype):
     """[log2(e), ln2_hi, ln2_lo, floor, 1/2, 1/0!, 1/1!, …, 1/13!] in ``dtype``.
 
@@ -146,6 +161,7 @@ def _mantissa_bits(dtype) -> int:
 _GEMM_TYPE = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 13))  # Fortran: every argument by pointer
 
 
+@functools.lru_cache(maxsize=None)
 def _blas_gemm(dtype):
     """SciPy's BLAS ?gemm (the library numba's np.dot uses), as a function pointer that the
     kernels receive as an argument: passed in rather than read from a global, it keeps the
