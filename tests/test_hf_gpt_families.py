@@ -18,8 +18,9 @@ Float64 references. transformers 5 computes some pieces of these models in float
 the model is float64, which caps stock parity near 1e-7 (measured on these configs: GPT-Neo
 logits 1.4e-7 and worst gradient 5.5e-7 relative; GPT-J 6.3e-8 and 2.4e-7). Rather than
 loosen 1e-10 we make the reference honest with patches that change only the precision of a
-computation, never its formula (each applied with pytest's monkeypatch, by the
-``float64_reference`` fixture or ``_patch_float64``, so nothing leaks between tests):
+computation, never its formula. They are patches 1-3 of :mod:`npformer.interop.hf_float64`
+(the same ones ``npformer compare`` uses), applied by its ``exact_float64()`` context manager
+(the ``float64_reference`` fixture), which restores the stock functions after each test:
 
   1. GPT-Neo ``GPTNeoSelfAttention._attn`` casts query and key to float32 ("Keep the
      attention weights computation in fp32") → the same function's code with ``torch.float32``
@@ -48,20 +49,19 @@ another rotary_dim, does not match).
 
 import json
 import os
-import types
 
 import numpy as np
 import pytest
 import safetensors.numpy
 import torch
 import transformers
-from transformers.models.gpt_neo import modeling_gpt_neo
 from transformers.models.gptj import modeling_gptj
 
 from helpers import assert_close, max_errors
 from npformer.functional import cross_entropy_backward, cross_entropy_forward
 from npformer.functional.attention_mask import attention_mask
 from npformer.interop import hf_state_dict, load_hf, save_hf
+from npformer.interop.hf_float64 import exact_float64
 from npformer.models import DecoderLM
 
 transformers.logging.set_verbosity_error()
@@ -102,46 +102,10 @@ TORCH_DTYPES = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch
 # ---- honest float64 references (see the module docstring) ------------------------------------
 
 
-class _TorchInModelDtype:
-    """Stands in for the ``torch`` module inside a patched function: ``torch.float32`` reads
-    as float64, everything else is torch itself. Used only under float64 models."""
-
-    def __getattr__(self, name):
-        return torch.float64 if name == "float32" else getattr(torch, name)
-
-
-def _in_model_dtype(function):
-    """The same code object as ``function`` with ``torch.float32`` read as float64."""
-    namespace = {**function.__globals__, "torch": _TorchInModelDtype()}
-    return types.FunctionType(function.__code__, namespace, function.__name__,
-                              function.__defaults__, function.__closure__)
-
-
-def _sinusoidal_positions_float64(num_pos, dim):
-    """GPT-J's create_sinusoidal_positions in float64: [sin | cos] of pos · 10000^(−2i/dim)."""
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (dim/2,)
-    angles = torch.arange(num_pos, dtype=torch.float64)[:, None] * inv_freq  # (P, dim/2)
-    return torch.cat((torch.sin(angles), torch.cos(angles)), dim=1)  # (P, dim)
-
-
-_STOCK_NEO_ATTN = modeling_gpt_neo.GPTNeoSelfAttention._attn
-_STOCK_GPTJ_ATTENTION = modeling_gptj.eager_attention_forward
-_STOCK_GPTJ_POSITIONS = modeling_gptj.create_sinusoidal_positions
-
-
-def _patch_float64(monkeypatch):
-    """Patches 1-3 of the module docstring (monkeypatch undoes them after the test)."""
-    monkeypatch.setattr(modeling_gpt_neo.GPTNeoSelfAttention, "_attn",
-                        _in_model_dtype(_STOCK_NEO_ATTN))
-    monkeypatch.setattr(modeling_gptj, "eager_attention_forward",
-                        _in_model_dtype(_STOCK_GPTJ_ATTENTION))
-    monkeypatch.setattr(modeling_gptj, "create_sinusoidal_positions",
-                        _sinusoidal_positions_float64)
-
-
 @pytest.fixture
-def float64_reference(monkeypatch):
-    _patch_float64(monkeypatch)
+def float64_reference():
+    with exact_float64():
+        yield
 
 
 # ---- building, running, comparing ---------------------------------------------------------------
@@ -259,7 +223,7 @@ def test_float32_parity(tmp_path, case):
         assert_close(ours, theirs, np.float32, f"{case} float32 {what}")
 
 
-def test_float64_patches_change_precision_not_formulas(monkeypatch):
+def test_float64_patches_change_precision_not_formulas():
     """The patched float64 references compute the stock functions: stock and patched logits
     agree to float32 precision, and the float64 RoPE table rounds to stock's float32 table."""
     stock = {}
@@ -268,15 +232,17 @@ def test_float64_patches_change_precision_not_formulas(monkeypatch):
         ids, _ = _batch(hf.config.vocab_size, 1)
         with torch.no_grad():
             stock[case] = (ids, hf(torch.from_numpy(ids)).logits.numpy())
-    table = _STOCK_GPTJ_POSITIONS(16, 4)
+    table = modeling_gptj.create_sinusoidal_positions(16, 4)
     assert table.dtype == torch.float32
-    assert_close(_sinusoidal_positions_float64(16, 4).float(), table, np.float32, "gptj table")
-    _patch_float64(monkeypatch)
-    for case, (ids, logits) in stock.items():
-        hf = _hf_model(case, np.float64)
-        with torch.no_grad():
-            patched = hf(torch.from_numpy(ids)).logits.numpy()
-        assert_close(patched, logits, np.float32, f"{case} patched vs stock")
+    with exact_float64():
+        table64 = modeling_gptj.create_sinusoidal_positions(16, 4)
+        assert table64.dtype == torch.float64
+        assert_close(table64.float(), table, np.float32, "gptj table")
+        for case, (ids, logits) in stock.items():
+            hf = _hf_model(case, np.float64)
+            with torch.no_grad():
+                patched = hf(torch.from_numpy(ids)).logits.numpy()
+            assert_close(patched, logits, np.float32, f"{case} patched vs stock")
 
 
 # ---- known traps ---------------------------------------------------------------------------------
@@ -363,12 +329,16 @@ def test_gptj_rope_is_interleaved_on_the_first_rotary_dims(tmp_path, float64_ref
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("case", CASES)
-def test_round_trip(tmp_path, monkeypatch, case, dtype):
+def test_round_trip(tmp_path, case, dtype):
     """load_hf → save_hf writes the same tensors (names, dtypes, shapes, values) as
     transformers' save_pretrained, and transformers' from_pretrained of that directory
     computes exactly the logits of the original model (same weights, same code)."""
-    if dtype == np.float64:  # (the patched functions would compute float32 models in float64)
-        _patch_float64(monkeypatch)
+    # (float64 only: the patched functions would compute float32 models in float64)
+    with exact_float64(dtype == np.float64):
+        _check_round_trip(tmp_path, case, dtype)
+
+
+def _check_round_trip(tmp_path, case, dtype):
     hf, first = _checkpoint(case, dtype, tmp_path / "hf")
     second = str(tmp_path / "npformer")
     model = load_hf(first, dtype=dtype)
