@@ -64,3 +64,46 @@ def to_torch(array, requires_grad=False):
     if requires_grad:
         t.requires_grad_(True)
     return t
+
+
+def assert_hf_round_trip(hf, hf_dir, out_dir, model_type: str, dtype, ids,
+                         attn_implementation: str = "eager") -> None:
+    """``load_hf(hf_dir)`` → ``save_hf(out_dir)`` writes the very tensors of transformers'
+    ``save_pretrained`` (names, dtypes, shapes, bytes; a tied head is omitted by both), and
+    ``from_pretrained(out_dir)`` computes exactly the logits of ``hf`` on ``ids`` (B, T):
+    same weights, same code, so array-equal, not merely close."""
+    import os
+
+    import safetensors.numpy
+    import torch
+    import transformers
+
+    from npformer.interop import load_hf, save_hf
+
+    model = load_hf(hf_dir, dtype=dtype)
+    assert save_hf(model, out_dir) == model_type
+    assert sorted(os.listdir(out_dir)) == ["config.json", "model.safetensors"]
+    a = safetensors.numpy.load_file(os.path.join(hf_dir, "model.safetensors"))
+    b = safetensors.numpy.load_file(os.path.join(out_dir, "model.safetensors"))
+    assert sorted(a) == sorted(b)
+    if model.config.tie_embeddings:
+        assert "lm_head.weight" not in a
+    for name in a:
+        assert a[name].dtype == b[name].dtype == dtype, name
+        assert a[name].shape == b[name].shape, name
+        assert a[name].tobytes() == b[name].tobytes(), name
+
+    torch_dtype = {np.dtype(np.float64): torch.float64, np.dtype(np.float32): torch.float32}
+    again, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out_dir, dtype=torch_dtype[np.dtype(dtype)], attn_implementation=attn_implementation,
+        output_loading_info=True)
+    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        assert not info.get(key), f"{key}: {info[key]}"
+    assert type(again) is type(hf)
+    with torch.no_grad():
+        expected = hf(torch.from_numpy(ids)).logits.numpy()
+        logits = again.eval()(torch.from_numpy(ids)).logits.numpy()
+    assert logits.dtype == dtype
+    assert np.array_equal(logits, expected), (
+        f"{model_type}: from_pretrained(save_hf(load_hf(dir))) logits differ from the "
+        f"original's, max rel err {max_errors(logits, expected)[1]:.3e}")

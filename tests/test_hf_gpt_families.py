@@ -48,19 +48,17 @@ another rotary_dim, does not match).
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
-import safetensors.numpy
 import torch
 import transformers
 from transformers.models.gptj import modeling_gptj
 
-from helpers import assert_close, max_errors
+from helpers import assert_close, assert_hf_round_trip, max_errors
 from npformer.functional import cross_entropy_backward, cross_entropy_forward
 from npformer.functional.attention_mask import attention_mask
-from npformer.interop import hf_state_dict, load_hf, save_hf
+from npformer.interop import hf_state_dict, load_hf
 from npformer.interop.hf_float64 import exact_float64
 from npformer.models import DecoderLM
 
@@ -335,34 +333,6 @@ def test_round_trip(tmp_path, case, dtype):
     computes exactly the logits of the original model (same weights, same code)."""
     # (float64 only: the patched functions would compute float32 models in float64)
     with exact_float64(dtype == np.float64):
-        _check_round_trip(tmp_path, case, dtype)
-
-
-def _check_round_trip(tmp_path, case, dtype):
-    hf, first = _checkpoint(case, dtype, tmp_path / "hf")
-    second = str(tmp_path / "npformer")
-    model = load_hf(first, dtype=dtype)
-    assert save_hf(model, second) == CASES[case][0]
-    assert sorted(os.listdir(second)) == ["config.json", "model.safetensors"]
-    a = safetensors.numpy.load_file(os.path.join(first, "model.safetensors"))
-    b = safetensors.numpy.load_file(os.path.join(second, "model.safetensors"))
-    assert sorted(a) == sorted(b)
-    for name in a:
-        assert a[name].dtype == b[name].dtype == dtype, name
-        assert a[name].shape == b[name].shape, name
-        assert np.array_equal(a[name], b[name]), name
-
-    again, info = transformers.AutoModelForCausalLM.from_pretrained(
-        second, dtype=TORCH_DTYPES[np.dtype(dtype)], attn_implementation="eager",
-        output_loading_info=True)
-    for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-        assert not info.get(key), f"{key}: {info[key]}"
-    assert type(again) is type(hf)
-    ids, _ = _batch(hf.config.vocab_size, 2)
-    with torch.no_grad():
-        expected = hf(torch.from_numpy(ids)).logits.numpy()
-        logits = again.eval()(torch.from_numpy(ids)).logits.numpy()
-    assert logits.dtype == dtype
-    assert np.array_equal(logits, expected), (
-        f"{case}: from_pretrained(save_hf(load_hf(dir))) logits differ from the original's, "
-        f"max rel err {_rel_err(logits, expected):.3e}")
+        hf, first = _checkpoint(case, dtype, tmp_path / "hf")
+        ids, _ = _batch(hf.config.vocab_size, 2)
+        assert_hf_round_trip(hf, first, str(tmp_path / "npformer"), CASES[case][0], dtype, ids)

@@ -46,15 +46,13 @@ must not turn that field into a partial rotary_dim, and save_hf must not write a
 rotating model as llama/cohere.
 """
 
-import os
 
 import numpy as np
 import pytest
-import safetensors.numpy
 import torch
 import transformers
 
-from helpers import assert_close, max_errors
+from helpers import assert_close, assert_hf_round_trip, max_errors
 from npformer.functional import cross_entropy_backward, cross_entropy_forward
 from npformer.interop import hf_state_dict, load_hf, save_hf
 from npformer.interop.hf_float64 import exact_float64, hf_parameter_name
@@ -456,31 +454,6 @@ def test_round_trip(tmp_path, case, dtype):
     directory computes exactly the original model's logits (same weights, same code)."""
     with exact_float64(enabled=dtype == np.float64):
         hf, first = _checkpoint(case, dtype, tmp_path / "hf")
-        second = str(tmp_path / "npformer")
-        model = load_hf(first, dtype=dtype)
-        assert save_hf(model, second) == CASES[case][0]
-        assert sorted(os.listdir(second)) == ["config.json", "model.safetensors"]
-        a = safetensors.numpy.load_file(os.path.join(first, "model.safetensors"))
-        b = safetensors.numpy.load_file(os.path.join(second, "model.safetensors"))
-        assert sorted(a) == sorted(b)
-        if model.config.tie_embeddings:
-            assert "lm_head.weight" not in a
-        for name in a:
-            assert a[name].dtype == b[name].dtype == dtype, name
-            assert a[name].shape == b[name].shape, name
-            assert a[name].tobytes() == b[name].tobytes(), name
-
-        again, info = transformers.AutoModelForCausalLM.from_pretrained(
-            second, dtype=TORCH_DTYPES[np.dtype(dtype)], attn_implementation=_attention(dtype),
-            output_loading_info=True)
-        for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-            assert not info.get(key), f"{key}: {info[key]}"
-        assert type(again) is type(hf)
         ids, _ = _batch(2)
-        with torch.no_grad():
-            expected = hf(torch.from_numpy(ids)).logits.numpy()
-            logits = again.eval()(torch.from_numpy(ids)).logits.numpy()
-    assert logits.dtype == dtype
-    assert np.array_equal(logits, expected), (
-        f"{case}: from_pretrained(save_hf(load_hf(dir))) logits differ from the original's, "
-        f"max rel err {_rel_err(logits, expected):.3e}")
+        assert_hf_round_trip(hf, first, str(tmp_path / "npformer"), CASES[case][0], dtype, ids,
+                             attn_implementation=_attention(dtype))
