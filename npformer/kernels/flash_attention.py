@@ -242,6 +242,16 @@ def _zigzag(r, n):
 
 
 @njit(cache=True)
+def _rows(flat, first, n, width):
+    """Rows first … first + n − 1 of a flat array read as (·, width), as an (n, width) view.
+
+    The kernels take every tensor flat (one compiled signature for any shape); tiles of q,
+    k, v, do and of the gradients, and the tile-sized scratch, are cut out of them this way.
+    """
+    return flat[first * width:(first + n) * width].reshape((n, width))
+
+
+@njit(cache=True)
 def _mask_tile(z, key_major, b, i0, j0, offset, causal, window, doc_ids, has_doc, key_pad,
                has_pad):
     """−inf where query i0 + i may not see key j0 + j (attention_mask's rules).
@@ -460,9 +470,8 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
         kv = h // G
         i0 = qb * block_q
         rows = min(block_q, T - i0)
-        q_start = (bh * T + i0) * D
         q_t = np.empty((D, rows), dtype=dtype)  # (D, Tq) qᵀ
-        _transpose_into(q[q_start:q_start + rows * D].reshape((rows, D)), q_t)
+        _transpose_into(_rows(q, bh * T + i0, rows, D), q_t)
         z_flat = np.empty(block_k * rows, dtype=dtype)
         p_flat = np.empty(block_k * rows, dtype=dtype)
         slope_flat = np.empty(block_k * rows, dtype=dtype)
@@ -483,14 +492,12 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
                 continue
             j0 = kb * block_k
             cols = min(block_k, S - j0)
-            k_start = ((b * n_kv + kv) * S + j0) * D
-            v_start = ((b * n_kv + kv) * S + j0) * Dv
-            k_tile = k[k_start:k_start + cols * D].reshape((cols, D))  # (Sk, D)
-            v_tile = v[v_start:v_start + cols * Dv].reshape((cols, Dv))  # (Sk, Dv)
-            z_t = z_flat[:cols * rows].reshape((cols, rows))  # (Sk, Tq)
-            p_t = p_flat[:cols * rows].reshape((cols, rows))  # (Sk, Tq)
-            slope_t = slope_flat[:cols * rows].reshape((cols, rows))
-            n_bits = n_flat[:cols * rows].reshape((cols, rows))
+            k_tile = _rows(k, (b * n_kv + kv) * S + j0, cols, D)  # (Sk, D)
+            v_tile = _rows(v, (b * n_kv + kv) * S + j0, cols, Dv)  # (Sk, Dv)
+            z_t = _rows(z_flat, 0, cols, rows)  # (Sk, Tq)
+            p_t = _rows(p_flat, 0, cols, rows)  # (Sk, Tq)
+            slope_t = _rows(slope_flat, 0, cols, rows)
+            n_bits = _rows(n_flat, 0, cols, rows)
             np.dot(k_tile, q_t, z_t)  # (Sk, Tq) zᵀ = k qᵀ
             exp_scale = _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset,
                                        causal, window, doc_ids, has_doc, key_pad, has_pad)
@@ -508,12 +515,12 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
                     acc[i, e] *= rescale  # a ← exp(m − m') a …
                 m[i] = tile_max[i]
             _gemm_accumulate(gemm, p_t, True, v_tile, False, acc)  # … + p' v'   (Tq, Dv)
-        o_start = (bh * T + i0) * Dv
+        o_rows = _rows(o, bh * T + i0, rows, Dv)  # (Tq, Dv)
         for i in range(rows):
             if l[i] > 0:
                 inverse = 1.0 / l[i]
                 for e in range(Dv):
-                    o[o_start + i * Dv + e] = acc[i, e] * inverse  # o = a / l
+                    o_rows[i, e] = acc[i, e] * inverse  # o = a / l
                 lse[bh * T + i0 + i] = m[i] + math.log(l[i])  # lse = m + log l
             else:  # every key masked: o = 0 (already zero), p = 0 in the backward
                 lse[bh * T + i0 + i] = -np.inf
@@ -545,8 +552,9 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
                          has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
                          bits_witness, mantissa_bits, gemm, b, kv, kb, dk, dv, dq, with_dq):
     """dk, dv of key block kb of kv head kv in batch row b: the sum over the G query heads
-    of the group and over every query block; written to dk, dv. With with_dq, each tile's dq
-    is also added to dq (the caller guarantees no other thread writes those rows).
+    of the group and over every query block, added into dk, dv (zeroed by the caller, the
+    only writer of those rows). With with_dq, each tile's dq is also added to dq (the caller
+    guarantees no other thread writes those rows).
 
     Query-major tiles z = q kᵀ (Tq, Sk), with kᵀ and vᵀ transposed once for all of them.
     Flat arrays as in _forward_kernel.
@@ -558,10 +566,11 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
     dtype = q.dtype
     j0 = kb * block_k
     cols = min(block_k, S - j0)
-    k_start = ((b * n_kv + kv) * S + j0) * D
-    v_start = ((b * n_kv + kv) * S + j0) * Dv
-    k_tile = k[k_start:k_start + cols * D].reshape((cols, D))  # (Sk, D)
-    v_tile = v[v_start:v_start + cols * Dv].reshape((cols, Dv))  # (Sk, Dv)
+    first_key = (b * n_kv + kv) * S + j0
+    k_tile = _rows(k, first_key, cols, D)  # (Sk, D)
+    v_tile = _rows(v, first_key, cols, Dv)  # (Sk, Dv)
+    dk_rows = _rows(dk, first_key, cols, D)  # (Sk, D) Σ over heads and query blocks
+    dv_rows = _rows(dv, first_key, cols, Dv)  # (Sk, Dv)
     k_t = np.empty((D, cols), dtype=dtype)  # (D, Sk) kᵀ
     v_t = np.empty((Dv, cols), dtype=dtype)  # (Dv, Sk) vᵀ
     _transpose_into(k_tile, k_t)
@@ -572,8 +581,6 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
     ds_flat = np.empty(size, dtype=dtype)
     slope_flat = np.empty(size, dtype=dtype)
     n_flat = np.empty(size, dtype=bits_witness.dtype)
-    dk_acc = np.zeros((cols, D), dtype=dtype)  # (Sk, D) Σ over heads and query blocks
-    dv_acc = np.zeros((cols, Dv), dtype=dtype)  # (Sk, Dv)
     no_shift = np.zeros(cols, dtype=dtype)
     lse_rows = np.empty(block_q, dtype=dtype)
     for g in range(G):
@@ -584,16 +591,14 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
                 continue
             i0 = qb * block_q
             rows = min(block_q, T - i0)
-            q_start = (bh * T + i0) * D
-            do_start = (bh * T + i0) * Dv
-            q_tile = q[q_start:q_start + rows * D].reshape((rows, D))  # (Tq, D)
-            do_tile = do[do_start:do_start + rows * Dv].reshape((rows, Dv))  # (Tq, Dv)
+            q_tile = _rows(q, bh * T + i0, rows, D)  # (Tq, D)
+            do_tile = _rows(do, bh * T + i0, rows, Dv)  # (Tq, Dv)
             _lse_shift(lse, bh * T + i0, rows, lse_rows)
-            z = z_flat[:rows * cols].reshape((rows, cols))  # (Tq, Sk)
-            p = p_flat[:rows * cols].reshape((rows, cols))
-            ds = ds_flat[:rows * cols].reshape((rows, cols))
-            slope = slope_flat[:rows * cols].reshape((rows, cols))
-            n_bits = n_flat[:rows * cols].reshape((rows, cols))
+            z = _rows(z_flat, 0, rows, cols)  # (Tq, Sk)
+            p = _rows(p_flat, 0, rows, cols)
+            ds = _rows(ds_flat, 0, rows, cols)
+            slope = _rows(slope_flat, 0, rows, cols)
+            n_bits = _rows(n_flat, 0, rows, cols)
             np.dot(q_tile, k_t, z)  # (Tq, Sk) q kᵀ
             exp_scale = _finish_scores(z, slope, params, False, kind, b, i0, j0, offset,
                                        causal, window, doc_ids, has_doc, key_pad, has_pad)
@@ -602,17 +607,11 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
                       consts, mantissa_bits)
             np.dot(do_tile, v_t, ds)  # forward o = p v, so dp = do vᵀ   (Tq, Sk)
             _ds_tile(p, ds, delta[bh * T + i0:bh * T + i0 + rows], no_shift, slope, params)
-            _gemm_accumulate(gemm, p, True, do_tile, False, dv_acc)  # forward o = p v, so
+            _gemm_accumulate(gemm, p, True, do_tile, False, dv_rows)  # forward o = p v, so
             # dv += pᵀ do   (Sk, Dv); forward s = scale q kᵀ: dk += scale dsᵀ q   (Sk, D)
-            _gemm_accumulate(gemm, ds, True, q_tile, False, dk_acc)
+            _gemm_accumulate(gemm, ds, True, q_tile, False, dk_rows)
             if with_dq:  # and dq += scale ds k   (Tq, D), straight into this item's rows
-                dq_rows = dq[q_start:q_start + rows * D].reshape((rows, D))
-                _gemm_accumulate(gemm, ds, False, k_tile, False, dq_rows)
-    for j in range(cols):
-        for d in range(D):
-            dk[k_start + j * D + d] = dk_acc[j, d]
-        for e in range(Dv):
-            dv[v_start + j * Dv + e] = dv_acc[j, e]
+                _gemm_accumulate(gemm, ds, False, k_tile, False, _rows(dq, bh * T + i0, rows, D))
 
 
 @njit(cache=True, parallel=True)
@@ -637,7 +636,8 @@ def _backward_by_kv_head(q, k, v, do, lse, delta, dims, params, causal, window, 
 def _backward_dk_dv(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids, has_doc,
                     key_pad, has_pad, kinds, block_q, block_k, consts, bits_witness,
                     mantissa_bits, gemm, dk, dv):
-    """Two-pass backward, pass 1: one item per (b, kv head, key block) writes its dk, dv."""
+    """Two-pass backward, pass 1: one item per (b, kv head, key block) writes its dk, dv
+    (zeroed)."""
     B, H, n_kv, T, S, D, Dv = dims
     n_kb = (S + block_k - 1) // block_k
     for item in prange(B * n_kv * n_kb):
@@ -653,7 +653,8 @@ def _backward_dk_dv(q, k, v, do, lse, delta, dims, params, causal, window, doc_i
 def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids, has_doc,
                  key_pad, has_pad, kinds, block_q, block_k, consts, bits_witness, mantissa_bits,
                  gemm, dq):
-    """Two-pass backward, pass 2: one item per (b, query head, query block) writes its dq.
+    """Two-pass backward, pass 2: one item per (b, query head, query block) writes its dq
+    (zeroed).
 
     Key-major tiles zᵀ = k qᵀ (Sk, Tq) as in the forward, with qᵀ and doᵀ transposed once.
     """
@@ -670,19 +671,17 @@ def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
         kv = (bh % H) // G
         i0 = qb * block_q
         rows = min(block_q, T - i0)
-        q_start = (bh * T + i0) * D
-        do_start = (bh * T + i0) * Dv
         q_t = np.empty((D, rows), dtype=dtype)  # (D, Tq) qᵀ
         do_t = np.empty((Dv, rows), dtype=dtype)  # (Dv, Tq) doᵀ
-        _transpose_into(q[q_start:q_start + rows * D].reshape((rows, D)), q_t)
-        _transpose_into(do[do_start:do_start + rows * Dv].reshape((rows, Dv)), do_t)
+        _transpose_into(_rows(q, bh * T + i0, rows, D), q_t)
+        _transpose_into(_rows(do, bh * T + i0, rows, Dv), do_t)
         size = block_k * rows
         z_flat = np.empty(size, dtype=dtype)
         p_flat = np.empty(size, dtype=dtype)
         ds_flat = np.empty(size, dtype=dtype)
         slope_flat = np.empty(size, dtype=dtype)
         n_flat = np.empty(size, dtype=bits_witness.dtype)
-        dq_acc = np.zeros((rows, D), dtype=dtype)  # (Tq, D) Σ over key blocks
+        dq_rows = _rows(dq, bh * T + i0, rows, D)  # (Tq, D) Σ over key blocks
         no_shift = np.zeros(block_k, dtype=dtype)
         lse_cols = np.empty(rows, dtype=dtype)
         _lse_shift(lse, bh * T + i0, rows, lse_cols)
@@ -693,15 +692,13 @@ def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
                 continue
             j0 = kb * block_k
             cols = min(block_k, S - j0)
-            k_start = ((b * n_kv + kv) * S + j0) * D
-            v_start = ((b * n_kv + kv) * S + j0) * Dv
-            k_tile = k[k_start:k_start + cols * D].reshape((cols, D))  # (Sk, D)
-            v_tile = v[v_start:v_start + cols * Dv].reshape((cols, Dv))  # (Sk, Dv)
-            z_t = z_flat[:cols * rows].reshape((cols, rows))  # (Sk, Tq)
-            p_t = p_flat[:cols * rows].reshape((cols, rows))
-            ds_t = ds_flat[:cols * rows].reshape((cols, rows))
-            slope_t = slope_flat[:cols * rows].reshape((cols, rows))
-            n_bits = n_flat[:cols * rows].reshape((cols, rows))
+            k_tile = _rows(k, (b * n_kv + kv) * S + j0, cols, D)  # (Sk, D)
+            v_tile = _rows(v, (b * n_kv + kv) * S + j0, cols, Dv)  # (Sk, Dv)
+            z_t = _rows(z_flat, 0, cols, rows)  # (Sk, Tq)
+            p_t = _rows(p_flat, 0, cols, rows)
+            ds_t = _rows(ds_flat, 0, cols, rows)
+            slope_t = _rows(slope_flat, 0, cols, rows)
+            n_bits = _rows(n_flat, 0, cols, rows)
             np.dot(k_tile, q_t, z_t)  # (Sk, Tq) zᵀ = k qᵀ
             exp_scale = _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset,
                                        causal, window, doc_ids, has_doc, key_pad, has_pad)
@@ -709,10 +706,7 @@ def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
                       n_bits, consts, mantissa_bits)  # pᵀ = exp(zᵀ − lse)
             np.dot(v_tile, do_t, ds_t)  # dpᵀ = v doᵀ   (Sk, Tq)
             _ds_tile(p_t, ds_t, no_shift, delta_cols, slope_t, params)  # scale dsᵀ
-            _gemm_accumulate(gemm, ds_t, True, k_tile, False, dq_acc)  # dq += scale ds k
-        for i in range(rows):
-            for d in range(D):
-                dq[q_start + i * D + d] = dq_acc[i, d]
+            _gemm_accumulate(gemm, ds_t, True, k_tile, False, dq_rows)  # dq += scale ds k
 
 
 # ---- the public pair ----------------------------------------------------------------------
