@@ -13,6 +13,7 @@ from helpers import assert_close
 from npformer.functional.attention import attention_backward, attention_forward
 from npformer.kernels.flash_attention import flash_attention_backward, flash_attention_forward
 from npformer.models import build_model
+from npformer.nn.attention import MultiHeadAttention
 from npformer.presets import preset_names, tiny_config
 
 # kernel vs reference: the tolerances of tests/test_flash_attention.py
@@ -112,6 +113,8 @@ def test_softcap_and_softmax1_reach_the_kernel():
         assert not np.allclose(plain_logits, logits_k)  # the option really changed the model
 
 
-def test_bad_attention_impl_is_a_config_error():
+def test_bad_attention_impl_is_refused_by_config_and_module():
     with pytest.raises(ValueError, match="attention_impl='torch' is invalid"):
         tiny_config("gpt2", attention_impl="torch")
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        MultiHeadAttention(8, 2, attention_impl="torch")

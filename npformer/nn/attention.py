@@ -34,6 +34,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .._validate import check_int
+from ..config import ATTENTION_IMPLS
 from ..functional.attention import attention_backward, attention_forward
 from ..functional.linear import linear_backward, linear_forward
 from ..functional.rope import check_rotary_dim, rope_backward, rope_forward
@@ -43,6 +44,9 @@ from .module import Module
 
 def _attention_core(attention_impl: str, softmax: str):
     """The (forward, backward) pair that computes ``o = attention(q, k, v)``."""
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {list(ATTENTION_IMPLS)}, "
+                         f"got {attention_impl!r}")
     if attention_impl == "numba":
         from ..kernels.flash_attention import (FLASH_SOFTMAX_VARIANTS, flash_attention_backward,
                                                flash_attention_forward)
@@ -155,8 +159,6 @@ class MultiHeadAttention(Module):
         if rope and head_dim % 2 and rotary_dim is None:
             raise ValueError(f"RoPE over the whole head needs an even head_dim, got {head_dim}; "
                              "set an even rotary_dim < head_dim for partial rotary")
-        if attention_impl not in ("numba", "numpy"):
-            raise ValueError(f"attention_impl must be 'numba' or 'numpy', got {attention_impl!r}")
         rng = np.random.default_rng(0) if rng is None else rng
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         self.fused_qkv, self.cross = fused_qkv, cross
