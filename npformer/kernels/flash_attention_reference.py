@@ -77,7 +77,7 @@ import numpy as np
 from .._validate import check_grad, check_int, check_positive
 from ..functional.attention import _check_qkv
 from ..functional.attention_mask import attention_mask
-from ..functional.softmax_variants import check_clip_range
+from ..functional.softmax_variants import check_clip_range, softcap_forward
 
 FLASH_SOFTMAX_VARIANTS = ("softmax", "softmax1")
 
@@ -175,10 +175,8 @@ def _tile_scores(q_tile, k_tile, allowed, options):
     s = options.scale * (q_tile @ k_tile.T)  # (Tq, Sk) s = scale · q kᵀ
     slope = None
     if options.softcap is not None:
-        u = s / options.softcap  # (Tq, Sk)
-        e = np.exp(-2 * np.abs(u))  # (Tq, Sk) exp(−2|u|) ∈ (0, 1]
-        slope = 4 * e / (1 + e) ** 2  # (Tq, Sk) sech²(u) = d(cap tanh(u))/ds, no cancellation
-        s = options.softcap * np.tanh(u)  # (Tq, Sk) c = cap tanh(s / cap)
+        s, capped = softcap_forward(s, options.softcap)  # (Tq, Sk) c = cap tanh(s / cap)
+        slope = capped.slope  # (Tq, Sk) sech²(s / cap) = dc/ds
     z = np.where(allowed, s, -np.inf).astype(q_tile.dtype, copy=False)  # (Tq, Sk) exact mask
     return z, slope
 
