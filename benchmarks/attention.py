@@ -17,9 +17,10 @@ Causal attention in float32 at (B, H, T, D) = (4, 8, 256, 64), (2, 8, 1024, 64),
 Columns: median wall time of forward + backward over the repeats (run in rounds, one call
 of each contender per round, each after a pause that lets the previous contender's threads
 go idle), GFLOP/s of the useful work (7 matrix products — 2 forward, 5 backward with
-recomputation — of 2·D flops per allowed (query, key) pair and head), the ratio to torch, and the peak extra memory
-of one forward + backward, measured in a fresh child process: the rise of its peak RSS (reset
-through /proc/self/clear_refs, after malloc_trim) minus the bytes of the results (o, dq, dk,
+recomputation — of 2·D flops per allowed (query, key) pair and head), the ratio to torch,
+and the peak extra memory of one forward + backward, measured in a fresh child process: the
+rise of its peak RSS (reset through /proc/self/clear_refs, after malloc_trim) minus the
+bytes of the results (o, dq, dk,
 dv), in MiB and as a percentage of one B·H·T·T float32 matrix. No assertions: this prints
 figures; the tests check correctness.
 
@@ -50,6 +51,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from npformer.functional.attention import attention_backward, attention_forward  # noqa: E402
+from npformer.functional.attention_mask import attention_mask  # noqa: E402
 from npformer.kernels.flash_attention import (  # noqa: E402
     flash_attention_backward,
     flash_attention_forward,
@@ -105,16 +107,15 @@ def peak_extra_bytes(call):
 
 
 def mask_options(mask: str, T: int, window: int):
-    """Keyword options for npformer, and (is_causal, attn_mask) for torch."""
+    """Keyword options for npformer, and (is_causal, attn_mask) for torch: the (T, T)
+    allowed-mask npformer's own attention_mask builds from the same options."""
     if mask == "causal":
         return dict(causal=True), (True, None)
     if mask == "window":
-        i = np.arange(T)
-        allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
-        return dict(causal=True, window=window), (False, allowed)
-    doc_ids = (np.arange(T) // window)[None]  # (1, T) documents of `window` tokens
-    allowed = (doc_ids[0][:, None] == doc_ids[0][None, :]) & np.tri(T, dtype=bool)
-    return dict(causal=True, doc_ids=doc_ids), (False, allowed)
+        options = dict(causal=True, window=window)
+    else:
+        options = dict(causal=True, doc_ids=(np.arange(T) // window)[None])  # documents of `window`
+    return options, (False, attention_mask(1, T, T, **options)[0, 0])
 
 
 def numba_step(q, k, v, do, options):
