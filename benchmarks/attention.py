@@ -20,9 +20,8 @@ go idle), GFLOP/s of the useful work (7 matrix products — 2 forward, 5 backwar
 recomputation — of 2·D flops per allowed (query, key) pair and head), the ratio to torch,
 and the peak extra memory of one forward + backward, measured in a fresh child process: the
 rise of its peak RSS (reset through /proc/self/clear_refs, after malloc_trim) minus the
-bytes of the results (o, dq, dk,
-dv), in MiB and as a percentage of one B·H·T·T float32 matrix. No assertions: this prints
-figures; the tests check correctness.
+bytes of the results (o, dq, dk, dv), in MiB and as a percentage of one B·H·T·T float32
+matrix. No assertions: this prints figures; the tests check correctness.
 
 The BLAS libraries loaded (threadpoolctl) are printed with the kernel OpenBLAS chose
 (``architecture``). ``OPENBLAS_CORETYPE=Haswell`` — set on some machines — makes OpenBLAS use
