@@ -439,7 +439,6 @@ def test_bad_gradient_and_cache():
         flash_attention_backward(o, reference_cache)
 
 
-
 def test_blas_runs_one_thread_inside_the_kernels_and_is_restored():
     """Inside the kernel calls every loaded BLAS is limited to one thread (the kernels call it
     from prange threads); afterwards each library has its own setting back, also after an
@@ -462,6 +461,7 @@ def test_blas_runs_one_thread_inside_the_kernels_and_is_restored():
             with _one_blas_thread():
                 raise RuntimeError("inside")
         assert blas_threads() == before
+
 
 # ---- the same kernels as plain Python (NUMBA_DISABLE_JIT=1) -------------------------------
 
