@@ -543,10 +543,12 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
             _exp_tile(z_t, exp_scale, no_shift, shift, p_t, consts, mantissa_bits)  # exp(z − m')
             _column_sum(p_t, tile_sum)  # (Tq,) Σ exp(z' − m')
             for i in range(rows):
-                rescale = math.exp(m[i] - shift[i])  # exp(m − m'): 0 while m = −inf
-                l[i] = rescale * l[i] + tile_sum[i]  # l ← exp(m − m') l + Σ exp(z' − m')
-                for e in range(Dv):
-                    acc[i, e] *= rescale  # a ← exp(m − m') a …
+                if tile_max[i] > m[i]:  # the max grew (else exp(m − m') = 1: nothing to do)
+                    rescale = math.exp(m[i] - shift[i])  # exp(m − m'): 0 while m = −inf
+                    l[i] *= rescale  # l ← exp(m − m') l …
+                    for e in range(Dv):
+                        acc[i, e] *= rescale  # a ← exp(m − m') a …
+                l[i] += tile_sum[i]  # … + Σ exp(z' − m')
                 m[i] = tile_max[i]
             _gemm_accumulate(gemm, p_t, True, v_tile, False, acc)  # … + p' v'   (Tq, Dv)
         o_rows = _rows(o, bh * T + i0, rows, Dv)  # (Tq, Dv)
