@@ -439,6 +439,48 @@ def test_bad_gradient_and_cache():
         flash_attention_backward(o, reference_cache)
 
 
+@pytest.mark.parametrize("forward", [flash_attention_forward, attention_forward],
+                         ids=["numba", "numpy"])
+@pytest.mark.parametrize("sign", [1, -1], ids=["inf", "nan"])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_scores_that_overflow_are_refused_on_both_paths(forward, sign, softcap):
+    # finite float32 q, k whose products overflow where the mask allows them: ±inf scores,
+    # or NaN where +inf and −inf terms meet. Both paths raise the same error instead of
+    # answering (the kernel used to return zeros), with or without soft-capping
+    q = np.full((1, 2, 5, 4), 1e20, dtype=np.float32)
+    k = np.full((1, 2, 5, 4), 1e20, dtype=np.float32)
+    k[..., 1::2] *= sign
+    v = np.ones((1, 2, 5, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"overflow float32 \(±inf or NaN\) in 10 query row"):
+        forward(q, k, v, causal=True, softcap=softcap)
+    k[0, 1, 3] = -1e20  # −inf scores only where key 3 of head 1 meets queries 3 and 4
+    k[0, 0] = 0.0
+    k[0, 1, :3] = 0.0
+    k[0, 1, 4] = 0.0
+    where = r"in 2 query row\(s\) \(first: batch 0, head 1, query 3\)"
+    with pytest.raises(ValueError, match=where):
+        forward(q, k, v, causal=True, softcap=softcap)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_overflow_where_masked_is_not_an_error(softcap):
+    # a score that the mask removes may overflow (query 0 and key 3 are huge, and causal
+    # attention never pairs them); the kernel still equals the reference. The other scores
+    # are moderate (the other queries and key 0 are zero): a well-conditioned comparison
+    rng = np.random.default_rng(49)
+    q = np.zeros((1, 1, 4, 4), dtype=np.float32)
+    k, v = (rng.uniform(-1.0, 1.0, (1, 1, 4, 4)).astype(np.float32) for _ in range(2))
+    q[0, 0, 0] = 1e20
+    k[0, 0, 0] = 0.0
+    k[0, 0, 3] = 1e20
+    do = rng.standard_normal((1, 1, 4, 4)).astype(np.float32)
+    expected = reference(q, k, v, do, causal=True, softcap=softcap)
+    o, cache = flash_attention_forward(q, k, v, causal=True, softcap=softcap)
+    got = (o,) + flash_attention_backward(do, cache)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, expected):
+        assert_matches(a, b, np.float32, name)
+
+
 def test_blas_runs_one_thread_inside_the_kernels_and_is_restored():
     """Inside the kernel calls every loaded BLAS is limited to one thread (the kernels call it
     from prange threads); afterwards each library has its own setting back, also after an

@@ -114,6 +114,31 @@ class AttentionCache(NamedTuple):
     softmax_cache: object  # that variant's cache
 
 
+def scores_overflow_error(n_rows: int, first: tuple, dtype) -> ValueError:
+    """The error of both attention paths (this one and the numba kernels) when finite q and k
+    give a score scale · q·k that is ±inf or NaN where the mask allows it."""
+    b, h, t = first
+    return ValueError(
+        f"attention scores scale · q·k overflow {np.dtype(dtype)} (±inf or NaN) in {n_rows} "
+        f"query row(s) (first: batch {b}, head {h}, query {t}); scale q and k down or compute "
+        "in float64")
+
+
+def _refuse_overflowed_scores(s, allowed):
+    """s (B, K, G, T, S) raw scores; ValueError if one is not finite where allowed (B, 1, 1, T,
+    S) or None (all) lets it count. Non-finite scores at masked places are harmless: they
+    become 0 here, and the mask replaces them with −inf."""
+    finite = np.isfinite(s)  # (B, K, G, T, S)
+    if finite.all():
+        return s
+    overflowed = ~finite if allowed is None else ~finite & allowed
+    if overflowed.any():
+        rows = overflowed.any(axis=-1)  # (B, K, G, T)
+        b, kv, g, t = (int(i) for i in np.argwhere(rows)[0])
+        raise scores_overflow_error(int(rows.sum()), (b, kv * s.shape[2] + g, t), s.dtype)
+    return np.where(finite, s, 0).astype(s.dtype, copy=False)
+
+
 def _check_qkv(q, k, v):
     """q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv), one dtype, H divisible by K."""
     q = check_float(q, "q")
@@ -169,6 +194,8 @@ def attention_forward(
     :func:`npformer.functional.attention_mask.attention_mask` (bottom-right alignment).
     scale: None → 1/√D. softmax: "softmax" | "softmax1" | "clipped" (with clip_gamma <= 0,
     clip_zeta >= 1). softcap: None, or cap > 0 for ``cap · tanh(s / cap)`` before the mask.
+    A score scale · q·k that overflows the dtype (±inf or NaN from finite q and k) where the
+    mask allows it raises ValueError, here and in the numba kernels; masked ones do not count.
     """
     q, k, v = _check_qkv(q, k, v)
     B, H, T, D = q.shape
@@ -188,7 +215,9 @@ def attention_forward(
 
     qg = q.reshape(B, n_kv, G, T, D)  # (B, K, G, T, D) query head h = κ·G + g
     kt = np.swapaxes(k, -1, -2)[:, :, None]  # (B, K, 1, D, S) one kv head for its G query heads
-    s = scale * (qg @ kt)  # (B, K, G, T, S) s = scale · q kᵀ
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
+        s = scale * (qg @ kt)  # (B, K, G, T, S) s = scale · q kᵀ
+    s = _refuse_overflowed_scores(s, allowed)
     softcap_cache = None
     if softcap is not None:
         s, softcap_cache = softcap_forward(s, softcap)  # (B, K, G, T, S) c = cap tanh(s / cap)

@@ -88,6 +88,7 @@ from numba.extending import intrinsic, overload
 from threadpoolctl import ThreadpoolController
 
 from .._validate import check_grad
+from ..functional.attention import scores_overflow_error
 from .flash_attention_reference import (
     FLASH_SOFTMAX_VARIANTS,
     FlashAttentionCache,
@@ -330,6 +331,39 @@ def _mask_tile(z, key_major, b, i0, j0, offset, causal, window, doc_ids, has_doc
 
 
 @njit(cache=True)
+def _flag_overflowed_queries(z, scale, kind, b, i0, j0, offset, causal, window, doc_ids,
+                             has_doc, key_pad, has_pad, probe, overflow):
+    """overflow[c] = True where query c of the key-major tile of products z (Sk, Tq) has a
+    score scale · z[a, c] that is ±inf or NaN at a key the mask allows (finite q and k can
+    overflow the dtype). probe (Tq,): scratch.
+
+    Cheap first: probe[c] = Σ_a (scale · z[a, c]) · 0 is 0, or NaN if any term is ±inf or
+    NaN (one multiply-add per score; without fast-math x · 0 is not folded to 0). Only a
+    tile with a NaN probe is looked at entry by entry, with the mask.
+    """
+    zero = scale - scale
+    for c in range(z.shape[1]):
+        probe[c] = zero
+    for a in range(z.shape[0]):
+        for c in range(z.shape[1]):
+            probe[c] += (scale * z[a, c]) * zero
+    suspect = False
+    for c in range(z.shape[1]):
+        if probe[c] != probe[c]:
+            suspect = True
+    if not suspect:
+        return
+    allowed = np.ones_like(z)  # (Sk, Tq) 1 where allowed, −inf where masked
+    if kind == _PARTIAL:
+        _mask_tile(allowed, True, b, i0, j0, offset, causal, window, doc_ids, has_doc, key_pad,
+                   has_pad)
+    for a in range(z.shape[0]):
+        for c in range(z.shape[1]):
+            if allowed[a, c] == 1 and not abs(scale * z[a, c]) < np.inf:
+                overflow[c] = True
+
+
+@njit(cache=True)
 def _finish_scores(z, slope, params, key_major, kind, b, i0, j0, offset, causal, window,
                    doc_ids, has_doc, key_pad, has_pad):
     """Turn a tile of products q·k into scores, in place; returns the scale left to apply.
@@ -488,7 +522,7 @@ def _gemm_accumulate(gemm, a, a_transposed, b, b_transposed, c):
 @njit(cache=True, parallel=True)
 def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids, has_doc,
                     key_pad, has_pad, kinds, block_q, block_k, consts,
-                    mantissa_bits, gemm, o, lse):
+                    mantissa_bits, gemm, check_overflow, o, lse):
     """The online-softmax forward. q, k, v, o, lse: flat C-ordered views of
     (B, H, T, D), (B, K, S, D), (B, K, S, Dv), (B, H, T, Dv), (B, H, T); dims = (B, H, K,
     T, S, D, Dv). One work item per (b, query head, query block).
@@ -523,6 +557,7 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
         tile_max = np.empty(rows, dtype=dtype)
         shift = np.empty(rows, dtype=dtype)
         tile_sum = np.empty(rows, dtype=dtype)
+        overflow = np.zeros(rows, dtype=np.bool_)  # (Tq,) a score was +inf or NaN
         for i in range(rows):  # softmax₁: its extra key (z = 0, v = 0) is already seen
             m[i] = 0.0 if softmax_one else -np.inf
             l[i] = 1.0 if softmax_one else 0.0
@@ -538,6 +573,10 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
             p_t = _rows(p_flat, 0, cols, rows)  # (Sk, Tq)
             slope_t = _rows(slope_flat, 0, cols, rows)
             np.dot(k_tile, q_t, z_t)  # (Sk, Tq) zᵀ = k qᵀ
+            if check_overflow:  # only when the inputs are large enough (_scores_may_overflow)
+                _flag_overflowed_queries(z_t, params[0], kind, b, i0, j0, offset, causal,
+                                         window, doc_ids, has_doc, key_pad, has_pad, tile_sum,
+                                         overflow)
             exp_scale = _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset,
                                        causal, window, doc_ids, has_doc, key_pad, has_pad)
             _column_max(z_t, tile_max)  # (Tq,) max over this tile's keys
@@ -564,6 +603,8 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
                 lse[bh * T + i0 + i] = m[i] + math.log(l[i])  # lse = m + log l
             else:  # every key masked: o = 0 (already zero), p = 0 in the backward
                 lse[bh * T + i0 + i] = -np.inf
+            if overflow[i]:  # NaN: the caller raises, as the NumPy path does
+                lse[bh * T + i0 + i] = np.nan
 
 
 # ---- backward ----------------------------------------------------------------------------
@@ -775,6 +816,29 @@ def _kernel_arguments(q, k, v, options, block_q, block_k):
     return dims, params, mask, dtype_args
 
 
+def _scores_may_overflow(q, k, scale: float) -> bool:
+    """False when no score can overflow the dtype, so the forward may skip its check.
+
+    Each score scale · Σ_d q_d k_d, and each partial sum of it, is at most scale · D ·
+    max|q| · max|k| in size (plus rounding, for which a factor 2 is spared). For ordinary
+    inputs this bound is far below the largest float, and costs two passes over q and k.
+    """
+    biggest = [max(float(x.max()), -float(x.min())) for x in (q, k)]
+    bound = scale * q.shape[-1] * biggest[0] * biggest[1]  # in float64
+    return not bound < float(np.finfo(q.dtype).max) / 2
+
+
+def _refuse_overflowed_scores(lse):
+    """ValueError if the forward marked a query row (lse = NaN) with an allowed score scale ·
+    q·k that is ±inf or NaN: finite q and k whose products overflow the dtype. The NumPy
+    path refuses the same rows with the same error. The backward recomputes the same
+    scores, so it needs no check of its own."""
+    bad = np.isnan(lse)  # (B, H, T)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise scores_overflow_error(int(bad.sum()), first, lse.dtype)
+
+
 def _flash_forward(q, k, v, options: FlashAttentionOptions, block_q: int, block_k: int):
     """The forward for validated inputs and given tile sizes; returns (o, cache)."""
     q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
@@ -788,7 +852,9 @@ def _flash_forward(q, k, v, options: FlashAttentionOptions, block_q: int, block_
         _forward_kernel(q.reshape(-1), k.reshape(-1), v.reshape(-1), dims, params,
                         options.softmax == "softmax1", causal, window, doc_ids, has_doc,
                         key_pad, has_pad, kinds, block_q, block_k, *dtype_args,
-                        o.reshape(-1), lse.reshape(-1))
+                        _scores_may_overflow(q, k, options.scale), o.reshape(-1),
+                        lse.reshape(-1))
+    _refuse_overflowed_scores(lse)
     return o, FlashAttentionCache(q, k, v, o, lse, options)
 
 
