@@ -451,8 +451,9 @@ def test_scores_that_overflow_are_refused_on_both_paths(forward, sign, softcap):
     k = np.full((1, 2, 5, 4), 1e20, dtype=np.float32)
     k[..., 1::2] *= sign
     v = np.ones((1, 2, 5, 4), dtype=np.float32)
-    with pytest.raises(ValueError, match=r"overflow float32 \(±inf or NaN\) in 10 query row"):
-        forward(q, k, v, causal=True, softcap=softcap)
+    for causal in (True, False):  # a partial tile (checked with its mask) and a full one
+        with pytest.raises(ValueError, match=r"overflow float32 \(±inf or NaN\) in 10 query"):
+            forward(q, k, v, causal=causal, softcap=softcap)
     k[0, 1, 3] = -1e20  # −inf scores only where key 3 of head 1 meets queries 3 and 4
     k[0, 0] = 0.0
     k[0, 1, :3] = 0.0
