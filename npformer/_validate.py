@@ -47,6 +47,18 @@ def check_float(x, name: str, *, allow_neg_inf: bool = False, min_ndim: int = 0)
     return x
 
 
+def check_no_overflow(statistic: np.ndarray, x: np.ndarray, where: str) -> None:
+    """ValueError if a per-row statistic of finite inputs overflowed (±inf or NaN), e.g. the
+    mean of squares of values near 1e20 in float32: a norm layer would otherwise return
+    zeros, a wrong answer that no later check would notice."""
+    bad = ~np.isfinite(statistic)
+    if bad.any():
+        raise ValueError(
+            f"{where} overflows {x.dtype} in {int(bad.sum())} row(s) (largest |x| is "
+            f"{float(np.abs(x).max()):.3g}); scale the input down or compute in float64"
+        )
+
+
 def check_same_dtype(reference: np.ndarray, reference_name: str, **others) -> None:
     """All float tensors of one call must share a dtype (no silent float32 -> float64 upcast)."""
     for name, arr in others.items():

@@ -171,3 +171,14 @@ def test_bad_inputs():
         rmsnorm_backward(np.ones((3, 2)), cache)
     with pytest.raises(ValueError, match="dtype"):
         rmsnorm_backward(np.ones((2, 3), dtype=np.float32), cache)
+
+
+def test_mean_square_that_overflows_is_refused_not_zero():
+    # finite float32 values near 1e20: x² overflows, and 1/√inf would make every output 0,
+    # a wrong answer; the layer refuses. Values of 1e18 still work (1e36 fits)
+    with pytest.raises(ValueError, match=r"rmsnorm: the mean of x² overflows float32 in 1"):
+        rmsnorm_forward(np.array([[1e20, -1e20, 3e19, 0.0], [1.0, 2.0, 3.0, 4.0]], np.float32))
+    x = np.array([[1e18, -1e18, 3e17, 0.0]], np.float32)
+    y, _ = rmsnorm_forward(x)
+    expected, _ = rmsnorm_forward(x.astype(np.float64))
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)

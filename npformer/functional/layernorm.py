@@ -51,7 +51,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .._validate import check_float, check_grad, check_positive, check_same_dtype, check_shape
+from .._validate import (check_float, check_grad, check_no_overflow, check_positive,
+                         check_same_dtype, check_shape)
 
 
 class LayerNormCache(NamedTuple):
@@ -85,9 +86,11 @@ def layernorm_forward(x: np.ndarray, weight: Optional[np.ndarray] = None,
     check_same_dtype(x, "x", weight=weight, bias=bias)
     eps = check_positive(eps, "eps")  # a Python float: keeps float32 arrays float32
 
-    xc = x - np.mean(x, axis=-1, keepdims=True)  # x − μ    (..., C)
-    xc -= np.mean(xc, axis=-1, keepdims=True)  # second pass: removes the rounding of μ
-    var = np.mean(xc * xc, axis=-1, keepdims=True)  # v, biased    (..., 1)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
+        xc = x - np.mean(x, axis=-1, keepdims=True)  # x − μ    (..., C)
+        xc -= np.mean(xc, axis=-1, keepdims=True)  # second pass: removes the rounding of μ
+        var = np.mean(xc * xc, axis=-1, keepdims=True)  # v, biased    (..., 1)
+    check_no_overflow(var, x, "layernorm: the variance of x")
     rstd = 1.0 / np.sqrt(var + eps)  # 1/σ    (..., 1)
     xhat = xc * rstd  # x̂    (..., C)
     y = xhat

@@ -43,7 +43,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .._validate import check_float, check_grad, check_positive, check_same_dtype, check_shape
+from .._validate import (check_float, check_grad, check_no_overflow, check_positive,
+                         check_same_dtype, check_shape)
 
 
 class RMSNormCache(NamedTuple):
@@ -66,7 +67,9 @@ def rmsnorm_forward(x: np.ndarray, weight: Optional[np.ndarray] = None, eps: flo
     check_same_dtype(x, "x", weight=weight)
     eps = check_positive(eps, "eps")  # a Python float: keeps float32 arrays float32
 
-    ms = np.mean(x * x, axis=-1, keepdims=True)  # mean(x²)    (..., 1)
+    with np.errstate(over="ignore"):  # overflow is refused just below
+        ms = np.mean(x * x, axis=-1, keepdims=True)  # mean(x²)    (..., 1)
+    check_no_overflow(ms, x, "rmsnorm: the mean of x²")
     rinv = 1.0 / np.sqrt(ms + eps)  # 1/r    (..., 1)
     xhat = x * rinv  # x̂    (..., C)
     y = xhat * weight if weight is not None else xhat.copy()  # (..., C)
