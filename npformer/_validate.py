@@ -16,6 +16,12 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+class NonFiniteError(ValueError):
+    """NaN or ±inf where finite numbers are needed: in an input (check_float), or from finite
+    inputs whose arithmetic overflowed (check_no_overflow, attention's scores). A
+    ValueError; the trainer reads it as a divergence."""
+
+
 def check_float(x, name: str, *, allow_neg_inf: bool = False, min_ndim: int = 0) -> np.ndarray:
     """Require a float32/float64 ndarray with no NaN (and no inf unless allowed).
 
@@ -33,14 +39,14 @@ def check_float(x, name: str, *, allow_neg_inf: bool = False, min_ndim: int = 0)
     if allow_neg_inf:
         bad = np.isnan(x) | (x == np.inf)
         if bad.any():
-            raise ValueError(
+            raise NonFiniteError(
                 f"{name} contains {int(bad.sum())} NaN or +inf value(s) "
                 f"(first at index {np.unravel_index(int(np.argmax(bad)), x.shape)}); "
                 "only finite values and -inf (masked) are allowed"
             )
     elif not np.isfinite(x).all():
         bad = ~np.isfinite(x)
-        raise ValueError(
+        raise NonFiniteError(
             f"{name} contains {int(bad.sum())} NaN or infinite value(s) "
             f"(first at index {np.unravel_index(int(np.argmax(bad)), x.shape)})"
         )
@@ -53,7 +59,7 @@ def check_no_overflow(statistic: np.ndarray, x: np.ndarray, where: str) -> None:
     zeros, a wrong answer that no later check would notice."""
     bad = ~np.isfinite(statistic)
     if bad.any():
-        raise ValueError(
+        raise NonFiniteError(
             f"{where} overflows {x.dtype} in {int(bad.sum())} row(s) (largest |x| is "
             f"{float(np.abs(x).max()):.3g}); scale the input down or compute in float64"
         )

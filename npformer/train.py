@@ -33,6 +33,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import checkpoint as ckpt
+from ._validate import NonFiniteError
 from .config import ModelConfig
 from .dataset import (BatchSampler, ByteTokenizer, CharTokenizer, PackedBatchSampler, load_text,
                       split_documents, split_train_val, tokenizer_from_dict)
@@ -218,17 +219,15 @@ class Trainer:
         self.model.train()
         try:
             loss, cache = self._forward_loss(self.train_sampler.next())
-        except ValueError as error:
-            # The batch is ours and valid, so a layer refusing NaN/inf activations means the
-            # weights have blown up: a divergence, reported as one.
-            if "NaN" not in str(error):
-                raise
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise self._diverged(str(loss))
+            self.model.zero_grad()
+            self.model.backward(cross_entropy_backward(1.0, cache))
+        except NonFiniteError as error:
+            # The batch is ours and valid, so a layer refusing NaN/inf activations or
+            # gradients, or an overflow, means the weights have blown up: a divergence.
             raise self._diverged(f"NaN or infinite inside the model ({error})") from error
-        loss = float(loss)
-        if not math.isfinite(loss):
-            raise self._diverged(str(loss))
-        self.model.zero_grad()
-        self.model.backward(cross_entropy_backward(1.0, cache))
         grads = self.model.gradients()
         grad_norm = clip_grad_norm(grads, self.options.grad_clip) if self.options.grad_clip else float(
             np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values())))

@@ -190,3 +190,17 @@ def test_variance_that_overflows_is_refused_not_zero():
     y, _ = layernorm_forward(x)
     expected, _ = layernorm_forward(x.astype(np.float64))
     np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_errors_have_their_own_type():
+    # NaN inputs and overflows raise NonFiniteError (a ValueError): the trainer reports them
+    # as a divergence, and other ValueErrors (bad shapes, bad options) as what they are
+    from npformer._validate import NonFiniteError
+
+    with pytest.raises(NonFiniteError):
+        layernorm_forward(np.array([[1.0, np.nan, 0.0]]))
+    with pytest.raises(NonFiniteError):
+        layernorm_forward(np.array([[1e20, -1e20, 0.0]], np.float32))
+    with pytest.raises(ValueError) as shape_error:
+        layernorm_forward(np.ones((2, 3)), weight=np.ones(4))
+    assert not isinstance(shape_error.value, NonFiniteError)

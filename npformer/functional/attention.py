@@ -81,7 +81,8 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from .._validate import check_float, check_grad, check_positive, check_same_dtype
+from .._validate import (NonFiniteError, check_float, check_grad, check_positive,
+                         check_same_dtype)
 from .attention_mask import attention_mask
 from .softmax import softmax_backward, softmax_forward
 from .softmax_variants import (
@@ -114,11 +115,11 @@ class AttentionCache(NamedTuple):
     softmax_cache: object  # that variant's cache
 
 
-def scores_overflow_error(n_rows: int, first: tuple, dtype) -> ValueError:
+def scores_overflow_error(n_rows: int, first: tuple, dtype) -> NonFiniteError:
     """The error of both attention paths (this one and the numba kernels) when finite q and k
     give a score scale · q·k that is ±inf or NaN where the mask allows it."""
     b, h, t = first
-    return ValueError(
+    return NonFiniteError(
         f"attention scores scale · q·k overflow {np.dtype(dtype)} (±inf or NaN) in {n_rows} "
         f"query row(s) (first: batch {b}, head {h}, query {t}); scale q and k down or compute "
         "in float64")
