@@ -74,6 +74,19 @@ def test_large_inputs(approximate, dtype):
 
 
 @pytest.mark.parametrize("approximate", APPROXIMATIONS)
+@pytest.mark.parametrize("dtype, huge", [(np.float32, 1e20), (np.float64, 1e200)])
+def test_huge_inputs_give_the_limits_not_nan(approximate, dtype, huge):
+    # x² overflows here (the tanh form's backward used to return 0 · inf = NaN): the limits
+    # are y = x, dy/dx = 1 for large positive x and y = 0, dy/dx = 0 for large negative x
+    x = np.array([huge, -huge], dtype=dtype)
+    with np.errstate(over="ignore"):
+        y, cache = gelu_forward(x, approximate)
+        dx = gelu_backward(np.ones_like(x), cache)
+    np.testing.assert_array_equal(y, np.array([huge, 0.0], dtype=dtype))
+    np.testing.assert_array_equal(dx, np.array([1.0, 0.0], dtype=dtype))
+
+
+@pytest.mark.parametrize("approximate", APPROXIMATIONS)
 def test_zero_dim_input(approximate):
     y, cache = gelu_forward(np.array(0.8), approximate)
     dx = gelu_backward(np.array(1.0), cache)
