@@ -148,35 +148,28 @@ def _times_power_of_two(x, n):
 
 
 @intrinsic
-def _float_bits(typingctx, x):
-    """The bits of a float32/float64 as an int32/int64 (a bitcast, no conversion)."""
-    bits = types.int32 if x.bitwidth == 32 else types.int64
+def _same_bits(typingctx, x):
+    """The same bits read as the other kind of number of that width: float32 ↔ int32,
+    float64 ↔ int64 (a bitcast, no conversion)."""
+    if isinstance(x, types.Float):
+        other = types.int32 if x.bitwidth == 32 else types.int64
+    else:
+        other = types.float32 if x.bitwidth == 32 else types.float64
 
     def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(bits))
+        return builder.bitcast(args[0], context.get_value_type(other))
 
-    return bits(x), codegen
-
-
-@intrinsic
-def _bits_float(typingctx, bits):
-    """The float32/float64 whose bits are this int32/int64 (inverse of _float_bits)."""
-    value = types.float32 if bits.bitwidth == 32 else types.float64
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(value))
-
-    return value(bits), codegen
+    return other(x), codegen
 
 
 @overload(_times_power_of_two)
 def _times_power_of_two_compiled(x, n):
     if x.bitwidth == 32:
         def times_power_of_two(x, n):  # exponent field: bits 23–30
-            return _bits_float(np.int32(_float_bits(x) + (np.int32(n) << 23)))
+            return _same_bits(np.int32(_same_bits(x) + (np.int32(n) << 23)))
     else:
         def times_power_of_two(x, n):  # exponent field: bits 52–62
-            return _bits_float(np.int64(_float_bits(x) + (np.int64(n) << 52)))
+            return _same_bits(np.int64(_same_bits(x) + (np.int64(n) << 52)))
     return times_power_of_two
 
 
@@ -557,7 +550,8 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
         tile_max = np.empty(rows, dtype=dtype)
         shift = np.empty(rows, dtype=dtype)
         tile_sum = np.empty(rows, dtype=dtype)
-        overflow = np.zeros(rows, dtype=np.bool_)  # (Tq,) a score was +inf or NaN
+        overflow = np.zeros(rows, dtype=np.bool_)  # (Tq,) a score was ±inf or NaN
+        probe = np.empty(rows, dtype=dtype)  # (Tq,) scratch of _flag_overflowed_queries
         for i in range(rows):  # softmax₁: its extra key (z = 0, v = 0) is already seen
             m[i] = 0.0 if softmax_one else -np.inf
             l[i] = 1.0 if softmax_one else 0.0
@@ -575,7 +569,7 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
             np.dot(k_tile, q_t, z_t)  # (Sk, Tq) zᵀ = k qᵀ
             if check_overflow:  # only when the inputs are large enough (_scores_may_overflow)
                 _flag_overflowed_queries(z_t, params[0], kind, b, i0, j0, offset, causal,
-                                         window, doc_ids, has_doc, key_pad, has_pad, tile_sum,
+                                         window, doc_ids, has_doc, key_pad, has_pad, probe,
                                          overflow)
             exp_scale = _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset,
                                        causal, window, doc_ids, has_doc, key_pad, has_pad)
@@ -828,7 +822,7 @@ def _scores_may_overflow(q, k, scale: float) -> bool:
     return not bound < float(np.finfo(q.dtype).max) / 2
 
 
-def _refuse_overflowed_scores(lse):
+def _raise_for_marked_rows(lse):
     """ValueError if the forward marked a query row (lse = NaN) with an allowed score scale ·
     q·k that is ±inf or NaN: finite q and k whose products overflow the dtype. The NumPy
     path refuses the same rows with the same error. The backward recomputes the same
@@ -854,7 +848,7 @@ def _flash_forward(q, k, v, options: FlashAttentionOptions, block_q: int, block_
                         key_pad, has_pad, kinds, block_q, block_k, *dtype_args,
                         _scores_may_overflow(q, k, options.scale), o.reshape(-1),
                         lse.reshape(-1))
-    _refuse_overflowed_scores(lse)
+    _raise_for_marked_rows(lse)
     return o, FlashAttentionCache(q, k, v, o, lse, options)
 
 
