@@ -14,6 +14,10 @@ PARITY = {
 # Finite differences in float64: max relative error per tensor.
 FD_RTOL = 1e-6
 
+# Two runs of the same torch model over byte-equal weights: agreement at rounding level
+# (in units of the dtype's machine epsilon, relative to the largest reference value).
+ROUND_TRIP_ULPS = 64
+
 
 def max_errors(actual, expected):
     """(max abs error, max abs error / max|expected|) as floats."""
@@ -70,8 +74,14 @@ def assert_hf_round_trip(hf, hf_dir, out_dir, model_type: str, dtype, ids,
                          attn_implementation: str = "eager") -> None:
     """``load_hf(hf_dir)`` → ``save_hf(out_dir)`` writes the very tensors of transformers'
     ``save_pretrained`` (names, dtypes, shapes, bytes; a tied head is omitted by both), and
-    ``from_pretrained(out_dir)`` computes exactly the logits of ``hf`` on ``ids`` (B, T):
-    same weights, same code, so array-equal, not merely close."""
+    ``from_pretrained(out_dir)`` computes the logits of ``hf`` on ``ids`` (B, T).
+
+    What is guaranteed, and so asserted: the tensors are equal byte for byte and the class is
+    the same. Two torch forward passes over those equal weights are not bitwise reproducible on
+    every CPU (on an AMD EPYC with AVX2 they differed by ~2e-16 relative: the BLAS may pick
+    another kernel or blocking for a differently aligned copy), so the logits are compared at
+    rounding level, ``ROUND_TRIP_ULPS`` units of the dtype's epsilon relative to max|logits| —
+    100x tighter than the float64 parity tolerance, far below any real difference of models."""
     import os
 
     import safetensors.numpy
@@ -104,6 +114,5 @@ def assert_hf_round_trip(hf, hf_dir, out_dir, model_type: str, dtype, ids,
         expected = hf(torch.from_numpy(ids)).logits.numpy()
         logits = again.eval()(torch.from_numpy(ids)).logits.numpy()
     assert logits.dtype == dtype
-    assert np.array_equal(logits, expected), (
-        f"{model_type}: from_pretrained(save_hf(load_hf(dir))) logits differ from the "
-        f"original's, max rel err {max_errors(logits, expected)[1]:.3e}")
+    assert_close(logits, expected, dtype, f"{model_type}: from_pretrained(save_hf(load_hf(dir))) "
+                 "logits vs the original's", rtol=ROUND_TRIP_ULPS * np.finfo(dtype).eps, atol=0.0)
