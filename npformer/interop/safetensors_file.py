@@ -1,4 +1,11 @@
-"""The safetensors file format, read and written with NumPy alone (no torch, no pickle).
+"""The safetensors file format, read and written through Hugging Face's ``safetensors``
+package (its Rust parser, fuzzed and security-audited), with the two things it lacks:
+
+* **bf16 → float32 on read.** NumPy has no bfloat16 and ``safetensors.numpy`` raises a
+  ``TypeError`` on such a tensor; we read its raw bytes at the offsets the parser validated
+  and widen them (bf16 is the upper half of a float32).
+* **Atomic writes.** The package writes in place; a killed process would leave half a file.
+  We let it write a temporary file beside the target, fsync it, then rename over the target.
 
 A ``.safetensors`` file is
 
@@ -7,11 +14,11 @@ A ``.safetensors`` file is
                "shape": [d0, d1, ...], "data_offsets": [begin, end]}, ...}
                (padded with spaces so the data starts 8-byte aligned)
     the rest   the raw little-endian bytes of every tensor, C order; offsets count from
-               the start of this buffer
+               the start of this buffer, and must tile it exactly (no gaps, no overlaps)
 
-Nothing in the file is executed: loading is JSON parsing plus ``np.frombuffer``. Every
-inconsistency (a truncated file, offsets outside the buffer, a byte length that does not
-match dtype × shape, an unknown dtype) raises a ``ValueError`` naming the tensor.
+Nothing in the file is executed. The package decides whether a file is valid; when it
+refuses one, its error (a ``SafetensorError``) becomes a ``ValueError`` naming the file, and
+our own reading of the header adds which tensor is at fault when it can tell.
 """
 
 from __future__ import annotations
@@ -20,9 +27,11 @@ import json
 import os
 import struct
 import tempfile
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError, safe_open
 
 # safetensors dtype names ↔ NumPy dtypes (all little-endian). BF16 has no NumPy dtype: it is
 # read as the upper 16 bits of a float32 and widened.
@@ -41,9 +50,20 @@ def _bf16_to_float32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
+def dtype_name(dtype) -> str:
+    """The safetensors name of a NumPy dtype ('F32' for float32, ...); ValueError if none."""
+    dtype = np.dtype(dtype)
+    dtype = dtype.newbyteorder("<") if dtype.byteorder == ">" else dtype
+    if dtype not in _NAMES:
+        raise ValueError(f"dtype {dtype} cannot be stored in safetensors; supported: "
+                         f"{sorted(str(d) for d in _NAMES)}")
+    return _NAMES[dtype]
+
+
 def read_header(path: str) -> Tuple[dict, int]:
-    """The parsed JSON header and the byte offset where the data buffer starts."""
-    size = os.path.getsize(path)
+    """The parsed JSON header and the byte offset where the data buffer starts (our own
+    reading, no validation of the entries: ``load_file`` is where a file is validated)."""
+    size = _size(path)
     with open(path, "rb") as f:
         prefix = f.read(8)
         if len(prefix) < 8:
@@ -61,6 +81,13 @@ def read_header(path: str) -> Tuple[dict, int]:
     if not isinstance(header, dict):
         raise ValueError(f"{path} is not a safetensors file: its header is not a JSON object")
     return header, 8 + n
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        raise ValueError(f"{path} does not exist") from None
 
 
 def _is_count(value) -> bool:
@@ -86,13 +113,11 @@ def _check_entry(path: str, name: str, info) -> tuple:
     return dtype_name, shape, tuple(offsets)
 
 
-def load_file(path: str, names: Optional[set] = None) -> Dict[str, np.ndarray]:
-    """Every tensor of the file (or those in ``names``) as NumPy arrays (BF16 → float32)."""
+def _diagnose(path: str) -> None:
+    """Raise a ValueError naming the tensor at fault in a file the parser refused, if our own
+    reading of the header can tell which (it only explains; the parser decides)."""
     header, start = read_header(path)
-    buffer_size = os.path.getsize(path) - start
-    tensors = {}
-    with open(path, "rb") as f:
-        data = f.read()[start:]
+    buffer_size = _size(path) - start
     spans = []
     for name, info in header.items():
         if name == "__metadata__":
@@ -105,14 +130,6 @@ def load_file(path: str, names: Optional[set] = None) -> Dict[str, np.ndarray]:
                              f"{expected} bytes but its data_offsets are [{begin}, {end}] in a "
                              f"{buffer_size}-byte buffer")
         spans.append((begin, end, name))
-        if names is not None and name not in names:
-            continue
-        if dtype_name == "BF16":
-            array = _bf16_to_float32(np.frombuffer(data, np.dtype("<u2"), expected // 2, begin))
-        else:
-            array = np.frombuffer(data, _DTYPES[dtype_name], expected // itemsize, begin).copy()
-        tensors[name] = array.reshape(shape)
-    # the format requires the buffer to be covered exactly: no overlaps, no holes
     position = 0
     for begin, end, name in sorted(spans):
         if begin != position:
@@ -123,7 +140,46 @@ def load_file(path: str, names: Optional[set] = None) -> Dict[str, np.ndarray]:
     if position != buffer_size:
         raise ValueError(f"{path}: the tensors cover {position} bytes of a {buffer_size}-byte "
                          "data buffer (trailing bytes)")
-    return tensors
+
+
+def load_file_with_metadata(path: str, names: Optional[set] = None
+                            ) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """(tensors, the header's ``__metadata__`` or {}) of a safetensors file: every tensor, or
+    those in ``names``, as writable NumPy arrays (BF16 → float32)."""
+    _size(path)  # a missing file is a ValueError naming it
+    tensors: Dict[str, np.ndarray] = {}
+    bf16 = []
+    try:
+        with safe_open(path, framework="np") as f:  # parses and validates the whole header
+            metadata = dict(f.metadata() or {})
+            for name in f.keys():
+                if names is not None and name not in names:
+                    continue
+                kind = f.get_slice(name).get_dtype()
+                if kind == "BF16":
+                    bf16.append(name)
+                elif kind not in _DTYPES:
+                    raise ValueError(f"{path}: tensor {name!r} has dtype {kind!r}; supported: "
+                                     f"{sorted(_DTYPES) + ['BF16']}")
+                else:
+                    array = f.get_tensor(name)
+                    tensors[name] = array if array.flags.writeable and array.flags.owndata \
+                        else array.copy()
+    except SafetensorError as error:
+        _diagnose(path)  # raises naming the tensor when it can tell which
+        raise ValueError(f"{path} is not a valid safetensors file ({error})") from None
+    if bf16:  # the offsets were validated by the parser above
+        header, start = read_header(path)
+        for name in bf16:
+            begin, end = header[name]["data_offsets"]
+            raw = np.fromfile(path, np.dtype("<u2"), (end - begin) // 2, offset=start + begin)
+            tensors[name] = _bf16_to_float32(raw).reshape(header[name]["shape"])
+    return tensors, metadata
+
+
+def load_file(path: str, names: Optional[set] = None) -> Dict[str, np.ndarray]:
+    """Every tensor of the file (or those in ``names``) as NumPy arrays (BF16 → float32)."""
+    return load_file_with_metadata(path, names)[0]
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str,
@@ -131,43 +187,51 @@ def save_file(tensors: Mapping[str, np.ndarray], path: str,
     """Write ``tensors`` to ``path`` atomically (a temporary file in the same folder, then a
     rename: a killed process leaves either the old file or the new one, never half of one).
 
-    Tensors are laid out sorted by name; the header is padded to 8 bytes like the reference
-    writer's.
+    Every array is made C-contiguous and little-endian first: the package writes an array's
+    memory as it lies (``ctypes.data``, ``nbytes``), which for a transposed view would be the
+    wrong bytes.
     """
     if "__metadata__" in tensors:
         raise ValueError("a tensor cannot be named '__metadata__' (the name of the header's "
                          "metadata entry)")
-    header: Dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    chunks = []
-    offset = 0
+    arrays = {}
     for name in sorted(tensors):
         array = np.asarray(tensors[name])
-        dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
-        if np.dtype(dtype) not in _NAMES:
+        try:
+            kind = dtype_name(array.dtype)
+        except ValueError:
             raise ValueError(f"tensor {name!r} has dtype {array.dtype}, which safetensors cannot "
-                             f"store; supported: {sorted(str(d) for d in _NAMES)}")
-        raw = np.ascontiguousarray(array, dtype=dtype).tobytes()
-        header[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
-        chunks.append(raw)
-        offset += len(raw)
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)
-    write_atomically(path, [struct.pack("<Q", len(encoded)), encoded, *chunks])
+                             f"store; supported: {sorted(str(d) for d in _NAMES)}") from None
+        # (np.asarray, not np.ascontiguousarray, which turns a 0-d array into shape (1,))
+        arrays[name] = np.asarray(array, dtype=_DTYPES[kind], order="C")
+    text = None if not metadata else {str(k): str(v) for k, v in metadata.items()}
+    _replace_atomically(path, lambda temporary: safetensors.numpy.save_file(arrays, temporary, text))
 
 
 def write_atomically(path: str, chunks) -> None:
     """Write bytes to a temporary file beside ``path``, fsync, then rename over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(temporary: str) -> None:
+        with open(temporary, "wb") as f:
             for chunk in chunks:
                 f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+
+    _replace_atomically(path, write)
+
+
+def _replace_atomically(path: str, write: Callable[[str], None]) -> None:
+    """``write(temporary)`` a file beside ``path``, fsync it, then rename it over ``path``;
+    on any failure (or KeyboardInterrupt) the temporary file is removed and ``path`` is
+    untouched."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    os.close(fd)
+    try:
+        write(temporary)
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
