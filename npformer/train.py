@@ -13,6 +13,8 @@ One step, every piece hand-derived and gradient-checked elsewhere:
 Everything that decides the next step — weights, optimizer moments, the batch sampler's and
 the dropout generator's states — goes into each checkpoint, so ``--resume`` continues
 exactly: N steps in one run equal N/2 steps plus a resumed N/2 (same losses, bit for bit).
+One process at a time trains into a run directory (``checkpoint.RunLock``): the lock is
+taken when the Trainer is built and dropped when ``run()`` returns.
 
 The 2017 encoder-decoder learns the same text as a sequence-to-sequence task: the encoder
 reads T characters and the decoder writes the next T (its input starts with the encoder's
@@ -27,6 +29,7 @@ import math
 import os
 import shutil
 import time
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
@@ -111,11 +114,17 @@ class Trainer:
         _check_options(options)
         self.options, self.progress, self.log = options, progress, log
         self.run_dir = options.run_dir()
+        self._lock = ckpt.RunLock(self.run_dir, log=log)
+        weakref.finalize(self, self._lock.release)  # a Trainer dropped before run() unlocks
         text = load_text(options.data)
-        if resume:
-            self._resume(text)
-        else:
-            self._start(text, overwrite)
+        try:
+            if resume:
+                self._resume(text)
+            else:
+                self._start(text, overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -125,17 +134,25 @@ class Trainer:
         self.tokenizer = CharTokenizer(text) if options.tokenizer == "char" else ByteTokenizer()
         self.config = model_config_for(options, self.tokenizer.vocab_size)
         self._build(text)
-        if os.path.exists(self.run_dir) and (not os.path.isdir(self.run_dir) or os.listdir(self.run_dir)):
+        replacing = os.path.exists(self.run_dir) and (
+            not os.path.isdir(self.run_dir) or set(os.listdir(self.run_dir)) - {ckpt.RunLock.NAME})
+        if replacing:
             if not overwrite:
                 raise ValueError(f"{self.run_dir} already exists and is not empty; pass --resume to "
                                  "continue that run, --overwrite to replace it, or another --out")
             if not os.path.isfile(os.path.join(self.run_dir, "train.json")):
                 raise ValueError(f"{self.run_dir} is not a training run directory (no train.json); "
                                  "refusing to delete it — choose another --out")
-            shutil.rmtree(self.run_dir)
+        os.makedirs(self.run_dir, exist_ok=True)
+        self._lock.acquire()  # before anything is deleted: a running process keeps its run
+        if replacing:
+            for entry in os.listdir(self.run_dir):
+                if entry != ckpt.RunLock.NAME:
+                    path = os.path.join(self.run_dir, entry)
+                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) \
+                        else os.unlink(path)
         self.step = 0
         self.history: List[dict] = []
-        os.makedirs(self.run_dir, exist_ok=True)
         ckpt.write_json(os.path.join(self.run_dir, "config.json"), self.config.to_dict())
         ckpt.write_json(os.path.join(self.run_dir, "tokenizer.json"), self.tokenizer.to_dict())
         ckpt.write_json(os.path.join(self.run_dir, "train.json"), self._options_dict())
@@ -146,12 +163,24 @@ class Trainer:
         if not os.path.isfile(os.path.join(self.run_dir, "train.json")):
             raise ValueError(f"--resume: {self.run_dir} is not a training run directory "
                              "(no train.json)")
-        saved = ckpt.read_json(os.path.join(self.run_dir, "train.json"))
-        for name in ("preset", "batch_size", "seq_len", "tokenizer", "dtype", "seed"):
+        self._lock.acquire()
+        train_path = os.path.join(self.run_dir, "train.json")
+        compared = ("preset", "batch_size", "seq_len", "tokenizer", "dtype", "seed")
+        saved = ckpt.require_keys(ckpt.read_json(train_path), dict.fromkeys(compared, object),
+                                  train_path)
+        for name in compared:
             if saved[name] != getattr(self.options, name):
                 raise ValueError(f"--resume: the run in {self.run_dir} used {name}={saved[name]!r}, "
                                  f"not {getattr(self.options, name)!r}; resume with the same value")
-        config, tokenizer, model_tensors, optimizer_tensors, state = ckpt.load_checkpoint(self.run_dir)
+        directory, loaded = ckpt.load_latest(self.run_dir, log=self.log, state_keys=dict(
+            sampler=dict, dropout_rng=dict, history=list))
+        config, tokenizer, model_tensors, optimizer_tensors, state = loaded
+        state_path = os.path.join(directory, "state.json")
+        rows = state["history"]
+        if not all(isinstance(r, dict) and isinstance(r.get("step"), int) for r in rows) or \
+                not rows or rows[-1]["step"] != state["step"]:
+            raise ValueError(f"{state_path}: 'history' must be the rows of steps 1..{state['step']} "
+                             f"(each a dict with its 'step'), ending at step {state['step']}")
         self.tokenizer = tokenizer_from_dict(tokenizer)
         asked = model_config_for(self.options, self.tokenizer.vocab_size)
         for name in self.options.model_overrides:  # sizes given again must be the run's sizes
@@ -161,12 +190,22 @@ class Trainer:
                                  "checkpoint belongs to that config (omit the flag to keep it)")
         self.config = config
         self._build(text)
-        ckpt.assign_parameters(self.model, model_tensors)
-        self.optimizer.load_flat_state(optimizer_tensors)
-        self.train_sampler.load_state_dict(state["sampler"])
-        self.model.dropout_rng.bit_generator.state = state["dropout_rng"]
+        for what, path, restore in (
+                ("weights", "model.safetensors",
+                 lambda: ckpt.assign_parameters(self.model, model_tensors)),
+                ("optimizer state", "optimizer.safetensors",
+                 lambda: self.optimizer.load_flat_state(optimizer_tensors)),
+                ("'sampler'", "state.json",
+                 lambda: self.train_sampler.load_state_dict(state["sampler"])),
+                ("'dropout_rng'", "state.json",
+                 lambda: setattr(self.model.dropout_rng.bit_generator, "state", state["dropout_rng"]))):
+            try:
+                restore()
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"--resume: {os.path.join(directory, path)}: its {what} does not "
+                                 f"fit this run ({error})") from None
         self.step = state["step"]
-        self.history = [row for row in state.get("history", []) if row["step"] <= self.step]
+        self.history = [row for row in rows if row["step"] <= self.step]
         ckpt.write_json(os.path.join(self.run_dir, "train.json"), self._options_dict())
 
     def _build(self, text: str) -> None:
@@ -251,6 +290,15 @@ class Trainer:
         options = self.options
         tokens_per_step = options.batch_size * options.seq_len
         start_step, started = self.step, time.perf_counter()
+        if not self._lock.held:  # run() called again after a previous run() returned
+            self._lock.acquire()
+        if self.step >= options.steps:
+            self._lock.release()
+            self.log(f"{self.run_dir} already reached step {self.step} (--steps {options.steps}): "
+                     "nothing to train; pass a larger --steps to continue it")
+            last_row = self.history[-1] if self.history else {}
+            return dict(step=self.step, loss=last_row.get("loss"), val_loss=self.last_val_loss(),
+                        seconds=0.0, tokens_per_s=0.0, run_dir=self.run_dir)
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -279,6 +327,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+            self._lock.release()
         elapsed = time.perf_counter() - started
         return dict(step=self.step, loss=None if last is None else last["loss"],
                     val_loss=self.last_val_loss(), seconds=elapsed,
@@ -298,7 +347,8 @@ class Trainer:
                      dropout_rng=self.model.dropout_rng.bit_generator.state,
                      history=self.history)
         ckpt.save_checkpoint(self.run_dir, self.step, self.model.parameters(),
-                             self.optimizer.flat_state(), state)
+                             self.optimizer.flat_state(), state, config=self.config.to_dict(),
+                             tokenizer=self.tokenizer.to_dict())
         self._write_logs()
 
     def _write_logs(self) -> None:

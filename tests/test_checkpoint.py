@@ -11,19 +11,23 @@ from npformer.models import build_model
 from npformer.presets import tiny_config
 
 
+CONFIG = tiny_config("llama2", vocab_size=256)
+TOKENIZER = {"kind": "byte"}
+
+
 def _run_dir(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    config = tiny_config("llama2")
-    ckpt.write_json(str(run / "config.json"), config.to_dict())
-    ckpt.write_json(str(run / "tokenizer.json"), {"kind": "byte"})
-    return str(run), config
+    ckpt.write_json(str(run / "config.json"), CONFIG.to_dict())
+    ckpt.write_json(str(run / "tokenizer.json"), TOKENIZER)
+    return str(run), CONFIG
 
 
 def _save(run, step, value):
     model = {"w": np.full((2, 3), value), "b": np.arange(3.0)}
-    optimizer = {"step": np.array(step), "exp_avg.w": np.full((2, 3), -value)}
-    return ckpt.save_checkpoint(run, step, model, optimizer, {"sampler": {"pos": step}})
+    optimizer = {"step": np.array(step, np.int64), "exp_avg.w": np.full((2, 3), -value)}
+    return ckpt.save_checkpoint(run, step, model, optimizer, {"sampler": {"pos": step}},
+                                config=CONFIG.to_dict(), tokenizer=TOKENIZER)
 
 
 def test_round_trip_and_latest_pointer(tmp_path):
@@ -84,7 +88,7 @@ def test_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="has no checkpoint"):
         ckpt.load_checkpoint(run)
     (tmp_path / "run" / "latest.json").write_text('{"step": 3, "path": "checkpoints/step-000003"}')
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(ValueError, match="step-000003, which does not exist. No older checkpoint"):
         ckpt.load_checkpoint(run)
 
 
