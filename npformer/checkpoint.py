@@ -20,8 +20,9 @@ Older checkpoints are deleted after the pointer moves (the last ``keep`` stay).
 
 **Nothing corrupted goes unnoticed.** The header metadata of both safetensors files records,
 for every tensor, its dtype, shape and the SHA-256 of its bytes, and the checkpoint's step;
-``model.safetensors`` also records the model config and the tokenizer it was trained with
-and the SHA-256 of ``state.json``. Loading verifies all of it: a flipped byte in a tensor, a
+``model.safetensors`` also records the model config and the tokenizer it was trained with,
+the SHA-256 of ``state.json`` and of the optimizer file's records (binding the three files of
+one checkpoint together). Loading verifies all of it: a flipped byte in a tensor, a
 truncated file, a header whose names, dtypes, shapes or offsets were edited (the
 ``safetensors`` parser refuses what does not tile the file; the records refuse the rest), an
 edited ``state.json``, a ``config.json`` or ``tokenizer.json`` that is not the one the
@@ -142,12 +143,14 @@ def save_checkpoint(run_dir: str, step: int, model_tensors: Dict[str, np.ndarray
         state_bytes = _json_bytes({**state, "step": step})
         write_atomically(os.path.join(staging, "state.json"), [state_bytes])
         common = {"format": FORMAT, "step": str(step)}
+        optimizer_records = _canonical(_records(optimizer_tensors))
         save_file(model_tensors, os.path.join(staging, "model.safetensors"), {
             **common, "tensors": _canonical(_records(model_tensors)),
             "config": _canonical(config), "tokenizer": _canonical(tokenizer),
-            "state_sha256": _sha256(state_bytes)})
+            "state_sha256": _sha256(state_bytes),
+            "optimizer_sha256": _sha256(optimizer_records.encode("utf-8"))})
         save_file(optimizer_tensors, os.path.join(staging, "optimizer.safetensors"), {
-            **common, "tensors": _canonical(_records(optimizer_tensors))})
+            **common, "tensors": optimizer_records})
         _fsync_directory(staging)
         if os.path.exists(final):
             # The same step saved again (a run resumed from an older pointer). Move the old
@@ -276,6 +279,9 @@ def _load_verified(directory: str, step: int, config: dict, tokenizer: dict,
     _verify_tensors(model_path, model, model_meta, step)
     optimizer, optimizer_meta = load_file_with_metadata(optimizer_path)
     _verify_tensors(optimizer_path, optimizer, optimizer_meta, step)
+    if _sha256(optimizer_meta["tensors"].encode("utf-8")) != model_meta.get("optimizer_sha256"):
+        raise ValueError(f"{optimizer_path} is not the optimizer state saved with {model_path} "
+                         "(its records differ from the ones the model file recorded)")
     try:
         with open(state_path, "rb") as f:
             state_bytes = f.read()
