@@ -267,6 +267,16 @@ def _check_weights(path: str, tensors: Dict[str, np.ndarray], dtype: str) -> Non
                                  "value(s)")
 
 
+def _difference(key: str, found, recorded) -> str:
+    """``key=found (trained with recorded)``; for two strings, from their first difference."""
+    if isinstance(found, str) and isinstance(recorded, str):
+        i = next((i for i, (a, b) in enumerate(zip(found, recorded)) if a != b),
+                 min(len(found), len(recorded)))
+        return (f"{key} differs from character {i} on: {found[i:i + 12]!r} (trained with "
+                f"{recorded[i:i + 12]!r})")
+    return f"{key}={found!r:.40} (trained with {recorded!r:.40})"
+
+
 def _load_verified(directory: str, step: int, config: dict, tokenizer: dict,
                    state_keys: Optional[Dict[str, type]] = None):
     """(model tensors, optimizer tensors, state) of one checkpoint directory, every record
@@ -303,8 +313,7 @@ def _load_verified(directory: str, step: int, config: dict, tokenizer: dict,
         if recorded != expected:
             differ = sorted(k for k in set(recorded) | set(expected)
                             if recorded.get(k) != expected.get(k)) if isinstance(recorded, dict) else []
-            shown = ", ".join(f"{k}={expected.get(k)!r:.40} (trained with {recorded.get(k)!r:.40})"
-                              for k in differ[:4])
+            shown = ", ".join(_difference(k, expected.get(k), recorded.get(k)) for k in differ[:4])
             raise ValueError(f"{os.path.dirname(os.path.dirname(directory))}/{path} is not the "
                              f"{name} the weights in {model_path} were trained with: {shown}")
     _check_weights(model_path, model, config["dtype"])
