@@ -1,7 +1,8 @@
-"""safetensors files read and written with NumPy alone: interchange with the reference
-``safetensors`` package (both directions, every dtype we store, 0-d and empty tensors,
-metadata, BF16 from ``safetensors.torch``), atomic saves, and corrupted files that raise a
-``ValueError`` naming the problem — never unpickling anything."""
+"""safetensors files through the ``safetensors`` package plus our thin layer: interchange
+with files the package and ``safetensors.torch`` write (both directions, every dtype we store,
+0-d, empty, transposed and big-endian tensors, metadata, BF16 widened to float32), atomic
+saves, and corrupted files that raise a ``ValueError`` naming the file and the tensor — never
+unpickling anything."""
 
 import json
 import os
@@ -16,7 +17,8 @@ import torch
 from safetensors import safe_open
 
 from npformer.interop import safetensors_file
-from npformer.interop.safetensors_file import load_file, read_header, save_file
+from npformer.interop.safetensors_file import (load_file, load_file_with_metadata, read_header,
+                                               save_file)
 
 
 def _tensors():
@@ -363,3 +365,31 @@ def test_pickle_renamed_safetensors_is_refused_unexecuted(tmp_path, protocol):
     # the canary is live: unpickling the same bytes does create the file
     pickle.loads(payload)["weight"].close()
     assert marker.exists()
+
+
+def test_metadata_comes_back_with_the_tensors(tmp_path):
+    path = str(tmp_path / "m.safetensors")
+    save_file({"w": np.arange(3.0)}, path, metadata={"format": "x", "records": '{"w": 1}'})
+    tensors, metadata = load_file_with_metadata(path)
+    assert metadata == {"format": "x", "records": '{"w": 1}'} and list(tensors) == ["w"]
+    save_file({"w": np.arange(3.0)}, path)
+    assert load_file_with_metadata(path)[1] == {}
+
+
+def test_a_missing_file_is_a_value_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match=r"nothing.safetensors does not exist"):
+        load_file(str(tmp_path / "nothing.safetensors"))
+
+
+def test_a_refusal_of_the_parser_names_the_file(tmp_path, monkeypatch):
+    """When our reading of the header finds nothing to blame, the parser's own message is
+    passed on, with the file."""
+    path = _write_raw(tmp_path / "a.safetensors", {"w": {"dtype": "F64", "shape": [1],
+                                                         "data_offsets": [0, 8]}}, b"\x00" * 8)
+    monkeypatch.setattr(safetensors_file, "_diagnose", lambda path: None)
+    blob = bytearray(open(path, "rb").read())
+    blob[-9] = ord("x")  # a padding space (or the closing brace) becomes an "x"
+    open(path, "wb").write(bytes(blob))
+    with pytest.raises(ValueError, match=r"a.safetensors is not a valid safetensors file "
+                                         r"\(Error while deserializing header"):
+        load_file(path)
