@@ -55,6 +55,7 @@ import numpy as np
 
 from ._validate import FLOAT_DTYPES, NonFiniteError
 from .config import ModelConfig
+from .dataset import tokenizer_from_dict
 from .interop.safetensors_file import dtype_name, load_file_with_metadata, save_file, write_atomically
 
 FORMAT = "npformer-checkpoint-1"  # the "format" entry of both files' header metadata
@@ -351,8 +352,6 @@ def _complete_checkpoints(run_dir: str, config: dict, tokenizer: dict, below: Op
 
 def _run_files(run_dir: str) -> Tuple[ModelConfig, dict]:
     """config.json and tokenizer.json of a run, each valid, and agreeing on the vocabulary."""
-    from .dataset import tokenizer_from_dict
-
     config_path = os.path.join(run_dir, "config.json")
     config_dict = read_json(config_path)
     try:
