@@ -86,6 +86,7 @@ GLU_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_p
 # openai-gpt's own ACT_FNS (not ACT2FN): its "gelu" is the tanh form; silu/swish are refused
 OPENAI_GPT_ACTIVATIONS = {"gelu": "gelu_tanh", "relu": "relu"}
 _FFN_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
+_GLU_TO_HF = {"swiglu": "silu", "geglu": "gelu"}
 
 # fields that do not change what a model computes in evaluation, so a round trip may differ
 _TRAINING_ONLY = ("dropout", "init_std", "scaled_residual_init", "document_mask", "max_seq_len")
@@ -580,7 +581,7 @@ def _write(config: ModelConfig, model_type: str) -> dict:
     llama_like = {**base, "hidden_size": C, "num_hidden_layers": L, "num_attention_heads": H,
                   "num_key_value_heads": config.kv_heads, "head_dim": config.head_size,
                   "max_position_embeddings": P, "intermediate_size": config.ffn_width,
-                  "hidden_act": "silu", "attention_bias": config.qkv_bias, "mlp_bias": False,
+                  "hidden_act": _GLU_TO_HF.get(config.ffn, config.ffn), "attention_bias": config.qkv_bias, "mlp_bias": False,
                   "rope_parameters": _rope_parameters(config), "pad_token_id": config.padding_idx,
                   "attention_dropout": 0.0}
     if model_type == "llama":
