@@ -284,11 +284,26 @@ def test_unreproducible_fields_are_refused_by_name(tmp_path, model_type, changes
         load_hf(path)
 
 
-def test_refusals_need_no_weights():
+_GPT2 = dict(model_type="gpt2", n_embd=12, n_head=2, n_layer=1, n_positions=8, vocab_size=V)
+_LLAMA = dict(model_type="llama", hidden_size=12, num_attention_heads=2, num_hidden_layers=1,
+              intermediate_size=8, vocab_size=V)
+
+
+@pytest.mark.parametrize("hf, message", [
+    ({**_GPT2, "scale_attn_by_inverse_layer_idx": True},
+     r"scale_attn_by_inverse_layer_idx=True is not supported"),
+    # wrongly typed values: the old reader took "no" as true, and raised raw errors for others
+    ({**_GPT2, "scale_attn_weights": "no"}, r"field scale_attn_weights='no' must be true or false"),
+    ({**_GPT2, "tie_word_embeddings": "no"}, r"field tie_word_embeddings='no' must be true or false"),
+    ({**_GPT2, "layer_norm_epsilon": "x"}, r"field layer_norm_epsilon='x' must be a number"),
+    ({**_LLAMA, "num_attention_heads": 0}, r"field num_attention_heads=0 must be an integer ≥ 1"),
+    ({**_LLAMA, "rope_theta": "x"}, r"rope_theta='x' must be a number"),
+    ({**_LLAMA, "rope_parameters": [1]}, r"field rope_parameters=\[1\] must be a JSON object"),
+    ({**_GPT2, "n_embd": None}, r"field n_embd is null; transformers needs a value"),
+])
+def test_refusals_need_no_weights(hf, message):
     """config_from_hf alone refuses (the reader, not a shape check, catches them)."""
-    hf = dict(model_type="gpt2", n_embd=12, n_head=2, n_layer=1, n_positions=8, vocab_size=V,
-              scale_attn_by_inverse_layer_idx=True)
-    with pytest.raises(ValueError, match="scale_attn_by_inverse_layer_idx=True is not supported"):
+    with pytest.raises(ValueError, match=message):
         config_from_hf(hf)
 
 

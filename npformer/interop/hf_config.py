@@ -188,6 +188,24 @@ class _Values(dict):
         super().__init__(values)
         self.model_type = model_type
 
+    def number(self, name: str) -> float:
+        value = self[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config.json field {name}={value!r} must be a number")
+        return float(value)
+
+    def flag(self, name: str) -> bool:
+        value = self[name]
+        if not isinstance(value, bool):
+            raise ValueError(f"config.json field {name}={value!r} must be true or false")
+        return value
+
+    def count(self, name: str) -> int:
+        value = self[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.json field {name}={value!r} must be an integer ≥ 1")
+        return value
+
     def __missing__(self, name):
         raise AssertionError(f"the {self.model_type} reader reads {name!r}, which its table does "
                              "not declare")
@@ -224,8 +242,14 @@ def _resolve(hf: dict, model_type: str, fields: Tuple[Field, ...]) -> _Values:
 
 
 def _common(v: _Values, **fields) -> dict:
-    fields.setdefault("init_std", float(v["initializer_range"]))
+    fields.setdefault("init_std", v.number("initializer_range"))
     return fields
+
+
+def _number(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config.json {key}={value!r} must be a number")
+    return float(value)
 
 
 def _rope(v: _Values, default_theta: float, neox: bool) -> dict:
@@ -242,57 +266,58 @@ def _rope(v: _Values, default_theta: float, neox: bool) -> dict:
         raise ValueError(f"config.json {where} rope_type={rope_type!r} is not supported (only the "
                          "default unscaled RoPE)")
     if neox:
-        theta = params.get("rope_theta", v["rotary_emb_base"] if v["rotary_emb_base"] is not None
-                           else default_theta)
-        factor = params.get("partial_rotary_factor", v["rotary_pct"] if v["rotary_pct"] is not None
-                            else 0.25)
+        theta = _number("rope_theta", params.get(
+            "rope_theta", v["rotary_emb_base"] if v["rotary_emb_base"] is not None else default_theta))
+        factor = _number("partial_rotary_factor", params.get(
+            "partial_rotary_factor", v["rotary_pct"] if v["rotary_pct"] is not None else 0.25))
         # transformers 5's GPTNeoXConfig never reads the top-level spellings (it fills
         # rope_parameters from rotary_emb_base / rotary_pct first): a differing one is ambiguous
         for key, used in (("rope_theta", theta), ("partial_rotary_factor", factor)):
-            if v[key] is not None and float(v[key]) != float(used):
+            if v[key] is not None and _number(key, v[key]) != used:
                 raise ValueError(f"config.json field {key}={v[key]!r} at the top level is ignored "
                                  f"by transformers' gpt_neox, which uses {key}={used!r} from "
                                  "rope_parameters / rotary_emb_base / rotary_pct (or the default); "
                                  "put the value in rope_parameters")
     else:
-        theta = params.get("rope_theta", v["rope_theta"] if v["rope_theta"] is not None
-                           else default_theta)
-        factor = params.get("partial_rotary_factor", v["partial_rotary_factor"]
-                            if v["partial_rotary_factor"] is not None else 1.0)
-        if float(factor) != 1.0:
+        theta = _number("rope_theta", params.get(
+            "rope_theta", v["rope_theta"] if v["rope_theta"] is not None else default_theta))
+        factor = _number("partial_rotary_factor", params.get(
+            "partial_rotary_factor", v["partial_rotary_factor"]
+            if v["partial_rotary_factor"] is not None else 1.0))
+        if factor != 1.0:
             # transformers' Llama and Cohere rotary embeddings ignore the field and rotate every
             # channel of the head (only gpt_neox reads it): refuse rather than guess
             raise ValueError(f"config.json partial_rotary_factor={factor!r} is not supported "
                              f"for model_type {v.model_type!r}: transformers rotates the whole "
                              "head there and ignores it (partial rotary exists as gpt_neox or gptj)")
-    return dict(theta=float(theta), factor=float(factor))
+    return dict(theta=theta, factor=factor)
 
 
 def _build_openai_gpt(v: _Values) -> dict:
-    C = v["n_embd"]
+    C = v.count("n_embd")
     return _common(v, vocab_size=v["vocab_size"], d_model=C, n_layers=v["n_layer"],
                    n_heads=v["n_head"], max_seq_len=v["n_positions"], d_ff=4 * C,
                    ffn=_activation(v, "afn", OPENAI_GPT_ACTIVATIONS), norm="layernorm",
-                   norm_eps=float(v["layer_norm_epsilon"]), norm_placement="post",
+                   norm_eps=v.number("layer_norm_epsilon"), norm_placement="post",
                    final_norm=False, positions="learned",
-                   tie_embeddings=bool(v["tie_word_embeddings"]),
-                   dropout=float(v["resid_pdrop"]))
+                   tie_embeddings=v.flag("tie_word_embeddings"),
+                   dropout=v.number("resid_pdrop"))
 
 
 def _build_gpt2(v: _Values) -> dict:
-    C = v["n_embd"]
+    C = v.count("n_embd")
     return _common(v, vocab_size=v["vocab_size"], d_model=C, n_layers=v["n_layer"],
                    n_heads=v["n_head"], max_seq_len=v["n_positions"],
                    d_ff=v["n_inner"] if v["n_inner"] is not None else 4 * C,
                    ffn=_activation(v, "activation_function", PLAIN_ACTIVATIONS),
-                   norm_eps=float(v["layer_norm_epsilon"]), positions="learned",
-                   attention_scale=None if v["scale_attn_weights"] else 1.0,
-                   tie_embeddings=bool(v["tie_word_embeddings"]),
-                   dropout=float(v["resid_pdrop"]))
+                   norm_eps=v.number("layer_norm_epsilon"), positions="learned",
+                   attention_scale=None if v.flag("scale_attn_weights") else 1.0,
+                   tie_embeddings=v.flag("tie_word_embeddings"),
+                   dropout=v.number("resid_pdrop"))
 
 
 def _build_gpt_neo(v: _Values) -> dict:
-    C, L = v["hidden_size"], v["num_layers"]
+    C, L = v.count("hidden_size"), v.count("num_layers")
     layers = v["attention_layers"]
     if layers is None:  # transformers expands attention_types, and a stored list wins over it
         types = v["attention_types"]
@@ -313,29 +338,29 @@ def _build_gpt_neo(v: _Values) -> dict:
                    n_heads=v["num_heads"], max_seq_len=v["max_position_embeddings"],
                    d_ff=v["intermediate_size"] if v["intermediate_size"] is not None else 4 * C,
                    ffn=_activation(v, "activation_function", PLAIN_ACTIVATIONS),
-                   norm_eps=float(v["layer_norm_epsilon"]), positions="learned",
+                   norm_eps=v.number("layer_norm_epsilon"), positions="learned",
                    attention_pattern=pattern,
                    window=v["window_size"] if "local" in pattern else None,
                    attention_scale=1.0, qkv_bias=False, out_bias=True,
-                   tie_embeddings=bool(v["tie_word_embeddings"]),
-                   dropout=float(v["resid_dropout"]))
+                   tie_embeddings=v.flag("tie_word_embeddings"),
+                   dropout=v.number("resid_dropout"))
 
 
 def _build_gptj(v: _Values) -> dict:
-    C = v["n_embd"]
+    C = v.count("n_embd")
     return _common(v, vocab_size=v["vocab_size"], d_model=C, n_layers=v["n_layer"],
                    n_heads=v["n_head"], max_seq_len=v["n_positions"],
                    d_ff=v["n_inner"] if v["n_inner"] is not None else 4 * C,
                    ffn=_activation(v, "activation_function", PLAIN_ACTIVATIONS),
-                   norm_eps=float(v["layer_norm_epsilon"]), block="parallel",
+                   norm_eps=v.number("layer_norm_epsilon"), block="parallel",
                    parallel_norms=1, positions="rope", rope_layout="interleaved",
                    rotary_dim=v["rotary_dim"], qkv_bias=False, out_bias=False,
-                   lm_head_bias=True, tie_embeddings=bool(v["tie_word_embeddings"]),
-                   dropout=float(v["resid_pdrop"]))
+                   lm_head_bias=True, tie_embeddings=v.flag("tie_word_embeddings"),
+                   dropout=v.number("resid_pdrop"))
 
 
 def _build_gpt_neox(v: _Values) -> dict:
-    C, H = v["hidden_size"], v["num_attention_heads"]
+    C, H = v.count("hidden_size"), v.count("num_attention_heads")
     D = C // H
     if v["head_dim"] is not None and v["head_dim"] != D:
         # GPT-NeoX's attention uses C // H, but its rotary tables getattr(config, "head_dim")
@@ -344,22 +369,22 @@ def _build_gpt_neox(v: _Values) -> dict:
                          f"= {D} channels while its rotary tables would use {v['head_dim']}")
     rope = _rope(v, 10000.0, neox=True)
     rotary = int(D * rope["factor"])
-    bias = bool(v["attention_bias"])
+    bias = v.flag("attention_bias")
     return _common(v, vocab_size=v["vocab_size"], d_model=C, n_layers=v["num_hidden_layers"],
                    n_heads=H, max_seq_len=v["max_position_embeddings"],
                    d_ff=v["intermediate_size"], ffn=_activation(v, "hidden_act", PLAIN_ACTIVATIONS),
-                   norm_eps=float(v["layer_norm_eps"]),
-                   block="parallel" if v["use_parallel_residual"] else "sequential",
+                   norm_eps=v.number("layer_norm_eps"),
+                   block="parallel" if v.flag("use_parallel_residual") else "sequential",
                    parallel_norms=2, positions="rope", rope_layout="half",
                    rope_theta=rope["theta"], rotary_dim=None if rotary == D else rotary,
-                   qkv_bias=bias, out_bias=bias, tie_embeddings=bool(v["tie_word_embeddings"]),
-                   dropout=float(v["hidden_dropout"]))
+                   qkv_bias=bias, out_bias=bias, tie_embeddings=v.flag("tie_word_embeddings"),
+                   dropout=v.number("hidden_dropout"))
 
 
 def _build_llama_like(v: _Values, default_theta: float) -> dict:
-    C, H = v["hidden_size"], v["num_attention_heads"]
+    C, H = v.count("hidden_size"), v.count("num_attention_heads")
     rope = _rope(v, default_theta, neox=False)
-    bias = bool(v["attention_bias"])
+    bias = v.flag("attention_bias")
     pad, vocab = v["pad_token_id"], v["vocab_size"]
     kv_heads = v["num_key_value_heads"]
     return _common(v, vocab_size=vocab, d_model=C, n_layers=v["num_hidden_layers"],
@@ -370,19 +395,19 @@ def _build_llama_like(v: _Values, default_theta: float) -> dict:
                    positions="rope", rope_theta=rope["theta"], qkv_bias=bias, out_bias=bias,
                    # the Llama trap: HF builds nn.Embedding(padding_idx=pad_token_id), and that
                    # row then gets no gradient; we reproduce it
-                   padding_idx=pad if isinstance(pad, int) and 0 <= pad < vocab else None,
-                   tie_embeddings=bool(v["tie_word_embeddings"]), dropout=0.0)
+                   padding_idx=pad if type(pad) is int and 0 <= pad < vocab else None,
+                   tie_embeddings=v.flag("tie_word_embeddings"), dropout=0.0)
 
 
 def _build_llama(v: _Values) -> dict:
     return {**_build_llama_like(v, 10000.0), "norm": "rmsnorm", "norm_bias": False,
-            "norm_eps": float(v["rms_norm_eps"]), "rope_layout": "half"}
+            "norm_eps": v.number("rms_norm_eps"), "rope_layout": "half"}
 
 
 def _build_cohere(v: _Values) -> dict:
     return {**_build_llama_like(v, 500000.0), "norm": "layernorm", "norm_bias": False,
-            "norm_eps": float(v["layer_norm_eps"]), "block": "parallel", "parallel_norms": 1,
-            "rope_layout": "interleaved", "logit_scale": float(v["logit_scale"])}
+            "norm_eps": v.number("layer_norm_eps"), "block": "parallel", "parallel_norms": 1,
+            "rope_layout": "interleaved", "logit_scale": v.number("logit_scale")}
 
 
 FAMILIES: Dict[str, Family] = {
@@ -581,7 +606,8 @@ def _write(config: ModelConfig, model_type: str) -> dict:
     llama_like = {**base, "hidden_size": C, "num_hidden_layers": L, "num_attention_heads": H,
                   "num_key_value_heads": config.kv_heads, "head_dim": config.head_size,
                   "max_position_embeddings": P, "intermediate_size": config.ffn_width,
-                  "hidden_act": _GLU_TO_HF.get(config.ffn, config.ffn), "attention_bias": config.qkv_bias, "mlp_bias": False,
+                  "hidden_act": _GLU_TO_HF.get(config.ffn, "silu"),  # else: "cannot express ffn"
+                  "attention_bias": config.qkv_bias, "mlp_bias": False,
                   "rope_parameters": _rope_parameters(config), "pad_token_id": config.padding_idx,
                   "attention_dropout": 0.0}
     if model_type == "llama":
