@@ -32,8 +32,7 @@ import transformers
 from npformer.interop import compare as compare_module
 from npformer.interop import load_hf, save_hf
 from npformer.interop.compare import compare_hf_dir
-from npformer.interop.hf_config import config_from_hf
-FAMILIES = {}; IGNORE = ONLY = USE = None
+from npformer.interop.hf_config import FAMILIES, IGNORE, ONLY, USE, config_from_hf
 from npformer.interop.safetensors_file import load_file, save_file
 
 transformers.logging.set_verbosity_error()
@@ -119,6 +118,29 @@ def test_every_attribute_of_each_transformers_config_class_is_in_its_table():
         assert attributes - declared == set(), model_type
         for field in family.fields:
             assert field.verdict in (USE, ONLY, IGNORE) and field.how, (model_type, field)
+
+
+_MODELING = {"openai-gpt": "openai", "gpt2": "gpt2", "gpt_neo": "gpt_neo", "gptj": "gptj",
+             "gpt_neox": "gpt_neox", "llama": "llama", "cohere": "cohere"}
+
+
+def test_every_config_attribute_the_modeling_code_reads_is_in_its_table():
+    """Every ``config.X`` and ``getattr(config, "X")`` in the family's modeling_*.py — the
+    attributes that can change what it computes, including ones its config class does not
+    declare (Cohere's head_dim) — has a verdict in the table."""
+    import importlib
+    import inspect
+    import re
+
+    assert set(_MODELING) == set(FAMILIES)
+    for model_type, module in _MODELING.items():
+        source = inspect.getsource(importlib.import_module(
+            f"transformers.models.{module}.modeling_{module}"))
+        read = set(re.findall(r"config\.([A-Za-z_]\w*)", source))
+        read |= set(re.findall(r"getattr\((?:self\.)?config, \"(\w+)\"", source))
+        declared = {f.name for f in FAMILIES[model_type].fields}
+        declared |= {alias for f in FAMILIES[model_type].fields for alias in f.aliases}
+        assert read - declared == set(), model_type
 
 
 # ---- accepted spellings reproduce the model -----------------------------------------------------

@@ -127,6 +127,7 @@ _COMMON = (
     ignore("is_encoder_decoder", "AutoModelForCausalLM of these families is decoder-only"),
     ignore("is_decoder", "these families are always causal"),
     ignore("attn_implementation", "eager/sdpa: the same maths, different rounding"),
+    ignore("_attn_implementation", "eager/sdpa: the same maths, different rounding"),
 )
 _TRAINING_DROPOUT = "training-only (load_hf gives an eval-mode model; see the module docstring)"
 _GPT_ALIASES = dict(n_embd=("hidden_size",), n_layer=("num_hidden_layers",),
@@ -434,6 +435,7 @@ FAMILIES: Dict[str, Family] = {
         use("resid_pdrop", 0.1, "dropout; " + _TRAINING_DROPOUT),
         ignore("embd_pdrop", _TRAINING_DROPOUT),
         ignore("attn_pdrop", _TRAINING_DROPOUT + "; no npformer counterpart"),
+        ignore("hidden_dropout", "token-classification head only"),
         ignore("pad_token_id", "sequence-classification head only (no padding_idx)"),
     ), _build_gpt2),
     # GPTNeoConfig / modeling_gpt_neo.py
