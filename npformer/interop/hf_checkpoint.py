@@ -85,8 +85,10 @@ def _check_finite(tensors: Dict[str, np.ndarray], files: Dict[str, str], dtype: 
         if not np.issubdtype(tensor.dtype, np.floating):
             continue  # refused by name after the layout mapping
         stored_bad = ~np.isfinite(tensor)
-        with np.errstate(over="ignore"):
-            bad = stored_bad | ~np.isfinite(tensor.astype(dtype))
+        bad = stored_bad
+        if np.finfo(tensor.dtype).max > np.finfo(dtype).max:  # only a narrowing cast overflows
+            with np.errstate(over="ignore"):
+                bad = stored_bad | ~np.isfinite(tensor.astype(dtype))
         if bad.any():
             first = np.unravel_index(int(np.argmax(bad)), tensor.shape)
             what = (f"{int(stored_bad.sum())} NaN or infinite value(s)" if stored_bad.any()

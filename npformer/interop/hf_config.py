@@ -167,7 +167,7 @@ def _llama_like_fields(defaults: dict, head_dim_how: str):
             "that row no gradient (null or ids outside the vocabulary: none)", nullable=True),
         use("tie_word_embeddings", defaults["tie_word_embeddings"], "tie_embeddings"),
         use("rope_parameters", None, "rope_type must be 'default' (no scaling); rope_theta"),
-        use("rope_scaling", None, "legacy spelling of rope_parameters; wins over it, as in transformers"),
+        use("rope_scaling", None, "legacy spelling of rope_parameters; wins over it (transformers)"),
         use("rope_theta", None, "legacy top-level theta, used when rope_parameters lacks one"),
         use("partial_rotary_factor", None, "legacy top-level factor; refused unless 1 (see _rope)"),
         ignore("attention_dropout", _TRAINING_DROPOUT + "; no npformer counterpart"),
@@ -537,8 +537,10 @@ def describe() -> str:
     """The tables as text: one line per field, its verdict, default and how/why."""
     lines = []
     for model_type, family in FAMILIES.items():
-        counts = {verdict: sum(f.verdict == verdict for f in family.fields) for verdict in (USE, ONLY, IGNORE)}
-        lines.append(f"{model_type}: {len(family.fields)} fields, " + ", ".join(f"{n} {v}" for v, n in counts.items()))
+        counts = {verdict: sum(f.verdict == verdict for f in family.fields)
+                  for verdict in (USE, ONLY, IGNORE)}
+        lines.append(f"{model_type}: {len(family.fields)} fields, "
+                     + ", ".join(f"{n} {verdict}" for verdict, n in counts.items()))
         for f in family.fields:
             spelled = f.name + (f" (alias {', '.join(f.aliases)})" if f.aliases else "")
             default = "" if f.verdict == IGNORE or f.default is _ABSENT else f" [default {f.default!r}]"
