@@ -201,7 +201,7 @@ def test_accepted_activation_names_reproduce_the_model(tmp_path, model_type, fie
     ("cohere", "hidden_act", "relu"),
 ])
 def test_other_activation_names_are_refused_by_name(tmp_path, model_type, field, name):
-    path = _saved(tmp_path, "gpt2" if model_type == "gpt2" else model_type)
+    path = _saved(tmp_path, model_type)
     _edit(path, **{field: name})
     with pytest.raises(ValueError, match=rf"config.json: config.json field {field}={name!r} is not "
                                          rf"supported for model_type {model_type!r}; supported: \["):
@@ -220,8 +220,7 @@ def test_absent_fields_mean_transformers_defaults(tmp_path, model_type, drop):
     """A config.json without the key (hand-written, or from an older transformers) means the
     class default of transformers — the old reader used 1.0, 10000, no pad row, and a full
     rotation instead."""
-    path = _saved(tmp_path, model_type, pad_token_id=0) if model_type == "cohere" \
-        else _saved(tmp_path, model_type)
+    path = _saved(tmp_path, model_type)  # compare_hf_dir's batch holds id 0 (the pad row)
     _edit(path, drop=drop)
     _assert_reproduced(path)
 
