@@ -474,11 +474,16 @@ _LLAMA3_SCALING = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
      r"rope_type='linear'"),
     ("gpt2", dict(scale_attn_by_inverse_layer_idx=True),
      r"field scale_attn_by_inverse_layer_idx=True is not supported \(a per-layer attention scale\)"),
-    ("gpt2", dict(activation_function="gelu_fast"), r"activation_function='gelu_fast' is not supported"),
+    ("gpt2", dict(activation_function="quick_gelu"),
+     r"activation_function='quick_gelu' is not supported for model_type 'gpt2'; supported: \["),
     ("llama1", dict(mlp_bias=True), r"field mlp_bias=True is not supported"),
-    ("llama1", dict(hidden_act="gelu"), r"field hidden_act='gelu' is not supported; valid: 'silu'"),
-    ("llama1", dict(pretraining_tp=2), r"field pretraining_tp=2 is not supported"),
-    ("llama1", dict(hidden_size=_DELETE), r"model_type 'llama' lacks the field 'hidden_size'"),
+    ("llama1", dict(hidden_act="gelu_new"),
+     r"field hidden_act='gelu_new' is not supported for model_type 'llama'; supported: "
+     r"\['gelu', 'gelu_python', 'silu', 'swish'\]"),
+    # an absent field means transformers' default (LlamaConfig: hidden_size 4096), which the
+    # weights then contradict
+    ("llama1", dict(hidden_size=_DELETE), r"has shape \(\d+, 12\), but the config needs \(\d+, 4096\)"),
+    ("llama1", dict(model_type=_DELETE), r"unsupported model_type None"),
     ("gpt-neo", dict(attention_types=[[["global", "local"], 2]]),
      r"attention_layers has 4 entries for num_layers=2"),
 ])

@@ -78,8 +78,19 @@ def _torch_loss(logits, targets):
     return -logp.gather(-1, torch.as_tensor(targets)[..., None]).mean()
 
 
+def _failure(name: str, what: str, size: int = 0) -> TensorReport:
+    """A report that fails: something compare could not check counts against the model."""
+    return TensorReport(name, what, float("inf"), float("inf"), False, 0, size)
+
+
 def compare_hf_dir(path: str, dtype: str = "float64", name: Optional[str] = None) -> List[TensorReport]:
-    """npformer's ``load_hf(path)`` against ``transformers``' ``from_pretrained(path)``."""
+    """npformer's ``load_hf(path)`` against ``transformers``' ``from_pretrained(path)``.
+
+    A pass means both models computed the same thing from the same file: transformers loaded
+    every tensor of the checkpoint into its model (no missing, unexpected or mis-shaped key,
+    which it would otherwise fill with random values or drop with a warning), and the logits,
+    the loss and the gradient of every parameter — by checkpoint name, the same set on both
+    sides — agree. Anything that could not be compared is a failing report, never a skipped one."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -92,20 +103,28 @@ def compare_hf_dir(path: str, dtype: str = "float64", name: Optional[str] = None
     grads = hf_state_dict(ours, grads=True)
     torch_dtype = getattr(torch, dtype)
     with exact_float64(enabled=dtype == "float64"):
-        hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).eval()
+        hf, loading = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype,
+                                                           output_loading_info=True)
+        hf = hf.eval()
         hf_logits = hf(torch.as_tensor(ids)).logits
         hf_loss = _torch_loss(hf_logits, targets)
         hf_loss.backward()
-    reports = [_report(name, "logits", logits, hf_logits.detach().numpy(), dtype),
-               _report(name, "loss", loss, hf_loss.item(), dtype)]
+    reports = [_failure(name, f"{key} ({problem} when transformers loaded the checkpoint)")
+               for problem in ("missing_keys", "unexpected_keys", "mismatched_keys")
+               for key in sorted(map(str, loading.get(problem) or ()))]
+    reports += [_report(name, "logits", logits, hf_logits.detach().numpy(), dtype),
+                _report(name, "loss", loss, hf_loss.item(), dtype)]
     theirs = {hf_parameter_name(hf, n): p for n, p in hf.named_parameters()}
     floor = gradient_floor(grads.values())
-    for tensor, grad in grads.items():
+    for tensor in sorted(set(grads) | set(theirs)):
         if tensor not in theirs:
-            reports.append(TensorReport(name, f"{tensor} (missing in torch)", float("inf"),
-                                        float("inf"), False, grad.size, grad.size))
-            continue
-        reports.append(_report(name, tensor, grad, theirs[tensor].grad.numpy(), dtype, floor))
+            reports.append(_failure(name, f"{tensor} (missing in torch)", grads[tensor].size))
+        elif tensor not in grads:
+            reports.append(_failure(name, f"{tensor} (missing in npformer)", theirs[tensor].numel()))
+        elif theirs[tensor].grad is None:
+            reports.append(_failure(name, f"{tensor} (no gradient in torch)", grads[tensor].size))
+        else:
+            reports.append(_report(name, tensor, grads[tensor], theirs[tensor].grad.numpy(), dtype, floor))
     return reports
 
 

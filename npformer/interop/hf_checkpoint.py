@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
+from .._validate import NonFiniteError
 from ..models.decoder import DecoderLM
 from .hf_config import config_from_hf, hf_config_from_config
 from .hf_weights import from_hf, to_hf
@@ -32,33 +33,68 @@ ARCHITECTURES = {
 _DTYPE_NAMES = {np.dtype(np.float64): "float64", np.dtype(np.float32): "float32"}
 
 
-def _read_tensors(path: str) -> Dict[str, np.ndarray]:
+def _read_json(path: str):
+    """The JSON value in ``path``; a missing file, non-UTF-8 bytes or malformed JSON is a
+    one-line ValueError naming the file (npformer.checkpoint.read_json, imported here at call
+    time: npformer.checkpoint imports this package)."""
+    from ..checkpoint import read_json
+
+    return read_json(path)
+
+
+def _read_tensors(path: str) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:
+    """(tensors by Hugging Face name, the file each came from)."""
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
-        return load_file(single)
+        tensors = load_file(single)
+        return tensors, {name: single for name in tensors}
     if os.path.isfile(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{index} has no weight_map")
+        contents = _read_json(index)
+        weight_map = contents.get("weight_map") if isinstance(contents, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map object mapping tensor names to shard files")
         tensors: Dict[str, np.ndarray] = {}
+        files: Dict[str, str] = {}
         for shard in sorted(set(weight_map.values())):
             shard_path = os.path.join(path, shard)
             if os.path.basename(shard) != shard or not shard.endswith(".safetensors"):
                 raise ValueError(f"{index} names the shard {shard!r}; shards must be "
                                  ".safetensors files inside the checkpoint directory")
             wanted = {name for name, file in weight_map.items() if file == shard}
+            if not os.path.isfile(shard_path):
+                raise ValueError(f"{index} lists the shard {shard} (for {len(wanted)} tensor(s), "
+                                 f"e.g. {sorted(wanted)[0]!r}), but {shard_path} does not exist")
             loaded = load_file(shard_path, wanted)
             absent = sorted(wanted - set(loaded))
             if absent:
                 raise ValueError(f"shard {shard} lacks tensor(s) {absent[:8]} that the index lists")
             tensors.update(loaded)
-        return tensors
+            files.update({name: shard_path for name in loaded})
+        return tensors, files
     present = sorted(os.listdir(path))
     raise ValueError(f"{path} has no model.safetensors or model.safetensors.index.json "
                      f"(found {present}); npformer reads safetensors only and never loads pickled "
                      "checkpoints such as pytorch_model.bin")
+
+
+def _check_finite(tensors: Dict[str, np.ndarray], files: Dict[str, str], dtype: np.dtype) -> None:
+    """Every float tensor finite in ``dtype``: a NaN or inf in the file, or a value that
+    overflows the cast (1e300 → float32), is a NonFiniteError naming the tensor and the file."""
+    for name, tensor in tensors.items():
+        if not np.issubdtype(tensor.dtype, np.floating):
+            continue  # refused by name after the layout mapping
+        stored_bad = ~np.isfinite(tensor)
+        bad = stored_bad
+        if np.finfo(tensor.dtype).max > np.finfo(dtype).max:  # only a narrowing cast overflows
+            with np.errstate(over="ignore"):
+                bad = stored_bad | ~np.isfinite(tensor.astype(dtype))
+        if bad.any():
+            first = np.unravel_index(int(np.argmax(bad)), tensor.shape)
+            what = (f"{int(stored_bad.sum())} NaN or infinite value(s)" if stored_bad.any()
+                    else f"{int(bad.sum())} value(s) that overflow {dtype}")
+            raise NonFiniteError(f"tensor {name!r} in {files[name]} contains {what} (first at "
+                                 f"index {tuple(int(i) for i in first)}, value {tensor[first]!r})")
 
 
 def load_hf(path: str, dtype=np.float64) -> DecoderLM:
@@ -70,12 +106,16 @@ def load_hf(path: str, dtype=np.float64) -> DecoderLM:
     config_path = os.path.join(path, "config.json")
     if not os.path.isdir(path) or not os.path.isfile(config_path):
         raise ValueError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
-    with open(config_path, encoding="utf-8") as f:
-        hf_config = json.load(f)
-    config = config_from_hf(hf_config, _DTYPE_NAMES[dtype])
+    hf_config = _read_json(config_path)
+    try:
+        config = config_from_hf(hf_config, _DTYPE_NAMES[dtype])
+    except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from None
     model = DecoderLM(config)
     params = model.parameters()
-    ours = from_hf(_read_tensors(path), params, config, hf_config["model_type"])
+    hf_tensors, files = _read_tensors(path)
+    _check_finite(hf_tensors, files, dtype)
+    ours = from_hf(hf_tensors, params, config, hf_config["model_type"])
     for name, value in ours.items():
         if not np.issubdtype(value.dtype, np.floating):
             raise ValueError(f"tensor for {name} has dtype {value.dtype}; weights must be floats")

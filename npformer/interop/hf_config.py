@@ -1,11 +1,32 @@
 """Hugging Face ``config.json`` ↔ :class:`~npformer.config.ModelConfig`, per ``model_type``.
 
-Each family's reader says which of our switches its architecture sets — the same switches
-the presets use, so a loaded GPT-J is ``block="parallel", parallel_norms=1,
-rope_layout="interleaved"`` just like the ``gpt-j`` preset. A field whose value we cannot
-reproduce (a RoPE scaling scheme, GPT-2's per-layer attention scaling, biased GLU MLPs)
-raises a ``ValueError`` naming the field instead of loading a model that computes something
-else.
+Reading is driven by one declarative table per family (:data:`FAMILIES`): every attribute of
+that family's ``transformers`` configuration class (and every key its modeling code reads)
+is listed with transformers' own default — what an absent key means — its other spellings
+(the class's ``attribute_map`` and the legacy names transformers still converts), and one of
+three verdicts:
+
+- ``use``: implemented; the family's ``build`` maps the value onto our switches — the same
+  switches the presets use, so a loaded GPT-J is ``block="parallel", parallel_norms=1,
+  rope_layout="interleaved"`` just like the ``gpt-j`` preset;
+- ``only``: npformer reproduces only the listed values; any other raises a ``ValueError``
+  naming the field, the value and what is supported (a per-layer attention scale, q/k norms,
+  biased GLU MLPs, quantization, …) instead of loading a model that computes something else;
+- ``ignore``: does not change the function ``load_hf`` computes (logits and their gradients
+  in evaluation mode), with the reason: a classification head's setting, a cache switch, a
+  precision-only switch, a value transformers' modeling never reads.
+
+Dropout rates are training-only: ``load_hf`` returns a model in evaluation mode, where no
+dropout runs. The residual rate is still read into ``ModelConfig.dropout`` so that training a
+loaded model drops out at the family's rate (npformer has one rate, on embeddings and branch
+outputs, and no attention-probability dropout: ``attn_pdrop`` and the like are not reproduced
+in training). ``initializer_range`` likewise only sets ``init_std``.
+
+A key that is in no table is one the family's ``transformers`` classes never read, so it
+cannot change what they compute (e.g. ``sliding_window`` in a Llama config). ``build``
+reads its values through a mapping that fails on undeclared names, so every field the
+reader uses is in the table. ``python -c "from npformer.interop.hf_config import
+describe; print(describe())"`` prints the tables.
 
 Writing goes the other way; :func:`hf_config_from_config` tries each family and keeps the
 first whose reader gives back the same architecture (so a config is only written under a
@@ -14,192 +35,491 @@ first whose reader gives back the same architecture (so a config is only written
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import json
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 from ..config import ModelConfig
 
-# Hugging Face activation names → our FFN kinds (ACT2FN in transformers; "gelu_new" and
-# "gelu_pytorch_tanh" are the tanh approximation, "gelu" the exact erf form — except in
-# openai-gpt, whose own table maps "gelu" to the tanh form).
-_PLAIN_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "gelu_new": "gelu_tanh",
-                      "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": None}
+USE, ONLY, IGNORE = "implemented", "refused unless supported", "irrelevant to the function"
+_ABSENT = object()  # a Field default: transformers has no default, the key is required
+
+
+class Field(NamedTuple):
+    """One attribute of a family's config.json and what ``load_hf`` does with it."""
+    name: str  # transformers' attribute name
+    verdict: str  # USE, ONLY or IGNORE
+    how: str  # USE: how it is reproduced; ONLY: what else would be needed; IGNORE: why not
+    default: object = None  # transformers' class default: what an absent key means
+    aliases: Tuple[str, ...] = ()  # other spellings transformers accepts in config.json
+    supported: Tuple = ()  # ONLY: the values npformer reproduces
+    nullable: bool = False  # null is a meaningful value (else null where a value is due is refused)
+
+
+def use(name, default, how, aliases=(), nullable=False):
+    return Field(name, USE, how, default, tuple(aliases), nullable=nullable)
+
+
+def only(name, supported, how, default=None):
+    """Refused unless the value (or transformers' default, when absent) is in ``supported``."""
+    default = supported[0] if default is None else default
+    return Field(name, ONLY, how, default, (), tuple(supported))
+
+
+def ignore(name, why):
+    return Field(name, IGNORE, why)
+
+
+# ---- activations: transformers' ACT2FN names → our FFN kinds ---------------------------------
+
+# Plain MLP act(x W₁) W₂. "gelu"/"gelu_python" are the exact erf GeLU; "gelu_new",
+# "gelu_pytorch_tanh", "gelu_python_tanh" and "gelu_accurate" the tanh approximation
+# 0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³))); "gelu_fast" is the same formula with √(2/π)
+# rounded to 0.7978845608 (3.6e-12 relative, below float64 parity). Everything else in ACT2FN
+# (quick_gelu = x σ(1.702 x), gelu_10 = a clipped GeLU, silu/swish, relu2, relu6, mish,
+# tanh, sigmoid, linear, …) has no plain-FFN counterpart here and is refused by name.
+PLAIN_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh",
+                     "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
+                     "gelu_accurate": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
+# Gated MLP down(act(gate x) ⊙ up x) of Llama and Cohere: SiLU ("silu" and "swish" are one
+# function in ACT2FN) is SwiGLU; the exact erf GeLU is GeGLU (ours is the erf form).
+GLU_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_python": "geglu"}
+# openai-gpt's own ACT_FNS (not ACT2FN): its "gelu" is the tanh form; silu/swish are refused
+OPENAI_GPT_ACTIVATIONS = {"gelu": "gelu_tanh", "relu": "relu"}
 _FFN_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
+_GLU_TO_HF = {"swiglu": "silu", "geglu": "gelu"}
 
 # fields that do not change what a model computes in evaluation, so a round trip may differ
 _TRAINING_ONLY = ("dropout", "init_std", "scaled_residual_init", "document_mask", "max_seq_len")
 
 
-def _get(hf: dict, key: str, default=None, *, required: bool = False):
-    if key not in hf or hf[key] is None:
-        if required:
-            raise ValueError(f"config.json of model_type {hf.get('model_type')!r} has no {key!r}")
-        return default
-    return hf[key]
+def _activation(values: "_Values", field: str, table: Dict[str, str]) -> str:
+    name = values[field]
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"config.json field {field}={name!r} is not supported for model_type "
+                         f"{values.model_type!r}; supported: {sorted(table)}")
+    return table[name]
 
 
-def _require(hf: dict, key: str, expected, why: str) -> None:
-    value = hf.get(key, expected)
-    if value is not None and value != expected:
-        raise ValueError(f"config.json field {key}={value!r} is not supported ({why}); "
-                         f"npformer reproduces {key}={expected!r}")
+# ---- the fields every family shares ------------------------------------------------------------
+
+_COMMON = (
+    use("model_type", _ABSENT, "selects the family table"),
+    use("initializer_range", 0.02, "init_std (initialisation only, training-only)"),
+    only("quantization_config", (None,),
+         "a quantized checkpoint (bitsandbytes, GPTQ, AWQ, fp8, …): its weights are not plain floats"),
+    ignore("dtype", "load_hf casts every weight to the dtype asked for"),
+    ignore("torch_dtype", "legacy spelling of dtype"),
+    ignore("architectures", "names the head class; AutoModelForCausalLM goes by model_type"),
+    ignore("transformers_version", "bookkeeping"),
+    ignore("_name_or_path", "bookkeeping"),
+    ignore("use_cache", "a key/value cache for generation; the function is the same"),
+    ignore("bos_token_id", "generation and tokenizer only"),
+    ignore("eos_token_id", "generation and tokenizer only"),
+    ignore("output_hidden_states", "extra outputs, same logits"),
+    ignore("output_attentions", "extra outputs, same logits"),
+    ignore("return_dict", "output container"),
+    ignore("id2label", "sequence-classification head"),
+    ignore("label2id", "sequence-classification head"),
+    ignore("num_labels", "sequence-classification head"),
+    ignore("problem_type", "sequence-classification loss"),
+    ignore("classifier_dropout", "sequence-classification head"),
+    ignore("chunk_size_feed_forward", "not read by these families (chunking computes the same)"),
+    ignore("is_encoder_decoder", "AutoModelForCausalLM of these families is decoder-only"),
+    ignore("is_decoder", "these families are always causal"),
+    ignore("attn_implementation", "eager/sdpa: the same maths, different rounding"),
+    ignore("_attn_implementation", "eager/sdpa: the same maths, different rounding"),
+)
+_TRAINING_DROPOUT = "training-only (load_hf gives an eval-mode model; see the module docstring)"
+_GPT_ALIASES = dict(n_embd=("hidden_size",), n_layer=("num_hidden_layers",),
+                    n_head=("num_attention_heads",), n_positions=("max_position_embeddings",))
+_SEQUENCE_SUMMARY = tuple(ignore(f"summary_{what}", "the double-heads model's sequence summary")
+                          for what in ("type", "use_proj", "activation", "proj_to_labels",
+                                       "first_dropout", "last_dropout"))
 
 
-def _activation(hf: dict, key: str) -> str:
-    name = _get(hf, key, "gelu_new")
-    ffn = _PLAIN_ACTIVATIONS.get(name)
-    if ffn is None:
-        raise ValueError(f"config.json field {key}={name!r} is not supported; valid: "
-                         f"{[k for k, v in _PLAIN_ACTIVATIONS.items() if v]}")
-    return ffn
+def _gpt_shape(default_vocab, default_positions, default_width, default_layers, default_heads):
+    """vocab_size, n_embd, n_layer, n_head, n_positions of the Conv1D/GPT-J families."""
+    return (
+        use("vocab_size", default_vocab, "vocab_size"),
+        use("n_embd", default_width, "d_model", _GPT_ALIASES["n_embd"]),
+        use("n_layer", default_layers, "n_layers", _GPT_ALIASES["n_layer"]),
+        use("n_head", default_heads, "n_heads (D = C / H)", _GPT_ALIASES["n_head"]),
+        use("n_positions", default_positions, "max_seq_len (the learned position table / "
+            "the longest sequence)", _GPT_ALIASES["n_positions"]),
+    )
 
 
-def _rope(hf: dict) -> dict:
-    """rope_theta and partial_rotary_factor from ``rope_parameters`` (transformers 5) or the
-    older top-level fields; only the default (unscaled) rotary embedding is supported."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+def _llama_like_fields(defaults: dict, head_dim_how: str):
+    """The fields Llama and Cohere share; ``defaults`` holds each class's own defaults."""
+    return (
+        use("vocab_size", defaults["vocab_size"], "vocab_size"),
+        use("hidden_size", defaults["hidden_size"], "d_model"),
+        use("intermediate_size", defaults["intermediate_size"], "d_ff"),
+        use("num_hidden_layers", defaults["num_hidden_layers"], "n_layers"),
+        use("num_attention_heads", defaults["num_attention_heads"], "n_heads"),
+        use("num_key_value_heads", None, "n_kv_heads (null = n_heads)", nullable=True),
+        use("head_dim", None, head_dim_how, nullable=True),
+        use("hidden_act", "silu", f"the gated MLP's activation: {GLU_ACTIVATIONS}"),
+        use("max_position_embeddings", defaults["max_position_embeddings"],
+            "max_seq_len (longer sequences are refused)"),
+        use("attention_bias", False, "qkv_bias and out_bias (q, k, v and o projections)"),
+        use("pad_token_id", defaults["pad_token_id"], "padding_idx: nn.Embedding(padding_idx=pad) gives "
+            "that row no gradient (null or ids outside the vocabulary: none)", nullable=True),
+        use("tie_word_embeddings", defaults["tie_word_embeddings"], "tie_embeddings"),
+        use("rope_parameters", None, "rope_type must be 'default' (no scaling); rope_theta"),
+        use("rope_scaling", None, "legacy spelling of rope_parameters; wins over it (transformers)"),
+        use("rope_theta", None, "legacy top-level theta, used when rope_parameters lacks one"),
+        use("partial_rotary_factor", None, "legacy top-level factor; refused unless 1 (see _rope)"),
+        ignore("attention_dropout", _TRAINING_DROPOUT + "; no npformer counterpart"),
+    )
+
+
+# ---- the tables --------------------------------------------------------------------------------
+
+
+class Family(NamedTuple):
+    fields: Tuple[Field, ...]
+    build: Callable[["_Values"], dict]  # resolved values → ModelConfig fields
+
+
+class _Values(dict):
+    """Resolved field values of one config.json; reading an undeclared name is a bug."""
+
+    def __init__(self, model_type: str, values: dict) -> None:
+        super().__init__(values)
+        self.model_type = model_type
+
+    def number(self, name: str) -> float:
+        value = self[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config.json field {name}={value!r} must be a number")
+        return float(value)
+
+    def flag(self, name: str) -> bool:
+        value = self[name]
+        if not isinstance(value, bool):
+            raise ValueError(f"config.json field {name}={value!r} must be true or false")
+        return value
+
+    def count(self, name: str) -> int:
+        value = self[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"config.json field {name}={value!r} must be an integer ≥ 1")
+        return value
+
+    def __missing__(self, name):
+        raise AssertionError(f"the {self.model_type} reader reads {name!r}, which its table does "
+                             "not declare")
+
+
+def _resolve(hf: dict, model_type: str, fields: Tuple[Field, ...]) -> _Values:
+    """Each declared field's value — under its name or an alias, else transformers' default —
+    with every ``only`` field checked."""
+    values = {}
+    for field in fields:
+        spellings = [key for key in (field.name,) + field.aliases if key in hf]
+        if len({json.dumps(hf[key], sort_keys=True) for key in spellings}) > 1:
+            given = ", ".join(f"{key}={hf[key]!r}" for key in spellings)
+            raise ValueError(f"config.json gives {field.name} twice with different values ({given}); "
+                             "transformers lets one spelling silently win — write one")
+        if field.verdict == IGNORE:
+            continue
+        if not spellings:
+            if field.default is _ABSENT:
+                raise ValueError(f"config.json of model_type {model_type!r} lacks the field "
+                                 f"{field.name!r}")
+            value = field.default
+        else:
+            value = hf[spellings[0]]
+            if value is None and field.default is not None and not field.nullable:
+                raise ValueError(f"config.json field {spellings[0]} is null; transformers needs a "
+                                 f"value there (its default is {field.default!r})")
+        if field.verdict == ONLY and value not in field.supported:
+            raise ValueError(f"config.json field {spellings[0] if spellings else field.name}="
+                             f"{value!r} is not supported ({field.how}); npformer reproduces "
+                             f"{field.name}={' or '.join(repr(v) for v in field.supported)}")
+        values[field.name] = value
+    return _Values(model_type, values)
+
+
+def _common(v: _Values, **fields) -> dict:
+    fields.setdefault("init_std", v.number("initializer_range"))
+    return fields
+
+
+def _number(key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"config.json {key}={value!r} must be a number")
+    return float(value)
+
+
+def _rope(v: _Values, default_theta: float, neox: bool) -> dict:
+    """rope_theta and the rotated fraction, with transformers 5's precedence: ``rope_scaling``
+    (legacy) over ``rope_parameters``; inside them ``rope_theta`` / ``partial_rotary_factor``,
+    else (GPT-NeoX) ``rotary_emb_base`` / ``rotary_pct``, else (Llama, Cohere) the top-level
+    ``rope_theta``, else the family default. Only the default (unscaled) RoPE is supported."""
+    params = v["rope_scaling"] or v["rope_parameters"] or {}
+    where = "rope_scaling" if v["rope_scaling"] else "rope_parameters"
+    if not isinstance(params, dict):
+        raise ValueError(f"config.json field {where}={params!r} must be a JSON object")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
-        raise ValueError(f"config.json rope_type={rope_type!r} is not supported (only the default "
-                         "unscaled RoPE)")
-    theta = params.get("rope_theta", hf.get("rope_theta", hf.get("rotary_emb_base", 10000.0)))
-    factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", hf.get("rotary_pct", 1.0)))
-    return dict(theta=float(theta), factor=float(factor))
+        raise ValueError(f"config.json {where} rope_type={rope_type!r} is not supported (only the "
+                         "default unscaled RoPE)")
+    if neox:
+        theta = _number("rope_theta", params.get(
+            "rope_theta", v["rotary_emb_base"] if v["rotary_emb_base"] is not None else default_theta))
+        factor = _number("partial_rotary_factor", params.get(
+            "partial_rotary_factor", v["rotary_pct"] if v["rotary_pct"] is not None else 0.25))
+        # transformers 5's GPTNeoXConfig never reads the top-level spellings (it fills
+        # rope_parameters from rotary_emb_base / rotary_pct first): a differing one is ambiguous
+        for key, used in (("rope_theta", theta), ("partial_rotary_factor", factor)):
+            if v[key] is not None and _number(key, v[key]) != used:
+                raise ValueError(f"config.json field {key}={v[key]!r} at the top level is ignored "
+                                 f"by transformers' gpt_neox, which uses {key}={used!r} from "
+                                 "rope_parameters / rotary_emb_base / rotary_pct (or the default); "
+                                 "put the value in rope_parameters")
+    else:
+        theta = _number("rope_theta", params.get(
+            "rope_theta", v["rope_theta"] if v["rope_theta"] is not None else default_theta))
+        factor = _number("partial_rotary_factor", params.get(
+            "partial_rotary_factor", v["partial_rotary_factor"]
+            if v["partial_rotary_factor"] is not None else 1.0))
+        if factor != 1.0:
+            # transformers' Llama and Cohere rotary embeddings ignore the field and rotate every
+            # channel of the head (only gpt_neox reads it): refuse rather than guess
+            raise ValueError(f"config.json partial_rotary_factor={factor!r} is not supported "
+                             f"for model_type {v.model_type!r}: transformers rotates the whole "
+                             "head there and ignores it (partial rotary exists as gpt_neox or gptj)")
+    return dict(theta=theta, factor=factor)
 
 
-def _common(hf: dict, **fields) -> dict:
-    fields.setdefault("init_std", float(_get(hf, "initializer_range", 0.02)))
-    return fields
+def _build_openai_gpt(v: _Values) -> dict:
+    C = v.count("n_embd")
+    return _common(v, vocab_size=v["vocab_size"], d_model=C, n_layers=v["n_layer"],
+                   n_heads=v["n_head"], max_seq_len=v["n_positions"], d_ff=4 * C,
+                   ffn=_activation(v, "afn", OPENAI_GPT_ACTIVATIONS), norm="layernorm",
+                   norm_eps=v.number("layer_norm_epsilon"), norm_placement="post",
+                   final_norm=False, positions="learned",
+                   tie_embeddings=v.flag("tie_word_embeddings"),
+                   dropout=v.number("resid_pdrop"))
 
 
-# ---- readers: config.json → ModelConfig fields --------------------------------------------
+def _build_gpt2(v: _Values) -> dict:
+    C = v.count("n_embd")
+    return _common(v, vocab_size=v["vocab_size"], d_model=C, n_layers=v["n_layer"],
+                   n_heads=v["n_head"], max_seq_len=v["n_positions"],
+                   d_ff=v["n_inner"] if v["n_inner"] is not None else 4 * C,
+                   ffn=_activation(v, "activation_function", PLAIN_ACTIVATIONS),
+                   norm_eps=v.number("layer_norm_epsilon"), positions="learned",
+                   attention_scale=None if v.flag("scale_attn_weights") else 1.0,
+                   tie_embeddings=v.flag("tie_word_embeddings"),
+                   dropout=v.number("resid_pdrop"))
 
 
-def _openai_gpt(hf: dict) -> dict:
-    afn = _get(hf, "afn", "gelu")
-    ffn = {"gelu": "gelu_tanh", "relu": "relu"}.get(afn)  # openai-gpt's own ACT_FNS table
-    if ffn is None:
-        raise ValueError(f"config.json field afn={afn!r} is not supported; valid: 'gelu', 'relu'")
-    C = _get(hf, "n_embd", required=True)
-    return _common(hf, vocab_size=hf["vocab_size"], d_model=C, n_layers=hf["n_layer"],
-                   n_heads=hf["n_head"], max_seq_len=hf["n_positions"], d_ff=4 * C, ffn=ffn,
-                   norm="layernorm", norm_eps=float(_get(hf, "layer_norm_epsilon", 1e-5)),
-                   norm_placement="post", final_norm=False, positions="learned",
-                   tie_embeddings=True, dropout=float(_get(hf, "resid_pdrop", 0.0)))
-
-
-def _gpt2(hf: dict) -> dict:
-    _require(hf, "scale_attn_by_inverse_layer_idx", False, "a per-layer attention scale")
-    _require(hf, "add_cross_attention", False, "decoder-only models")
-    C = _get(hf, "n_embd", required=True)
-    return _common(hf, vocab_size=hf["vocab_size"], d_model=C, n_layers=hf["n_layer"],
-                   n_heads=hf["n_head"], max_seq_len=hf["n_positions"],
-                   d_ff=_get(hf, "n_inner", 4 * C), ffn=_activation(hf, "activation_function"),
-                   norm_eps=float(_get(hf, "layer_norm_epsilon", 1e-5)), positions="learned",
-                   attention_scale=None if _get(hf, "scale_attn_weights", True) else 1.0,
-                   tie_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
-                   dropout=float(_get(hf, "resid_pdrop", 0.0)))
-
-
-def _gpt_neo(hf: dict) -> dict:
-    C = _get(hf, "hidden_size", required=True)
-    layers = _get(hf, "attention_layers")
-    if layers is None:
-        layers = [kind for kinds, repeat in hf["attention_types"] for _ in range(repeat) for kind in kinds]
+def _build_gpt_neo(v: _Values) -> dict:
+    C, L = v.count("hidden_size"), v.count("num_layers")
+    layers = v["attention_layers"]
+    if layers is None:  # transformers expands attention_types, and a stored list wins over it
+        types = v["attention_types"]
+        try:
+            layers = [kind for kinds, repeat in types for _ in range(repeat) for kind in kinds]
+        except (TypeError, ValueError):
+            raise ValueError(f"config.json field attention_types={types!r} is not a list of "
+                             "[[kinds...], repeat] pairs") from None
+    unknown = sorted({repr(kind) for kind in layers} - {"'global'", "'local'"})
+    if unknown:
+        raise ValueError(f"config.json attention_layers holds {', '.join(unknown)}; supported: "
+                         "'global', 'local'")
     pattern = tuple({"global": "dense", "local": "local"}[kind] for kind in layers)
-    if len(pattern) != hf["num_layers"]:
+    if len(pattern) != L:
         raise ValueError(f"config.json attention_layers has {len(pattern)} entries for "
-                         f"num_layers={hf['num_layers']}")
-    return _common(hf, vocab_size=hf["vocab_size"], d_model=C, n_layers=hf["num_layers"],
-                   n_heads=hf["num_heads"], max_seq_len=hf["max_position_embeddings"],
-                   d_ff=_get(hf, "intermediate_size", 4 * C),
-                   ffn=_activation(hf, "activation_function"),
-                   norm_eps=float(_get(hf, "layer_norm_epsilon", 1e-5)), positions="learned",
+                         f"num_layers={L}")
+    return _common(v, vocab_size=v["vocab_size"], d_model=C, n_layers=L,
+                   n_heads=v["num_heads"], max_seq_len=v["max_position_embeddings"],
+                   d_ff=v["intermediate_size"] if v["intermediate_size"] is not None else 4 * C,
+                   ffn=_activation(v, "activation_function", PLAIN_ACTIVATIONS),
+                   norm_eps=v.number("layer_norm_epsilon"), positions="learned",
                    attention_pattern=pattern,
-                   window=hf["window_size"] if "local" in pattern else None,
+                   window=v["window_size"] if "local" in pattern else None,
                    attention_scale=1.0, qkv_bias=False, out_bias=True,
-                   tie_embeddings=bool(_get(hf, "tie_word_embeddings", True)),
-                   dropout=float(_get(hf, "resid_dropout", 0.0)))
+                   tie_embeddings=v.flag("tie_word_embeddings"),
+                   dropout=v.number("resid_dropout"))
 
 
-def _gptj(hf: dict) -> dict:
-    C, H = _get(hf, "n_embd", required=True), hf["n_head"]
-    return _common(hf, vocab_size=hf["vocab_size"], d_model=C, n_layers=hf["n_layer"],
-                   n_heads=H, max_seq_len=hf["n_positions"], d_ff=_get(hf, "n_inner", 4 * C),
-                   ffn=_activation(hf, "activation_function"),
-                   norm_eps=float(_get(hf, "layer_norm_epsilon", 1e-5)), block="parallel",
+def _build_gptj(v: _Values) -> dict:
+    C = v.count("n_embd")
+    return _common(v, vocab_size=v["vocab_size"], d_model=C, n_layers=v["n_layer"],
+                   n_heads=v["n_head"], max_seq_len=v["n_positions"],
+                   d_ff=v["n_inner"] if v["n_inner"] is not None else 4 * C,
+                   ffn=_activation(v, "activation_function", PLAIN_ACTIVATIONS),
+                   norm_eps=v.number("layer_norm_epsilon"), block="parallel",
                    parallel_norms=1, positions="rope", rope_layout="interleaved",
-                   rotary_dim=_get(hf, "rotary_dim"), qkv_bias=False, out_bias=False,
-                   lm_head_bias=True, tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
-                   dropout=float(_get(hf, "resid_pdrop", 0.0)))
+                   rotary_dim=v["rotary_dim"], qkv_bias=False, out_bias=False,
+                   lm_head_bias=True, tie_embeddings=v.flag("tie_word_embeddings"),
+                   dropout=v.number("resid_pdrop"))
 
 
-def _gpt_neox(hf: dict) -> dict:
-    C, H = hf["hidden_size"], hf["num_attention_heads"]
-    rope = _rope(hf)
+def _build_gpt_neox(v: _Values) -> dict:
+    C, H = v.count("hidden_size"), v.count("num_attention_heads")
     D = C // H
+    if v["head_dim"] is not None and v["head_dim"] != D:
+        # GPT-NeoX's attention uses C // H, but its rotary tables getattr(config, "head_dim")
+        raise ValueError(f"config.json field head_dim={v['head_dim']!r} is not supported for "
+                         f"gpt_neox: its attention heads have hidden_size // num_attention_heads "
+                         f"= {D} channels while its rotary tables would use {v['head_dim']}")
+    rope = _rope(v, 10000.0, neox=True)
     rotary = int(D * rope["factor"])
-    parallel = bool(_get(hf, "use_parallel_residual", True))
-    bias = bool(_get(hf, "attention_bias", True))
-    return _common(hf, vocab_size=hf["vocab_size"], d_model=C, n_layers=hf["num_hidden_layers"],
-                   n_heads=H, max_seq_len=hf["max_position_embeddings"], d_ff=hf["intermediate_size"],
-                   ffn=_activation(hf, "hidden_act"), norm_eps=float(_get(hf, "layer_norm_eps", 1e-5)),
-                   block="parallel" if parallel else "sequential", parallel_norms=2,
-                   positions="rope", rope_layout="half", rope_theta=rope["theta"],
-                   rotary_dim=None if rotary == D else rotary, qkv_bias=bias, out_bias=bias,
-                   tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)),
-                   dropout=float(_get(hf, "hidden_dropout", 0.0)))
+    bias = v.flag("attention_bias")
+    return _common(v, vocab_size=v["vocab_size"], d_model=C, n_layers=v["num_hidden_layers"],
+                   n_heads=H, max_seq_len=v["max_position_embeddings"],
+                   d_ff=v["intermediate_size"], ffn=_activation(v, "hidden_act", PLAIN_ACTIVATIONS),
+                   norm_eps=v.number("layer_norm_eps"),
+                   block="parallel" if v.flag("use_parallel_residual") else "sequential",
+                   parallel_norms=2, positions="rope", rope_layout="half",
+                   rope_theta=rope["theta"], rotary_dim=None if rotary == D else rotary,
+                   qkv_bias=bias, out_bias=bias, tie_embeddings=v.flag("tie_word_embeddings"),
+                   dropout=v.number("hidden_dropout"))
 
 
-def _llama_like(hf: dict) -> dict:
-    C, H = hf["hidden_size"], hf["num_attention_heads"]
-    act = _get(hf, "hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"config.json field hidden_act={act!r} is not supported; valid: 'silu' "
-                         "(the SwiGLU MLP)")
-    _require(hf, "mlp_bias", False, "the GLU MLP here has no biases")
-    _require(hf, "pretraining_tp", 1, "a tensor-parallel split of the MLP")
-    rope = _rope(hf)
-    if rope["factor"] != 1.0:
-        # transformers' Llama and Cohere rotary embeddings ignore the field and rotate every
-        # channel of the head (only gpt_neox reads it): refuse rather than load another model
-        raise ValueError(f"config.json partial_rotary_factor={rope['factor']!r} is not supported "
-                         f"for model_type {hf.get('model_type')!r}: transformers rotates the whole "
-                         "head there and ignores it (partial rotary exists as gpt_neox or gptj)")
-    head_dim = _get(hf, "head_dim", C // H)
-    bias = bool(_get(hf, "attention_bias", False))
-    pad = _get(hf, "pad_token_id")
-    return _common(hf, vocab_size=hf["vocab_size"], d_model=C, n_layers=hf["num_hidden_layers"],
-                   n_heads=H, n_kv_heads=_get(hf, "num_key_value_heads", H), head_dim=head_dim,
-                   max_seq_len=hf["max_position_embeddings"], d_ff=hf["intermediate_size"],
-                   ffn="swiglu", ffn_bias=False, positions="rope", rope_theta=rope["theta"],
-                   qkv_bias=bias, out_bias=bias,
+def _build_llama_like(v: _Values, default_theta: float) -> dict:
+    C, H = v.count("hidden_size"), v.count("num_attention_heads")
+    rope = _rope(v, default_theta, neox=False)
+    bias = v.flag("attention_bias")
+    pad, vocab = v["pad_token_id"], v["vocab_size"]
+    kv_heads = v["num_key_value_heads"]
+    return _common(v, vocab_size=vocab, d_model=C, n_layers=v["num_hidden_layers"],
+                   n_heads=H, n_kv_heads=H if kv_heads is None else kv_heads,
+                   head_dim=C // H if v["head_dim"] is None else v["head_dim"],
+                   max_seq_len=v["max_position_embeddings"], d_ff=v["intermediate_size"],
+                   ffn=_activation(v, "hidden_act", GLU_ACTIVATIONS), ffn_bias=False,
+                   positions="rope", rope_theta=rope["theta"], qkv_bias=bias, out_bias=bias,
                    # the Llama trap: HF builds nn.Embedding(padding_idx=pad_token_id), and that
                    # row then gets no gradient; we reproduce it
-                   padding_idx=pad if pad is not None and 0 <= pad < hf["vocab_size"] else None,
-                   dropout=0.0)
+                   padding_idx=pad if type(pad) is int and 0 <= pad < vocab else None,
+                   tie_embeddings=v.flag("tie_word_embeddings"), dropout=0.0)
 
 
-def _llama(hf: dict) -> dict:
-    fields = _llama_like(hf)
-    fields.update(norm="rmsnorm", norm_bias=False, norm_eps=float(_get(hf, "rms_norm_eps", 1e-6)),
-                  rope_layout="half", tie_embeddings=bool(_get(hf, "tie_word_embeddings", False)))
-    return fields
+def _build_llama(v: _Values) -> dict:
+    return {**_build_llama_like(v, 10000.0), "norm": "rmsnorm", "norm_bias": False,
+            "norm_eps": v.number("rms_norm_eps"), "rope_layout": "half"}
 
 
-def _cohere(hf: dict) -> dict:
-    _require(hf, "use_qk_norm", False, "per-head q/k LayerNorms")
-    fields = _llama_like(hf)
-    fields.update(norm="layernorm", norm_bias=False, norm_eps=float(_get(hf, "layer_norm_eps", 1e-5)),
-                  block="parallel", parallel_norms=1, rope_layout="interleaved",
-                  logit_scale=float(_get(hf, "logit_scale", 1.0)),
-                  tie_embeddings=bool(_get(hf, "tie_word_embeddings", True)))
-    return fields
+def _build_cohere(v: _Values) -> dict:
+    return {**_build_llama_like(v, 500000.0), "norm": "layernorm", "norm_bias": False,
+            "norm_eps": v.number("layer_norm_eps"), "block": "parallel", "parallel_norms": 1,
+            "rope_layout": "interleaved", "logit_scale": v.number("logit_scale")}
 
 
-READERS: Dict[str, Callable[[dict], dict]] = {
-    "openai-gpt": _openai_gpt, "gpt2": _gpt2, "gpt_neo": _gpt_neo, "gptj": _gptj,
-    "gpt_neox": _gpt_neox, "llama": _llama, "cohere": _cohere,
+FAMILIES: Dict[str, Family] = {
+    # OpenAIGPTConfig / modeling_openai.py
+    "openai-gpt": Family(_COMMON + _SEQUENCE_SUMMARY + _gpt_shape(40478, 512, 768, 12, 12) + (
+        use("afn", "gelu", f"ffn via openai-gpt's own ACT_FNS: {OPENAI_GPT_ACTIVATIONS}"),
+        use("layer_norm_epsilon", 1e-5, "norm_eps"),
+        use("tie_word_embeddings", True, "tie_embeddings (False: a separate lm_head.weight)"),
+        use("resid_pdrop", 0.1, "dropout; " + _TRAINING_DROPOUT),
+        ignore("embd_pdrop", _TRAINING_DROPOUT),
+        ignore("attn_pdrop", _TRAINING_DROPOUT + "; no npformer counterpart"),
+        ignore("pad_token_id", "sequence-classification head only (no padding_idx)"),
+    ), _build_openai_gpt),
+    # GPT2Config / modeling_gpt2.py
+    "gpt2": Family(_COMMON + _SEQUENCE_SUMMARY + _gpt_shape(50257, 1024, 768, 12, 12) + (
+        use("n_inner", None, "d_ff (null = 4 · n_embd)"),
+        use("activation_function", "gelu_new", f"ffn: {PLAIN_ACTIVATIONS}"),
+        use("layer_norm_epsilon", 1e-5, "norm_eps"),
+        use("scale_attn_weights", True, "attention_scale: 1/√D, or 1.0 when false"),
+        only("scale_attn_by_inverse_layer_idx", (False,), "a per-layer attention scale"),
+        ignore("reorder_and_upcast_attn", "the same maths with the scores in float32 (precision only)"),
+        only("add_cross_attention", (False,), "decoder-only models: cross-attention weights"),
+        use("tie_word_embeddings", True, "tie_embeddings"),
+        use("resid_pdrop", 0.1, "dropout; " + _TRAINING_DROPOUT),
+        ignore("embd_pdrop", _TRAINING_DROPOUT),
+        ignore("attn_pdrop", _TRAINING_DROPOUT + "; no npformer counterpart"),
+        ignore("hidden_dropout", "token-classification head only"),
+        ignore("pad_token_id", "sequence-classification head only (no padding_idx)"),
+    ), _build_gpt2),
+    # GPTNeoConfig / modeling_gpt_neo.py
+    "gpt_neo": Family(_COMMON + (
+        use("vocab_size", 50257, "vocab_size"),
+        use("hidden_size", 2048, "d_model"),
+        use("num_layers", 24, "n_layers", ("num_hidden_layers",)),
+        use("num_heads", 16, "n_heads", ("num_attention_heads",)),
+        use("max_position_embeddings", 2048, "max_seq_len (the learned position table)"),
+        use("intermediate_size", None, "d_ff (null = 4 · hidden_size)"),
+        use("attention_types", [[["global", "local"], 12]], "attention_pattern, expanded"),
+        use("attention_layers", None, "attention_pattern: global → dense, local → local "
+            "(transformers' stored list wins over attention_types)"),
+        use("window_size", 256, "window of the local layers: keys i − w < j ≤ i"),
+        use("activation_function", "gelu_new", f"ffn: {PLAIN_ACTIVATIONS}"),
+        use("layer_norm_epsilon", 1e-5, "norm_eps"),
+        use("tie_word_embeddings", True, "tie_embeddings"),
+        use("resid_dropout", 0.0, "dropout; " + _TRAINING_DROPOUT),
+        ignore("embed_dropout", _TRAINING_DROPOUT),
+        ignore("attention_dropout", _TRAINING_DROPOUT + "; no npformer counterpart"),
+        ignore("pad_token_id", "sequence-classification head only (no padding_idx)"),
+    ), _build_gpt_neo),
+    # GPTJConfig / modeling_gptj.py (the rotary base is fixed at 10000: no rope_theta is read)
+    "gptj": Family(_COMMON + _gpt_shape(50400, 2048, 4096, 28, 16) + (
+        use("rotary_dim", 64, "rotary_dim: interleaved RoPE on the first rotary_dim channels "
+            "of each head (null is refused: transformers 5 rejects it)"),
+        use("n_inner", None, "d_ff (null = 4 · n_embd)"),
+        use("activation_function", "gelu_new", f"ffn: {PLAIN_ACTIVATIONS}"),
+        use("layer_norm_epsilon", 1e-5, "norm_eps"),
+        use("tie_word_embeddings", False, "tie_embeddings (the head keeps its bias)"),
+        use("resid_pdrop", 0.0, "dropout; " + _TRAINING_DROPOUT),
+        ignore("embd_pdrop", _TRAINING_DROPOUT),
+        ignore("attn_pdrop", _TRAINING_DROPOUT + "; no npformer counterpart"),
+        ignore("pad_token_id", "no padding_idx in GPT-J's embedding"),
+        ignore("rope_theta", "GPT-J's modeling never reads it (base fixed at 10000)"),
+        ignore("rope_scaling", "GPT-J's modeling never reads it"),
+    ), _build_gptj),
+    # GPTNeoXConfig / modeling_gpt_neox.py
+    "gpt_neox": Family(_COMMON + (
+        use("vocab_size", 50432, "vocab_size"),
+        use("hidden_size", 6144, "d_model"),
+        use("num_hidden_layers", 44, "n_layers"),
+        use("num_attention_heads", 64, "n_heads"),
+        use("intermediate_size", 24576, "d_ff"),
+        use("hidden_act", "gelu", f"ffn: {PLAIN_ACTIVATIONS}"),
+        use("max_position_embeddings", 2048, "max_seq_len (longer sequences are refused)"),
+        use("layer_norm_eps", 1e-5, "norm_eps"),
+        use("use_parallel_residual", True, "block: parallel (two norms) or sequential"),
+        use("attention_bias", True, "qkv_bias and out_bias (query_key_value and dense)"),
+        use("head_dim", None, "refused unless hidden_size // num_attention_heads"),
+        use("rope_parameters", None, "rope_type must be 'default'; rope_theta, "
+            "partial_rotary_factor → rotary_dim = int(D · factor)"),
+        use("rope_scaling", None, "legacy spelling of rope_parameters; wins over it"),
+        use("rotary_emb_base", None, "legacy theta (default 10000)"),
+        use("rotary_pct", None, "legacy factor (default 0.25)"),
+        use("rope_theta", None, "ignored by transformers' gpt_neox: refused if it differs"),
+        use("partial_rotary_factor", None, "ignored by transformers' gpt_neox: refused if it differs"),
+        use("tie_word_embeddings", False, "tie_embeddings"),
+        use("hidden_dropout", 0.0, "dropout; " + _TRAINING_DROPOUT),
+        ignore("attention_dropout", _TRAINING_DROPOUT + "; no npformer counterpart"),
+        ignore("pad_token_id", "sequence-classification head only (no padding_idx)"),
+    ), _build_gpt_neox),
+    # LlamaConfig / modeling_llama.py
+    "llama": Family(_COMMON + _llama_like_fields(dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+        num_attention_heads=32, max_position_embeddings=2048, pad_token_id=None,
+        tie_word_embeddings=False), "head_dim (null = C // H)") + (
+        use("rms_norm_eps", 1e-6, "norm_eps of the RMSNorms"),
+        only("mlp_bias", (False,), "the GLU MLP here has no biases"),
+        ignore("pretraining_tp", "transformers 5 never reads it (4.x split the matmuls into "
+               "slices and summed them: the same function)"),
+    ), _build_llama),
+    # CohereConfig / modeling_cohere.py (head_dim is not a CohereConfig field, but its
+    # attention reads getattr(config, "head_dim", C // H))
+    "cohere": Family(_COMMON + _llama_like_fields(dict(
+        vocab_size=256000, hidden_size=8192, intermediate_size=22528, num_hidden_layers=40,
+        num_attention_heads=64, max_position_embeddings=8192, pad_token_id=0,
+        tie_word_embeddings=True), "head_dim (absent = C // H)") + (
+        use("logit_scale", 0.0625, "logit_scale (logits multiplied by it)"),
+        use("layer_norm_eps", 1e-5, "norm_eps of the bias-free LayerNorms"),
+        only("use_qk_norm", (False,), "per-head q/k LayerNorms"),
+    ), _build_cohere),
 }
+READERS = {model_type: family.build for model_type, family in FAMILIES.items()}
 
 
 def config_from_hf(hf: dict, dtype: str = "float64") -> ModelConfig:
@@ -207,13 +527,25 @@ def config_from_hf(hf: dict, dtype: str = "float64") -> ModelConfig:
     if not isinstance(hf, dict):
         raise ValueError(f"config.json must hold a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type")
-    if model_type not in READERS:
-        raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(READERS)}")
-    try:
-        fields = READERS[model_type](hf)
-    except KeyError as missing:
-        raise ValueError(f"config.json of model_type {model_type!r} lacks the field {missing}") from None
-    return ModelConfig(**fields, dtype=dtype)
+    if model_type not in FAMILIES:
+        raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(FAMILIES)}")
+    family = FAMILIES[model_type]
+    return ModelConfig(**family.build(_resolve(hf, model_type, family.fields)), dtype=dtype)
+
+
+def describe() -> str:
+    """The tables as text: one line per field, its verdict, default and how/why."""
+    lines = []
+    for model_type, family in FAMILIES.items():
+        counts = {verdict: sum(f.verdict == verdict for f in family.fields)
+                  for verdict in (USE, ONLY, IGNORE)}
+        lines.append(f"{model_type}: {len(family.fields)} fields, "
+                     + ", ".join(f"{n} {verdict}" for verdict, n in counts.items()))
+        for f in family.fields:
+            spelled = f.name + (f" (alias {', '.join(f.aliases)})" if f.aliases else "")
+            default = "" if f.verdict == IGNORE or f.default is _ABSENT else f" [default {f.default!r}]"
+            lines.append(f"  {spelled}: {f.verdict}{default} — {f.how}")
+    return "\n".join(lines)
 
 
 # ---- writers: ModelConfig → config.json -----------------------------------------------------
@@ -278,7 +610,8 @@ def _write(config: ModelConfig, model_type: str) -> dict:
     llama_like = {**base, "hidden_size": C, "num_hidden_layers": L, "num_attention_heads": H,
                   "num_key_value_heads": config.kv_heads, "head_dim": config.head_size,
                   "max_position_embeddings": P, "intermediate_size": config.ffn_width,
-                  "hidden_act": "silu", "attention_bias": config.qkv_bias, "mlp_bias": False,
+                  "hidden_act": _GLU_TO_HF.get(config.ffn, "silu"),  # else: "cannot express ffn"
+                  "attention_bias": config.qkv_bias, "mlp_bias": False,
                   "rope_parameters": _rope_parameters(config), "pad_token_id": config.padding_idx,
                   "attention_dropout": 0.0}
     if model_type == "llama":
