@@ -18,8 +18,11 @@ How the time is spent, and what this file does about it
   about 3× faster than row-update loops and ~1.7× faster than a hand-written register-blocked
   product, so SciPy is a dependency of the kernels. A product with a transposed right
   operand (q kᵀ on row-major tiles) ran about 2× slower than the plain or transposed-left
-  kinds on 64-wide tiles here, so the forward works on key-major tiles zᵀ = k qᵀ (qᵀ copied
-  once per query block) and the backward copies kᵀ and vᵀ once per key block.
+  kinds on 64-wide tiles here, so every kernel works on key-major tiles zᵀ = k qᵀ (qᵀ
+  copied once per query block, and per tile in the by-kv-head backward). The backward must
+  compute its scores by the forward's very call: lse was made from those bits, and q kᵀ is
+  the same sum in another order (issue 14: one unit of rounding of a huge score shifted
+  exp(z − lse) by e⁻¹⁰⁰).
 - Accumulating products. A product that is summed over tiles (the forward's a += p v, the
   backward's dv += pᵀ do, dk += dsᵀ q, dq += ds k) calls SciPy's ?gemm directly with
   beta = 1 (:func:`_gemm_accumulate`) instead of ``np.dot`` into a temporary plus an add:
@@ -40,8 +43,10 @@ How the time is spent, and what this file does about it
   3–5% faster forward and backward, bitwise the same results). Arguments below
   ``floor`` (−708 in float64, −87 in float32, where e^x reaches the smallest normal number)
   give exactly 0, which is also how a masked score (−inf) gets probability 0. The scale is
-  folded into it: exp(scale · q·k − m) is one fused multiply-add per score. LLVM vectorises
-  it 8 floats wide (256-bit, its preference on AVX-512 CPUs): ~0.37 ns per float32 here.
+  not folded into it: scale · q·k is rounded first (:func:`_finish_scores`), so that the
+  row maximum gives exactly exp(0) whatever the size of the scores (a fused
+  exp(scale · q·k − m) made large rows all zero, issue 14). LLVM vectorises the exp
+  8 floats wide (256-bit, its preference on AVX-512 CPUs): ~0.37 ns per float32 here.
   Allowing 512-bit vectors (NUMBA_CPU_FEATURES = the host's features + ",-prefer-256-bit")
   gave 0.24–0.37 ns, and forward + backward ~5% faster before the bitcast above; but the
   setting is process-wide (every numba function of the program), so it is left to the user.
@@ -356,20 +361,26 @@ def _flag_overflowed_queries(z, scale, kind, b, i0, j0, offset, causal, window, 
                 overflow[c] = True
 
 
-@njit(cache=True)
+@njit(cache=True)  # no fast-math: each scale · q·k is rounded on its own, never fused
 def _finish_scores(z, slope, params, key_major, kind, b, i0, j0, offset, causal, window,
                    doc_ids, has_doc, key_pad, has_pad):
-    """Turn a tile of products q·k into scores, in place; returns the scale left to apply.
+    """Turn a tile of products q·k into scores z, in place: what the exp then shifts.
 
-    Without soft-capping the scale is folded into the exp (exp(scale · z − shift), one fused
-    multiply-add), so the tile stays q·k and the scale is returned. With soft-capping the
-    tile becomes c = cap tanh(scale · q·k / cap), slope = sech²(scale · q·k / cap), and 1
-    is returned. Then masked entries of a _PARTIAL tile become −inf.
+    Without soft-capping z = scale · q·k; with it z = cap tanh(scale · q·k / cap) and slope
+    = sech²(scale · q·k / cap). Then masked entries of a _PARTIAL tile become −inf.
     params = [scale, cap] in the tile dtype (cap = 0: no soft-capping).
+
+    Why the scale is applied here, in a pass of its own, and not inside the exp as one fused
+    multiply-add exp(scale · q·k − m): the row maximum m is a rounded score, while the
+    fused form subtracts it from the exact product. Their difference is up to half a unit
+    of rounding of the score — 0 for a power-of-two scale, but with scale = 1/√D for D = 3,
+    5, 80, … and |score| near 1e30 (float64) or 3e9 (float32) it is below the exp's floor,
+    so every key of the row got probability 0 and the row was taken for fully masked
+    (issue 14: zeros, no error). Rounded first, the top score gives exactly exp(0) = 1, and
+    every exp argument is the NumPy reference's z − m.
     """
     scale = params[0]
     cap = params[1]
-    exp_scale = scale
     if cap > 0:
         for a in range(z.shape[0]):
             for c in range(z.shape[1]):
@@ -377,11 +388,13 @@ def _finish_scores(z, slope, params, key_major, kind, b, i0, j0, offset, causal,
                 e = math.exp(-2.0 * abs(u))  # exp(−2|u|) ∈ (0, 1]
                 slope[a, c] = 4.0 * e / ((1.0 + e) * (1.0 + e))  # sech²(u), no cancellation
                 z[a, c] = cap * math.tanh(u)  # c = cap tanh(s / cap)
-        exp_scale = scale - scale + 1  # 1 in the tile dtype
+    else:
+        for a in range(z.shape[0]):
+            for c in range(z.shape[1]):
+                z[a, c] = scale * z[a, c]  # s = scale · q·k
     if kind == _PARTIAL:
         _mask_tile(z, key_major, b, i0, j0, offset, causal, window, doc_ids, has_doc, key_pad,
                    has_pad)
-    return exp_scale
 
 
 @njit(cache=True)
@@ -405,8 +418,8 @@ def _column_sum(p, out):
 
 
 @njit(cache=True, fastmath={"contract"})  # fused multiply-adds only; no reassociation
-def _exp_tile(z, scale, shift_rows, shift_cols, p, consts, mantissa_bits):
-    """p[a, c] = exp(scale · z[a, c] − shift_rows[a] − shift_cols[c]); 0 below ``floor``.
+def _exp_tile(z, shift_rows, shift_cols, p, consts, mantissa_bits):
+    """p[a, c] = exp(z[a, c] − shift_rows[a] − shift_cols[c]); 0 below ``floor``.
 
     z, p (A, C); one of the two shifts is all zeros (the tile is query- or key-major).
     exp(x) = 2ⁿ e^r with n = round(x / ln 2), r = x − n ln 2 ∈ [−ln2/2, ln2/2]:
@@ -428,7 +441,7 @@ def _exp_tile(z, scale, shift_rows, shift_cols, p, consts, mantissa_bits):
         for a in range(z.shape[0]):
             row_shift = shift_rows[a]
             for c in range(z.shape[1]):
-                x = scale * z[a, c] - (row_shift + shift_cols[c])
+                x = z[a, c] - (row_shift + shift_cols[c])
                 inside = x > floor  # False for −inf (masked) and for negligible values
                 x = x if inside else floor
                 n = np.floor(x * log2e + half)
@@ -440,7 +453,7 @@ def _exp_tile(z, scale, shift_rows, shift_cols, p, consts, mantissa_bits):
         for a in range(z.shape[0]):
             row_shift = shift_rows[a]
             for c in range(z.shape[1]):
-                x = scale * z[a, c] - (row_shift + shift_cols[c])
+                x = z[a, c] - (row_shift + shift_cols[c])
                 inside = x > floor
                 x = x if inside else floor
                 n = np.floor(x * log2e + half)
@@ -571,13 +584,13 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
                 _flag_overflowed_queries(z_t, params[0], kind, b, i0, j0, offset, causal,
                                          window, doc_ids, has_doc, key_pad, has_pad, probe,
                                          overflow)
-            exp_scale = _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset,
-                                       causal, window, doc_ids, has_doc, key_pad, has_pad)
+            _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset, causal,
+                           window, doc_ids, has_doc, key_pad, has_pad)
             _column_max(z_t, tile_max)  # (Tq,) max over this tile's keys
             for i in range(rows):
-                tile_max[i] = max(m[i], exp_scale * tile_max[i])  # m' = max(m, max z')
+                tile_max[i] = max(m[i], tile_max[i])  # m' = max(m, max z')
                 shift[i] = tile_max[i] if tile_max[i] > -np.inf else 0.0  # no −inf − (−inf)
-            _exp_tile(z_t, exp_scale, no_shift, shift, p_t, consts, mantissa_bits)  # exp(z − m')
+            _exp_tile(z_t, no_shift, shift, p_t, consts, mantissa_bits)  # exp(z − m')
             _column_sum(p_t, tile_sum)  # (Tq,) Σ exp(z' − m')
             for i in range(rows):
                 if tile_max[i] > m[i]:  # the max grew (else exp(m − m') = 1: nothing to do)
@@ -631,13 +644,17 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
     only writer of those rows). With with_dq, each tile's dq is also added to dq (the caller
     guarantees no other thread writes those rows).
 
-    Query-major tiles z = q kᵀ (Tq, Sk), with kᵀ and vᵀ transposed once for all of them.
-    Flat arrays as in _forward_kernel.
+    Key-major tiles zᵀ = k qᵀ (Sk, Tq), computed by the very call the forward makes (same
+    operands, same shapes), so that the scores are bitwise the forward's: p = exp(z − lse)
+    must use the z that lse was made from. q kᵀ is the same sum in another order in BLAS,
+    and with scores near 1e9 (float32) one unit of their rounding is ~100: exp(z − lse) of
+    the row's top key came out ~e⁻¹⁰⁰ instead of 1 and dv was 0 (issue 14). qᵀ and doᵀ are
+    transposed per tile. Flat arrays as in _forward_kernel.
     """
     B, H, n_kv, T, S, D, Dv = dims
     G = H // n_kv
-    offset = S - T
     n_qb = (T + block_q - 1) // block_q
+    offset = S - T
     dtype = q.dtype
     j0 = kb * block_k
     cols = min(block_k, S - j0)
@@ -646,17 +663,15 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
     v_tile = _rows(v, first_key, cols, Dv)  # (Sk, Dv)
     dk_rows = _rows(dk, first_key, cols, D)  # (Sk, D) Σ over heads and query blocks
     dv_rows = _rows(dv, first_key, cols, Dv)  # (Sk, Dv)
-    k_t = np.empty((D, cols), dtype=dtype)  # (D, Sk) kᵀ
-    v_t = np.empty((Dv, cols), dtype=dtype)  # (Dv, Sk) vᵀ
-    _transpose_into(k_tile, k_t)
-    _transpose_into(v_tile, v_t)
-    size = block_q * cols
+    q_t_flat = np.empty(D * block_q, dtype=dtype)
+    do_t_flat = np.empty(Dv * block_q, dtype=dtype)
+    size = cols * block_q
     z_flat = np.empty(size, dtype=dtype)
     p_flat = np.empty(size, dtype=dtype)
     ds_flat = np.empty(size, dtype=dtype)
     slope_flat = np.empty(size, dtype=dtype)
     no_shift = np.zeros(cols, dtype=dtype)
-    lse_rows = np.empty(block_q, dtype=dtype)
+    lse_cols = np.empty(block_q, dtype=dtype)
     for g in range(G):
         bh = b * H + kv * G + g  # query head kv·G + g reads this kv head
         for qb in range(n_qb):
@@ -667,23 +682,29 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
             rows = min(block_q, T - i0)
             q_tile = _rows(q, bh * T + i0, rows, D)  # (Tq, D)
             do_tile = _rows(do, bh * T + i0, rows, Dv)  # (Tq, Dv)
-            _lse_shift(lse, bh * T + i0, rows, lse_rows)
-            z = _rows(z_flat, 0, rows, cols)  # (Tq, Sk)
-            p = _rows(p_flat, 0, rows, cols)
-            ds = _rows(ds_flat, 0, rows, cols)
-            slope = _rows(slope_flat, 0, rows, cols)
-            np.dot(q_tile, k_t, z)  # (Tq, Sk) q kᵀ
-            exp_scale = _finish_scores(z, slope, params, False, kind, b, i0, j0, offset,
-                                       causal, window, doc_ids, has_doc, key_pad, has_pad)
-            # p = exp(z − lse): the probabilities, recomputed
-            _exp_tile(z, exp_scale, lse_rows, no_shift, p, consts, mantissa_bits)
-            np.dot(do_tile, v_t, ds)  # forward o = p v, so dp = do vᵀ   (Tq, Sk)
-            _ds_tile(p, ds, delta[bh * T + i0:bh * T + i0 + rows], no_shift, slope, params)
-            _gemm_accumulate(gemm, p, True, do_tile, False, dv_rows)  # forward o = p v, so
-            # dv += pᵀ do   (Sk, Dv); forward s = scale q kᵀ: dk += scale dsᵀ q   (Sk, D)
-            _gemm_accumulate(gemm, ds, True, q_tile, False, dk_rows)
+            q_t = _rows(q_t_flat, 0, D, rows)  # (D, Tq) qᵀ
+            do_t = _rows(do_t_flat, 0, Dv, rows)  # (Dv, Tq) doᵀ
+            _transpose_into(q_tile, q_t)
+            _transpose_into(do_tile, do_t)
+            lse_q = lse_cols[:rows]
+            _lse_shift(lse, bh * T + i0, rows, lse_q)
+            z_t = _rows(z_flat, 0, cols, rows)  # (Sk, Tq)
+            p_t = _rows(p_flat, 0, cols, rows)
+            ds_t = _rows(ds_flat, 0, cols, rows)
+            slope_t = _rows(slope_flat, 0, cols, rows)
+            np.dot(k_tile, q_t, z_t)  # (Sk, Tq) zᵀ = k qᵀ, as in the forward
+            _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset, causal,
+                           window, doc_ids, has_doc, key_pad, has_pad)
+            # pᵀ = exp(zᵀ − lse): the probabilities, recomputed
+            _exp_tile(z_t, no_shift, lse_q, p_t, consts, mantissa_bits)
+            np.dot(v_tile, do_t, ds_t)  # forward o = p v, so dpᵀ = v doᵀ   (Sk, Tq)
+            _ds_tile(p_t, ds_t, no_shift, delta[bh * T + i0:bh * T + i0 + rows], slope_t,
+                     params)  # scale dsᵀ
+            _gemm_accumulate(gemm, p_t, False, do_tile, False, dv_rows)  # forward o = p v,
+            # so dv += pᵀ do   (Sk, Dv); forward s = scale q kᵀ: dk += scale dsᵀ q   (Sk, D)
+            _gemm_accumulate(gemm, ds_t, False, q_tile, False, dk_rows)
             if with_dq:  # and dq += scale ds k   (Tq, D), straight into this item's rows
-                _gemm_accumulate(gemm, ds, False, k_tile, False, _rows(dq, bh * T + i0, rows, D))
+                _gemm_accumulate(gemm, ds_t, True, k_tile, False, _rows(dq, bh * T + i0, rows, D))
 
 
 @njit(cache=True, parallel=True)
@@ -770,10 +791,9 @@ def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
             ds_t = _rows(ds_flat, 0, cols, rows)
             slope_t = _rows(slope_flat, 0, cols, rows)
             np.dot(k_tile, q_t, z_t)  # (Sk, Tq) zᵀ = k qᵀ
-            exp_scale = _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset,
-                                       causal, window, doc_ids, has_doc, key_pad, has_pad)
-            _exp_tile(z_t, exp_scale, no_shift, lse_cols, p_t, consts,
-                      mantissa_bits)  # pᵀ = exp(zᵀ − lse)
+            _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset, causal,
+                           window, doc_ids, has_doc, key_pad, has_pad)
+            _exp_tile(z_t, no_shift, lse_cols, p_t, consts, mantissa_bits)  # pᵀ = exp(zᵀ − lse)
             np.dot(v_tile, do_t, ds_t)  # dpᵀ = v doᵀ   (Sk, Tq)
             _ds_tile(p_t, ds_t, no_shift, delta_cols, slope_t, params)  # scale dsᵀ
             _gemm_accumulate(gemm, ds_t, True, k_tile, False, dq_rows)  # dq += scale ds k
