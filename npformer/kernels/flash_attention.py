@@ -6,7 +6,7 @@
 Same arguments and results as :func:`npformer.functional.attention.attention_forward` /
 ``attention_backward`` (softmax and softmax₁; clipped softmax → ValueError, use the NumPy
 path), but memory linear in the sequence length: the cache holds q, k, v, o and the per-row
-log-sum-exp (B, H, T), never a T × S matrix. The algorithm and its derivation are in the
+log-sum-exp as its two parts m and log l (B, H, T), never a T × S matrix. The algorithm and its derivation are in the
 readable twin, :mod:`npformer.kernels.flash_attention_reference`; this file is that
 algorithm arranged for speed, and tests/test_flash_attention.py holds the two together.
 
@@ -418,10 +418,12 @@ def _column_sum(p, out):
 
 
 @njit(cache=True, fastmath={"contract"})  # fused multiply-adds only; no reassociation
-def _exp_tile(z, shift_rows, shift_cols, p, consts, mantissa_bits):
-    """p[a, c] = exp(z[a, c] − shift_rows[a] − shift_cols[c]); 0 below ``floor``.
+def _exp_tile(z, shift, shift_low, p, consts, mantissa_bits):
+    """p[a, c] = exp((z[a, c] − shift[c]) − shift_low[c]); 0 below ``floor``.
 
-    z, p (A, C); one of the two shifts is all zeros (the tile is query- or key-major).
+    z, p (A, C) key-major tiles, c the query: shift is the row max m, shift_low 0 in the
+    forward and log l in the backward (subtracted one after the other: m + log l rounds
+    log l away when |m| is huge).
     exp(x) = 2ⁿ e^r with n = round(x / ln 2), r = x − n ln 2 ∈ [−ln2/2, ln2/2]:
     e^r by its Taylor polynomial (Horner), 2ⁿ by adding n to the exponent field
     (:func:`_times_power_of_two`; e^r ∈ [0.7, 1.5] and x > floor keep both normal). The
@@ -439,9 +441,8 @@ def _exp_tile(z, shift_rows, shift_cols, p, consts, mantissa_bits):
     zero = half - half
     if mantissa_bits == 23:  # float32: degree 7
         for a in range(z.shape[0]):
-            row_shift = shift_rows[a]
             for c in range(z.shape[1]):
-                x = z[a, c] - (row_shift + shift_cols[c])
+                x = (z[a, c] - shift[c]) - shift_low[c]
                 inside = x > floor  # False for −inf (masked) and for negligible values
                 x = x if inside else floor
                 n = np.floor(x * log2e + half)
@@ -451,9 +452,8 @@ def _exp_tile(z, shift_rows, shift_cols, p, consts, mantissa_bits):
                 p[a, c] = _times_power_of_two(poly, n) if inside else zero
     else:  # float64: degree 13
         for a in range(z.shape[0]):
-            row_shift = shift_rows[a]
             for c in range(z.shape[1]):
-                x = z[a, c] - (row_shift + shift_cols[c])
+                x = (z[a, c] - shift[c]) - shift_low[c]
                 inside = x > floor
                 x = x if inside else floor
                 n = np.floor(x * log2e + half)
@@ -528,10 +528,10 @@ def _gemm_accumulate(gemm, a, a_transposed, b, b_transposed, c):
 @njit(cache=True, parallel=True)
 def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids, has_doc,
                     key_pad, has_pad, kinds, block_q, block_k, consts,
-                    mantissa_bits, gemm, check_overflow, o, lse):
-    """The online-softmax forward. q, k, v, o, lse: flat C-ordered views of
-    (B, H, T, D), (B, K, S, D), (B, K, S, Dv), (B, H, T, Dv), (B, H, T); dims = (B, H, K,
-    T, S, D, Dv). One work item per (b, query head, query block).
+                    mantissa_bits, gemm, check_overflow, o, row_max, log_sum):
+    """The online-softmax forward. q, k, v, o, row_max, log_sum: flat C-ordered views of
+    (B, H, T, D), (B, K, S, D), (B, K, S, Dv), (B, H, T, Dv), (B, H, T), (B, H, T); dims =
+    (B, H, K, T, S, D, Dv). One work item per (b, query head, query block).
 
     Tiles are key-major, zᵀ = k qᵀ (Sk, Tq): with qᵀ transposed once per item both products
     (k qᵀ and pᵀᵀ v) are plain or transposed-left BLAS calls, the fast kinds (a transposed
@@ -556,7 +556,7 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
         z_flat = np.empty(block_k * rows, dtype=dtype)
         p_flat = np.empty(block_k * rows, dtype=dtype)
         slope_flat = np.empty(block_k * rows, dtype=dtype)
-        no_shift = np.zeros(block_k, dtype=dtype)
+        no_shift = np.zeros(rows, dtype=dtype)
         acc = np.zeros((rows, Dv), dtype=dtype)  # (Tq, Dv) Σ exp(z − m) v
         m = np.empty(rows, dtype=dtype)  # (Tq,) running max
         l = np.empty(rows, dtype=dtype)  # (Tq,) running Σ exp(z − m)
@@ -590,7 +590,7 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
             for i in range(rows):
                 tile_max[i] = max(m[i], tile_max[i])  # m' = max(m, max z')
                 shift[i] = tile_max[i] if tile_max[i] > -np.inf else 0.0  # no −inf − (−inf)
-            _exp_tile(z_t, no_shift, shift, p_t, consts, mantissa_bits)  # exp(z − m')
+            _exp_tile(z_t, shift, no_shift, p_t, consts, mantissa_bits)  # exp(z − m')
             _column_sum(p_t, tile_sum)  # (Tq,) Σ exp(z' − m')
             for i in range(rows):
                 if tile_max[i] > m[i]:  # the max grew (else exp(m − m') = 1: nothing to do)
@@ -607,11 +607,13 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
                 inverse = 1.0 / l[i]
                 for e in range(Dv):
                     o_rows[i, e] = acc[i, e] * inverse  # o = a / l
-                lse[bh * T + i0 + i] = m[i] + math.log(l[i])  # lse = m + log l
+                row_max[bh * T + i0 + i] = m[i]  # lse = m + log l, kept in two parts
+                log_sum[bh * T + i0 + i] = math.log(l[i])
             else:  # every key masked: o = 0 (already zero), p = 0 in the backward
-                lse[bh * T + i0 + i] = -np.inf
+                row_max[bh * T + i0 + i] = -np.inf
+                log_sum[bh * T + i0 + i] = -np.inf
             if overflow[i]:  # NaN: the caller raises, as the NumPy path does
-                lse[bh * T + i0 + i] = np.nan
+                row_max[bh * T + i0 + i] = np.nan
 
 
 # ---- backward ----------------------------------------------------------------------------
@@ -628,15 +630,18 @@ def _delta_kernel(do, o, n_rows, Dv, delta):
 
 
 @njit(cache=True)
-def _lse_shift(lse, start, rows, out):
-    """out[i] = lse[start + i], or +inf for a fully masked row (so p = exp(−inf) = 0)."""
+def _row_shifts(row_max, log_sum, start, rows, shift, shift_low):
+    """shift[i], shift_low[i] = m, log l of row start + i: p = exp((z − m) − log l); a fully
+    masked row (m = −inf) gets +inf and 0, so that p = exp(−inf − inf) = 0, not NaN."""
     for i in range(rows):
-        value = lse[start + i]
-        out[i] = value if value > -np.inf else np.inf
+        m = row_max[start + i]
+        masked = not m > -np.inf
+        shift[i] = np.inf if masked else m
+        shift_low[i] = 0.0 if masked else log_sum[start + i]
 
 
 @njit(cache=True)
-def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
+def _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window, doc_ids,
                          has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
                          mantissa_bits, gemm, b, kv, kb, dk, dv, dq, with_dq):
     """dk, dv of key block kb of kv head kv in batch row b: the sum over the G query heads
@@ -671,7 +676,8 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
     ds_flat = np.empty(size, dtype=dtype)
     slope_flat = np.empty(size, dtype=dtype)
     no_shift = np.zeros(cols, dtype=dtype)
-    lse_cols = np.empty(block_q, dtype=dtype)
+    max_cols = np.empty(block_q, dtype=dtype)
+    log_sum_cols = np.empty(block_q, dtype=dtype)
     for g in range(G):
         bh = b * H + kv * G + g  # query head kv·G + g reads this kv head
         for qb in range(n_qb):
@@ -686,8 +692,9 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
             do_t = _rows(do_t_flat, 0, Dv, rows)  # (Dv, Tq) doᵀ
             _transpose_into(q_tile, q_t)
             _transpose_into(do_tile, do_t)
-            lse_q = lse_cols[:rows]
-            _lse_shift(lse, bh * T + i0, rows, lse_q)
+            max_q = max_cols[:rows]
+            log_sum_q = log_sum_cols[:rows]
+            _row_shifts(row_max, log_sum, bh * T + i0, rows, max_q, log_sum_q)
             z_t = _rows(z_flat, 0, cols, rows)  # (Sk, Tq)
             p_t = _rows(p_flat, 0, cols, rows)
             ds_t = _rows(ds_flat, 0, cols, rows)
@@ -695,8 +702,8 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
             np.dot(k_tile, q_t, z_t)  # (Sk, Tq) zᵀ = k qᵀ, as in the forward
             _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset, causal,
                            window, doc_ids, has_doc, key_pad, has_pad)
-            # pᵀ = exp(zᵀ − lse): the probabilities, recomputed
-            _exp_tile(z_t, no_shift, lse_q, p_t, consts, mantissa_bits)
+            # pᵀ = exp((zᵀ − m) − log l): the probabilities, recomputed
+            _exp_tile(z_t, max_q, log_sum_q, p_t, consts, mantissa_bits)
             np.dot(v_tile, do_t, ds_t)  # forward o = p v, so dpᵀ = v doᵀ   (Sk, Tq)
             _ds_tile(p_t, ds_t, no_shift, delta[bh * T + i0:bh * T + i0 + rows], slope_t,
                      params)  # scale dsᵀ
@@ -708,7 +715,7 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
 
 
 @njit(cache=True, parallel=True)
-def _backward_by_kv_head(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
+def _backward_by_kv_head(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window, doc_ids,
                          has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
                          mantissa_bits, gemm, dq, dk, dv):
     """One pass; one work item per (b, kv head): the only writer of dk, dv of that kv head
@@ -719,14 +726,14 @@ def _backward_by_kv_head(q, k, v, do, lse, delta, dims, params, causal, window, 
         b = item // n_kv
         kv = item % n_kv
         for kb in range(n_kb):
-            _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window,
+            _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window,
                                  doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k,
                                  consts, mantissa_bits, gemm, b, kv, kb, dk, dv, dq,
                                  True)
 
 
 @njit(cache=True, parallel=True)
-def _backward_dk_dv(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids, has_doc,
+def _backward_dk_dv(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window, doc_ids, has_doc,
                     key_pad, has_pad, kinds, block_q, block_k, consts,
                     mantissa_bits, gemm, dk, dv):
     """Two-pass backward, pass 1: one item per (b, kv head, key block) writes its dk, dv
@@ -736,14 +743,14 @@ def _backward_dk_dv(q, k, v, do, lse, delta, dims, params, causal, window, doc_i
     for item in prange(B * n_kv * n_kb):
         b_kv = item // n_kb
         kb = _zigzag(item % n_kb, n_kb)
-        _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
+        _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window, doc_ids,
                              has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
                              mantissa_bits, gemm, b_kv // n_kv, b_kv % n_kv, kb, dk,
                              dv, dk, False)
 
 
 @njit(cache=True, parallel=True)
-def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids, has_doc,
+def _backward_dq(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window, doc_ids, has_doc,
                  key_pad, has_pad, kinds, block_q, block_k, consts, mantissa_bits,
                  gemm, dq):
     """Two-pass backward, pass 2: one item per (b, query head, query block) writes its dq
@@ -775,8 +782,9 @@ def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
         slope_flat = np.empty(size, dtype=dtype)
         dq_rows = _rows(dq, bh * T + i0, rows, D)  # (Tq, D) Σ over key blocks
         no_shift = np.zeros(block_k, dtype=dtype)
-        lse_cols = np.empty(rows, dtype=dtype)
-        _lse_shift(lse, bh * T + i0, rows, lse_cols)
+        max_cols = np.empty(rows, dtype=dtype)
+        log_sum_cols = np.empty(rows, dtype=dtype)
+        _row_shifts(row_max, log_sum, bh * T + i0, rows, max_cols, log_sum_cols)
         delta_cols = delta[bh * T + i0:bh * T + i0 + rows]
         for kb in range(n_kb):
             kind = kinds[b, qb, kb]
@@ -793,7 +801,8 @@ def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
             np.dot(k_tile, q_t, z_t)  # (Sk, Tq) zᵀ = k qᵀ
             _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset, causal,
                            window, doc_ids, has_doc, key_pad, has_pad)
-            _exp_tile(z_t, no_shift, lse_cols, p_t, consts, mantissa_bits)  # pᵀ = exp(zᵀ − lse)
+            _exp_tile(z_t, max_cols, log_sum_cols, p_t, consts,
+                      mantissa_bits)  # pᵀ = exp((zᵀ − m) − log l)
             np.dot(v_tile, do_t, ds_t)  # dpᵀ = v doᵀ   (Sk, Tq)
             _ds_tile(p_t, ds_t, no_shift, delta_cols, slope_t, params)  # scale dsᵀ
             _gemm_accumulate(gemm, ds_t, True, k_tile, False, dq_rows)  # dq += scale ds k
@@ -842,15 +851,15 @@ def _scores_may_overflow(q, k, scale: float) -> bool:
     return not bound < float(np.finfo(q.dtype).max) / 2
 
 
-def _raise_for_marked_rows(lse):
-    """ValueError if the forward marked a query row (lse = NaN) with an allowed score scale ·
+def _raise_for_marked_rows(row_max):
+    """ValueError if the forward marked a query row (m = NaN) with an allowed score scale ·
     q·k that is ±inf or NaN: finite q and k whose products overflow the dtype. The NumPy
     path refuses the same rows with the same error. The backward recomputes the same
     scores, so it needs no check of its own."""
-    bad = np.isnan(lse)  # (B, H, T)
+    bad = np.isnan(row_max)  # (B, H, T)
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise scores_overflow_error(int(bad.sum()), first, lse.dtype)
+        raise scores_overflow_error(int(bad.sum()), first, row_max.dtype)
 
 
 def _flash_forward(q, k, v, options: FlashAttentionOptions, block_q: int, block_k: int):
@@ -861,15 +870,16 @@ def _flash_forward(q, k, v, options: FlashAttentionOptions, block_q: int, block_
     dims, params, mask, dtype_args = _kernel_arguments(q, k, v, options, block_q, block_k)
     causal, window, doc_ids, has_doc, key_pad, has_pad, kinds = mask
     o = np.zeros((B, H, T, Dv), dtype=q.dtype)  # (B, H, T, Dv)
-    lse = np.empty((B, H, T), dtype=q.dtype)  # (B, H, T)
+    row_max = np.empty((B, H, T), dtype=q.dtype)  # (B, H, T) m
+    log_sum = np.empty((B, H, T), dtype=q.dtype)  # (B, H, T) log l
     with _one_blas_thread():
         _forward_kernel(q.reshape(-1), k.reshape(-1), v.reshape(-1), dims, params,
                         options.softmax == "softmax1", causal, window, doc_ids, has_doc,
                         key_pad, has_pad, kinds, block_q, block_k, *dtype_args,
                         _scores_may_overflow(q, k, options.scale), o.reshape(-1),
-                        lse.reshape(-1))
-    _raise_for_marked_rows(lse)
-    return o, FlashAttentionCache(q, k, v, o, lse, options)
+                        row_max.reshape(-1), log_sum.reshape(-1))
+    _raise_for_marked_rows(row_max)
+    return o, FlashAttentionCache(q, k, v, o, row_max, log_sum, options)
 
 
 def _use_one_pass(B: int, n_kv: int, n_threads: int) -> bool:
@@ -884,7 +894,7 @@ def _use_one_pass(B: int, n_kv: int, n_threads: int) -> bool:
 def _flash_backward(do, cache: FlashAttentionCache, block_q: int, block_k: int,
                     schedule: str = "auto"):
     """The backward with given tile sizes; schedule "auto" | "by_kv_head" | "two_pass"."""
-    q, k, v, o, lse, options = cache
+    q, k, v, o, row_max, log_sum, options = cache
     do = np.ascontiguousarray(check_grad(do, o.shape, q.dtype, "do"))
     B, H, T, D = q.shape
     n_kv = k.shape[1]
@@ -894,7 +904,8 @@ def _flash_backward(do, cache: FlashAttentionCache, block_q: int, block_k: int,
         schedule = "by_kv_head" if _use_one_pass(B, n_kv, numba.get_num_threads()) else "two_pass"
     if schedule not in ("by_kv_head", "two_pass"):
         raise ValueError(f"schedule must be 'auto', 'by_kv_head' or 'two_pass', got {schedule!r}")
-    flat = (q.reshape(-1), k.reshape(-1), v.reshape(-1), do.reshape(-1), lse.reshape(-1))
+    flat = (q.reshape(-1), k.reshape(-1), v.reshape(-1), do.reshape(-1), row_max.reshape(-1),
+            log_sum.reshape(-1))
     delta = np.empty(B * H * T, dtype=q.dtype)  # (B·H·T,) δ = rowsum(do ⊙ o)
     dq = np.zeros_like(q)  # (B, H, T, D)
     dk = np.zeros_like(k)  # (B, K, S, D)
@@ -920,7 +931,8 @@ def flash_attention_forward(q, k, v, *, causal=False, window=None, doc_ids=None,
     q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv), float32 or float64 → o (B, H, T, Dv).
     Options exactly as :func:`npformer.functional.attention.attention_forward`;
     softmax ∈ FLASH_SOFTMAX_VARIANTS ("clipped" raises: use attention_impl="numpy").
-    The cache holds q, k, v, o, lse (B, H, T) and the options — no T × S matrix.
+    The cache holds q, k, v, o, the row max and log-sum (B, H, T) and the options — no
+    T × S matrix.
     """
     q, k, v, options = prepare_flash_attention(
         q, k, v, causal=causal, window=window, doc_ids=doc_ids,
