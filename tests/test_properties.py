@@ -145,8 +145,9 @@ def _dense_terms(q, k, v, do, kwargs):
     # |change of p_ij|: relative R, and absolute 2·tiny — the kernel's exp gives 0 below the
     # smallest normal number (e⁻⁷⁰⁸, e⁻⁸⁷) where np.exp gives a subnormal
     change = p * R + 2 * np.finfo(q.dtype).tiny * allowed
-    return dict(p=p, R=R, E=E, change=change, dtype=q.dtype, slope=slope, k=k64, v=v64, q=q64, do=do.astype(np.float64),
-                scale=scale, cap=cap, masked=~allowed.any(axis=-1), G=G)
+    return dict(p=p, R=R, E=E, change=change, dtype=q.dtype, slope=slope, k=k64, v=v64, q=q64,
+                do=do.astype(np.float64), scale=scale, cap=cap, masked=~allowed.any(axis=-1),
+                G=G)
 
 
 def _group_sum(x, G):
@@ -230,7 +231,8 @@ def check_attention_case(q, k, v, do, kwargs):
             return (f"{name}: {int(np.sum((lse == -np.inf) & ~masked))} row(s) taken for fully "
                     f"masked that the mask allows")
     E_row = np.max(terms["E"], axis=-1, initial=0.0)  # (B, H, T)
-    lse_err = np.abs(cache.lse.astype(np.float64) - cache_ref.lse)
+    with np.errstate(invalid="ignore"):  # −inf − (−inf) for fully masked rows: not compared
+        lse_err = np.abs(cache.lse.astype(np.float64) - cache_ref.lse)
     lse_ok = ~np.isfinite(cache_ref.lse) | (
         lse_err <= 2 * E_row + tol * (np.abs(cache_ref.lse) + 1))
     if not lse_ok.all():

@@ -6,9 +6,10 @@
 Same arguments and results as :func:`npformer.functional.attention.attention_forward` /
 ``attention_backward`` (softmax and softmax₁; clipped softmax → ValueError, use the NumPy
 path), but memory linear in the sequence length: the cache holds q, k, v, o and the per-row
-log-sum-exp as its two parts m and log l (B, H, T), never a T × S matrix. The algorithm and its derivation are in the
-readable twin, :mod:`npformer.kernels.flash_attention_reference`; this file is that
-algorithm arranged for speed, and tests/test_flash_attention.py holds the two together.
+log-sum-exp as its two parts m and log l (B, H, T), never a T × S matrix. The algorithm
+and its derivation are in the readable twin, :mod:`npformer.kernels.flash_attention_reference`;
+this file is that algorithm arranged for speed, and tests/test_flash_attention.py holds the
+two together.
 
 How the time is spent, and what this file does about it
 -------------------------------------------------------
@@ -641,8 +642,8 @@ def _row_shifts(row_max, log_sum, start, rows, shift, shift_low):
 
 
 @njit(cache=True)
-def _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window, doc_ids,
-                         has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
+def _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window,
+                         doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
                          mantissa_bits, gemm, b, kv, kb, dk, dv, dq, with_dq):
     """dk, dv of key block kb of kv head kv in batch row b: the sum over the G query heads
     of the group and over every query block, added into dk, dv (zeroed by the caller, the
@@ -715,8 +716,8 @@ def _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, cau
 
 
 @njit(cache=True, parallel=True)
-def _backward_by_kv_head(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window, doc_ids,
-                         has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
+def _backward_by_kv_head(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window,
+                         doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
                          mantissa_bits, gemm, dq, dk, dv):
     """One pass; one work item per (b, kv head): the only writer of dk, dv of that kv head
     and of dq of its G query heads. dq must be zeroed."""
@@ -726,15 +727,15 @@ def _backward_by_kv_head(q, k, v, do, row_max, log_sum, delta, dims, params, cau
         b = item // n_kv
         kv = item % n_kv
         for kb in range(n_kb):
-            _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window,
-                                 doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k,
-                                 consts, mantissa_bits, gemm, b, kv, kb, dk, dv, dq,
+            _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, causal,
+                                 window, doc_ids, has_doc, key_pad, has_pad, kinds, block_q,
+                                 block_k, consts, mantissa_bits, gemm, b, kv, kb, dk, dv, dq,
                                  True)
 
 
 @njit(cache=True, parallel=True)
-def _backward_dk_dv(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window, doc_ids, has_doc,
-                    key_pad, has_pad, kinds, block_q, block_k, consts,
+def _backward_dk_dv(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window,
+                    doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
                     mantissa_bits, gemm, dk, dv):
     """Two-pass backward, pass 1: one item per (b, kv head, key block) writes its dk, dv
     (zeroed)."""
@@ -743,15 +744,15 @@ def _backward_dk_dv(q, k, v, do, row_max, log_sum, delta, dims, params, causal, 
     for item in prange(B * n_kv * n_kb):
         b_kv = item // n_kb
         kb = _zigzag(item % n_kb, n_kb)
-        _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window, doc_ids,
-                             has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
-                             mantissa_bits, gemm, b_kv // n_kv, b_kv % n_kv, kb, dk,
-                             dv, dk, False)
+        _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, causal,
+                             window, doc_ids, has_doc, key_pad, has_pad, kinds, block_q,
+                             block_k, consts, mantissa_bits, gemm, b_kv // n_kv, b_kv % n_kv,
+                             kb, dk, dv, dk, False)
 
 
 @njit(cache=True, parallel=True)
-def _backward_dq(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window, doc_ids, has_doc,
-                 key_pad, has_pad, kinds, block_q, block_k, consts, mantissa_bits,
+def _backward_dq(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window, doc_ids,
+                 has_doc, key_pad, has_pad, kinds, block_q, block_k, consts, mantissa_bits,
                  gemm, dq):
     """Two-pass backward, pass 2: one item per (b, query head, query block) writes its dq
     (zeroed).
