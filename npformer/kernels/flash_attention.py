@@ -495,6 +495,26 @@ def _transpose_into(tile, out):
 
 
 @njit(cache=True)
+def _block_t(blocks_t, first, n, width):
+    """The tile (width, n) = (rows first … first + n − 1 of a (·, width) array)ᵀ, as a view
+    into the output of :func:`_transpose_blocks`."""
+    return blocks_t[first * width:(first + n) * width].reshape((width, n))
+
+
+@njit(cache=True, parallel=True)
+def _transpose_blocks(x, n_sequences, T, width, block_q, out):
+    """out: every query block of x (n_sequences·T rows of width) transposed in place of its
+    rows, so that _block_t reads it as a C-contiguous (width, rows) tile. The backward
+    reads qᵀ and doᵀ of each query block once per key block; transposed once here, they
+    are not copied again per tile (that copy cost the backward ~15%)."""
+    n_qb = (T + block_q - 1) // block_q
+    for item in prange(n_sequences * n_qb):
+        first = (item // n_qb) * T + (item % n_qb) * block_q
+        rows = min(block_q, T - (item % n_qb) * block_q)
+        _transpose_into(_rows(x, first, rows, width), _block_t(out, first, rows, width))
+
+
+@njit(cache=True)
 def _gemm_accumulate(gemm, a, a_transposed, b, b_transposed, c):
     """c += op(a) op(b), with op(x) = xᵀ when flagged; 2-D arrays with unit inner stride.
 
@@ -642,9 +662,9 @@ def _row_shifts(row_max, log_sum, start, rows, shift, shift_low):
 
 
 @njit(cache=True)
-def _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window,
-                         doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
-                         mantissa_bits, gemm, b, kv, kb, dk, dv, dq, with_dq):
+def _key_block_gradients(q, k, v, do, q_blocks_t, do_blocks_t, row_max, log_sum, delta, dims,
+                         params, causal, window, doc_ids, has_doc, key_pad, has_pad, kinds, block_q,
+                         block_k, consts, mantissa_bits, gemm, b, kv, kb, dk, dv, dq, with_dq):
     """dk, dv of key block kb of kv head kv in batch row b: the sum over the G query heads
     of the group and over every query block, added into dk, dv (zeroed by the caller, the
     only writer of those rows). With with_dq, each tile's dq is also added to dq (the caller
@@ -654,8 +674,9 @@ def _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, cau
     operands, same shapes), so that the scores are bitwise the forward's: p = exp(z − lse)
     must use the z that lse was made from. q kᵀ is the same sum in another order in BLAS,
     and with scores near 1e9 (float32) one unit of their rounding is ~100: exp(z − lse) of
-    the row's top key came out ~e⁻¹⁰⁰ instead of 1 and dv was 0 (issue 14). qᵀ and doᵀ are
-    transposed per tile. Flat arrays as in _forward_kernel.
+    the row's top key came out ~e⁻¹⁰⁰ instead of 1 and dv was 0 (issue 14). qᵀ and doᵀ
+    come transposed per query block (q_blocks_t, do_blocks_t: _transpose_blocks). Flat
+    arrays as in _forward_kernel.
     """
     B, H, n_kv, T, S, D, Dv = dims
     G = H // n_kv
@@ -669,8 +690,6 @@ def _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, cau
     v_tile = _rows(v, first_key, cols, Dv)  # (Sk, Dv)
     dk_rows = _rows(dk, first_key, cols, D)  # (Sk, D) Σ over heads and query blocks
     dv_rows = _rows(dv, first_key, cols, Dv)  # (Sk, Dv)
-    q_t_flat = np.empty(D * block_q, dtype=dtype)
-    do_t_flat = np.empty(Dv * block_q, dtype=dtype)
     size = cols * block_q
     z_flat = np.empty(size, dtype=dtype)
     p_flat = np.empty(size, dtype=dtype)
@@ -689,10 +708,8 @@ def _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, cau
             rows = min(block_q, T - i0)
             q_tile = _rows(q, bh * T + i0, rows, D)  # (Tq, D)
             do_tile = _rows(do, bh * T + i0, rows, Dv)  # (Tq, Dv)
-            q_t = _rows(q_t_flat, 0, D, rows)  # (D, Tq) qᵀ
-            do_t = _rows(do_t_flat, 0, Dv, rows)  # (Dv, Tq) doᵀ
-            _transpose_into(q_tile, q_t)
-            _transpose_into(do_tile, do_t)
+            q_t = _block_t(q_blocks_t, bh * T + i0, rows, D)  # (D, Tq) qᵀ
+            do_t = _block_t(do_blocks_t, bh * T + i0, rows, Dv)  # (Dv, Tq) doᵀ
             max_q = max_cols[:rows]
             log_sum_q = log_sum_cols[:rows]
             _row_shifts(row_max, log_sum, bh * T + i0, rows, max_q, log_sum_q)
@@ -716,9 +733,9 @@ def _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, cau
 
 
 @njit(cache=True, parallel=True)
-def _backward_by_kv_head(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window,
-                         doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
-                         mantissa_bits, gemm, dq, dk, dv):
+def _backward_by_kv_head(q, k, v, do, q_blocks_t, do_blocks_t, row_max, log_sum, delta, dims,
+                         params, causal, window, doc_ids, has_doc, key_pad, has_pad, kinds, block_q,
+                         block_k, consts, mantissa_bits, gemm, dq, dk, dv):
     """One pass; one work item per (b, kv head): the only writer of dk, dv of that kv head
     and of dq of its G query heads. dq must be zeroed."""
     B, H, n_kv, T, S, D, Dv = dims
@@ -727,16 +744,16 @@ def _backward_by_kv_head(q, k, v, do, row_max, log_sum, delta, dims, params, cau
         b = item // n_kv
         kv = item % n_kv
         for kb in range(n_kb):
-            _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, causal,
-                                 window, doc_ids, has_doc, key_pad, has_pad, kinds, block_q,
-                                 block_k, consts, mantissa_bits, gemm, b, kv, kb, dk, dv, dq,
-                                 True)
+            _key_block_gradients(q, k, v, do, q_blocks_t, do_blocks_t, row_max, log_sum, delta,
+                                 dims, params, causal, window, doc_ids, has_doc, key_pad, has_pad,
+                                 kinds, block_q, block_k, consts, mantissa_bits, gemm, b, kv, kb,
+                                 dk, dv, dq, True)
 
 
 @njit(cache=True, parallel=True)
-def _backward_dk_dv(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window,
-                    doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
-                    mantissa_bits, gemm, dk, dv):
+def _backward_dk_dv(q, k, v, do, q_blocks_t, do_blocks_t, row_max, log_sum, delta, dims, params,
+                    causal, window, doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k,
+                    consts, mantissa_bits, gemm, dk, dv):
     """Two-pass backward, pass 1: one item per (b, kv head, key block) writes its dk, dv
     (zeroed)."""
     B, H, n_kv, T, S, D, Dv = dims
@@ -744,20 +761,20 @@ def _backward_dk_dv(q, k, v, do, row_max, log_sum, delta, dims, params, causal, 
     for item in prange(B * n_kv * n_kb):
         b_kv = item // n_kb
         kb = _zigzag(item % n_kb, n_kb)
-        _key_block_gradients(q, k, v, do, row_max, log_sum, delta, dims, params, causal,
-                             window, doc_ids, has_doc, key_pad, has_pad, kinds, block_q,
-                             block_k, consts, mantissa_bits, gemm, b_kv // n_kv, b_kv % n_kv,
-                             kb, dk, dv, dk, False)
+        _key_block_gradients(q, k, v, do, q_blocks_t, do_blocks_t, row_max, log_sum, delta, dims,
+                             params, causal, window, doc_ids, has_doc, key_pad, has_pad, kinds,
+                             block_q, block_k, consts, mantissa_bits, gemm, b_kv // n_kv, b_kv %
+                             n_kv, kb, dk, dv, dk, False)
 
 
 @njit(cache=True, parallel=True)
-def _backward_dq(q, k, v, do, row_max, log_sum, delta, dims, params, causal, window, doc_ids,
-                 has_doc, key_pad, has_pad, kinds, block_q, block_k, consts, mantissa_bits,
-                 gemm, dq):
+def _backward_dq(q, k, v, do, q_blocks_t, do_blocks_t, row_max, log_sum, delta, dims, params,
+                 causal, window, doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k,
+                 consts, mantissa_bits, gemm, dq):
     """Two-pass backward, pass 2: one item per (b, query head, query block) writes its dq
     (zeroed).
 
-    Key-major tiles zᵀ = k qᵀ (Sk, Tq) as in the forward, with qᵀ and doᵀ transposed once.
+    Key-major tiles zᵀ = k qᵀ (Sk, Tq) as in the forward (qᵀ, doᵀ: _transpose_blocks).
     """
     B, H, n_kv, T, S, D, Dv = dims
     G = H // n_kv
@@ -772,10 +789,8 @@ def _backward_dq(q, k, v, do, row_max, log_sum, delta, dims, params, causal, win
         kv = (bh % H) // G
         i0 = qb * block_q
         rows = min(block_q, T - i0)
-        q_t = np.empty((D, rows), dtype=dtype)  # (D, Tq) qᵀ
-        do_t = np.empty((Dv, rows), dtype=dtype)  # (Dv, Tq) doᵀ
-        _transpose_into(_rows(q, bh * T + i0, rows, D), q_t)
-        _transpose_into(_rows(do, bh * T + i0, rows, Dv), do_t)
+        q_t = _block_t(q_blocks_t, bh * T + i0, rows, D)  # (D, Tq) qᵀ
+        do_t = _block_t(do_blocks_t, bh * T + i0, rows, Dv)  # (Dv, Tq) doᵀ
         size = block_k * rows
         z_flat = np.empty(size, dtype=dtype)
         p_flat = np.empty(size, dtype=dtype)
@@ -905,8 +920,10 @@ def _flash_backward(do, cache: FlashAttentionCache, block_q: int, block_k: int,
         schedule = "by_kv_head" if _use_one_pass(B, n_kv, numba.get_num_threads()) else "two_pass"
     if schedule not in ("by_kv_head", "two_pass"):
         raise ValueError(f"schedule must be 'auto', 'by_kv_head' or 'two_pass', got {schedule!r}")
-    flat = (q.reshape(-1), k.reshape(-1), v.reshape(-1), do.reshape(-1), row_max.reshape(-1),
-            log_sum.reshape(-1))
+    q_blocks_t = np.empty(q.size, dtype=q.dtype)  # every query block of q, transposed
+    do_blocks_t = np.empty(do.size, dtype=q.dtype)  # and of do
+    flat = (q.reshape(-1), k.reshape(-1), v.reshape(-1), do.reshape(-1), q_blocks_t,
+            do_blocks_t, row_max.reshape(-1), log_sum.reshape(-1))
     delta = np.empty(B * H * T, dtype=q.dtype)  # (B·H·T,) δ = rowsum(do ⊙ o)
     dq = np.zeros_like(q)  # (B, H, T, D)
     dk = np.zeros_like(k)  # (B, K, S, D)
@@ -915,6 +932,8 @@ def _flash_backward(do, cache: FlashAttentionCache, block_q: int, block_k: int,
               block_q, block_k, *dtype_args)
     with _one_blas_thread():
         _delta_kernel(do.reshape(-1), o.reshape(-1), B * H * T, o.shape[3], delta)
+        _transpose_blocks(q.reshape(-1), B * H, T, D, block_q, q_blocks_t)
+        _transpose_blocks(do.reshape(-1), B * H, T, do.shape[3], block_q, do_blocks_t)
         if schedule == "by_kv_head":
             _backward_by_kv_head(*flat, delta, *shared, dq.reshape(-1), dk.reshape(-1),
                                  dv.reshape(-1))
