@@ -20,10 +20,10 @@ How the time is spent, and what this file does about it
   product, so SciPy is a dependency of the kernels. A product with a transposed right
   operand (q kᵀ on row-major tiles) ran about 2× slower than the plain or transposed-left
   kinds on 64-wide tiles here, so every kernel works on key-major tiles zᵀ = k qᵀ (qᵀ
-  copied once per query block, and per tile in the by-kv-head backward). The backward must
-  compute its scores by the forward's very call: lse was made from those bits, and q kᵀ is
-  the same sum in another order (issue 14: one unit of rounding of a huge score shifted
-  exp(z − lse) by e⁻¹⁰⁰).
+  copied once per query block; the backward transposes q and do once, before its kernels,
+  :func:`_transpose_blocks`). The backward must compute its scores by the forward's very
+  call: m and log l were made from those bits, and q kᵀ is the same sum in another order
+  (issue 14: one unit of rounding of a huge score shifted exp(z − lse) by e⁻¹⁰⁰).
 - Accumulating products. A product that is summed over tiles (the forward's a += p v, the
   backward's dv += pᵀ do, dk += dsᵀ q, dq += ds k) calls SciPy's ?gemm directly with
   beta = 1 (:func:`_gemm_accumulate`) instead of ``np.dot`` into a temporary plus an add:
