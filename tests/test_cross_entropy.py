@@ -296,3 +296,94 @@ def test_bad_inputs(fused):
         bwd(1.0, cache_none)
     with pytest.raises(ValueError, match="dloss has dtype float32"):
         bwd(np.ones((2, 3), dtype=np.float32), cache_none)
+
+
+def _float64_cross_entropy_rows(logits, targets, label_smoothing, ignore_index=-100):
+    """ℓ_n in float64 (long double for the log-sum-exp): the reference for logits whose
+    float32 log-probabilities overflow. (...) rows, 0 where ignored."""
+    x = logits.astype(np.longdouble)  # (..., V)
+    m = np.max(x, axis=-1)  # (...)
+    log_sum = np.log(np.sum(np.exp(x - m[..., None]), axis=-1))  # (...) log Σ exp(x − m)
+    valid = targets != ignore_index
+    x_y = np.take_along_axis(x, np.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    # −log p_y = (m − x_y) + log Σ, in this order: m + log Σ would round log Σ away at 1e38
+    rows = ((1 - label_smoothing) * ((m - x_y) + log_sum)
+            + label_smoothing * ((m - np.mean(x, axis=-1)) + log_sum))  # (...)
+    return np.where(valid, rows, 0).astype(np.float64)
+
+
+HUGE_LOGITS = np.array([[3e38, -3e38, 1e37, 0.0],  # log p of class 1 is −6e38: beyond float32
+                        [3e38, 3e38, -3e38, -3e38],  # a tie between two huge logits
+                        [-2e38, 1e38, 0.0, 5.0],
+                        [1.0, 2.0, -3e38, 3.0]], dtype=np.float32)
+HUGE_TARGETS = np.array([0, 1, 1, 2])  # every target's own loss is representable
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.25])  # ε = 1: sums beyond float32
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_large_finite_float32_logits_give_the_true_loss(label_smoothing, reduction):
+    # issue 14: with ε = 0 the smoothing term was still evaluated, 0 · Σ log p = 0 · (−inf) =
+    # NaN for a loss of 0 or 0.69; with ε > 0 the sum of V log-probabilities overflowed.
+    # Reference: the same formula in long double; gradient: torch's float64 p − q
+    targets = np.where(np.arange(4) == 3, -100, HUGE_TARGETS)  # one ignored row as well
+    for fwd, x in ((cross_entropy_forward, HUGE_LOGITS), (nll_forward, None)):
+        if x is None:  # the atomic pair sees log-probabilities; only finite ones are valid
+            with np.errstate(over="ignore"):
+                x = log_softmax_forward(HUGE_LOGITS[1:])[0]
+            if not np.all(np.isfinite(x)):
+                x = np.where(np.isfinite(x), x, np.float32(-3e38))  # finite, still huge
+            rows_logits, rows_targets = x, targets[1:]
+        else:
+            rows_logits, rows_targets = x, targets
+        loss, cache = fwd(rows_logits, rows_targets, label_smoothing=label_smoothing,
+                          reduction=reduction)
+        expected_rows = _float64_cross_entropy_rows(rows_logits, rows_targets, label_smoothing)
+        if fwd is nll_forward:  # nll is linear in its inputs: −Σ q logp in float64
+            logp = rows_logits.astype(np.float64)
+            valid = rows_targets != -100
+            logp_y = np.take_along_axis(logp, np.where(valid, rows_targets, 0)[:, None], -1)[:, 0]
+            expected_rows = np.where(valid, -(1 - label_smoothing) * logp_y
+                                     - label_smoothing * logp.mean(axis=-1), 0)
+        n_valid = int(np.count_nonzero(rows_targets != -100))
+        expected = {"none": expected_rows, "sum": expected_rows.sum(),
+                    "mean": expected_rows.sum() / n_valid}[reduction]
+        assert loss.dtype == np.float32 and np.all(np.isfinite(loss)), (fwd.__name__, loss)
+        assert_close(loss, expected, np.float32, f"{fwd.__name__} loss", atol=0.0)
+    _, cache = cross_entropy_forward(HUGE_LOGITS, targets, label_smoothing=label_smoothing,
+                                     reduction=reduction)
+    dloss = _dloss(np.random.default_rng(1), reduction, (4,), np.float32)
+    dlogits = cross_entropy_backward(dloss, cache)
+    _, dlogits_t = _torch_cross_entropy(HUGE_LOGITS.astype(np.float64), targets,
+                                        dloss.astype(np.float64),
+                                        label_smoothing=label_smoothing, reduction=reduction)
+    assert_close(dlogits, dlogits_t, np.float32, "dlogits")
+
+
+def test_a_loss_beyond_the_dtype_is_a_clear_error():
+    # the true loss of a counted row (−log p_y = 6e38) or of the sum does not fit float32:
+    # NonFiniteError (a ValueError), not inf or NaN. The same row ignored is fine
+    from npformer._validate import NonFiniteError
+
+    logits = HUGE_LOGITS[:1]  # class 1 has log p = −6e38
+    for eps in (0.0, 0.5):
+        with pytest.raises(NonFiniteError, match=r"loss of 1 counted row\(s\) \(first at index "
+                                                 r"\(0,\)\) is not representable in float32"):
+            cross_entropy_forward(logits, np.array([1]), label_smoothing=eps)
+        loss, _ = cross_entropy_forward(logits, np.array([-100]), label_smoothing=eps)
+        assert loss == 0.0
+    rows = np.tile(np.array([[2.5e38, -2.5e38]], dtype=np.float32), (3, 1))
+    # each row: ε · (lse − mean) = 1.0 · 2.5e38 fits; their sum 7.5e38 does not, their mean does
+    loss, _ = cross_entropy_forward(rows, np.zeros(3, dtype=np.int64), label_smoothing=1.0)
+    assert_close(loss, 2.5e38, np.float32, "mean", atol=0.0)
+    with pytest.raises(NonFiniteError, match=r"the sum of the row losses \(7.5e\+38\) is not "
+                                             r"representable in float32"):
+        cross_entropy_forward(rows, np.zeros(3, dtype=np.int64), label_smoothing=1.0,
+                              reduction="sum")
+
+
+def test_smoothing_mean_of_float64_logits_near_the_largest_double():
+    # mean(x) of logits near 1e308 overflows a plain float64 sum; it is scaled instead
+    logits = np.array([[1.2e308, 1.2e308, -1e308]])
+    loss, _ = cross_entropy_forward(logits, np.array([0]), label_smoothing=0.1)
+    expected = 0.9 * np.log(2.0) + 0.1 * (1.2e308 - (1.2e308 * 2 / 3 - 1e308 / 3))
+    assert_close(loss, expected, np.float64, "loss", atol=0.0)

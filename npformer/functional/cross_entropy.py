@@ -55,6 +55,17 @@ nothing. This is the one intended difference from PyTorch; "sum" and "none" alre
 Logits must be finite: a −inf logit has log p = −inf, which label smoothing (ε / V > 0)
 would weight into an infinite loss. To leave a position out of the loss, use
 ``ignore_index``.
+
+Large finite logits
+-------------------
+Each row's loss is assembled from two pieces, each evaluated only when its weight is not 0:
+−log p_y (weight 1 − ε), and the smoothing term −(1/V) Σ_v log p_v (weight ε), which is
+computed in float64 as (m − mean(x)) + log Σ_v exp(x_v − m), m the row's max — never as a
+sum of V log-probabilities, which overflows float32 for logits near 1e37 (and with ε = 0 it
+used to be evaluated anyway: 0 · (−inf) = NaN for a loss that is really 0). When the true loss of a
+counted row, or its sum over rows, is not representable in the logits' dtype (log-probabilities
+beyond −3.4e38 in float32), a :class:`NonFiniteError` (a ValueError) says so instead of
+returning inf or NaN. The gradient p − q lies in [−1, 1] and needs no such care.
 """
 
 from __future__ import annotations
@@ -63,7 +74,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_grad, check_probability, check_shape
+from .._validate import NonFiniteError, check_float, check_grad, check_probability, check_shape
 from .softmax import log_softmax_forward
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -136,14 +147,63 @@ def _target_distribution(targets, valid, vocab: int, eps: float, dtype) -> np.nd
     return q
 
 
-def _reduce(loss_rows: np.ndarray, n_valid: int, reduction: str) -> np.ndarray:
-    """(...) per-row losses (0 where ignored) → "none": (...), "sum"/"mean": 0-d array."""
+def _smoothed_row_losses(logp_y, mean_logp, valid, eps: float, name: str) -> np.ndarray:
+    """ℓ_n = (1 − ε)(−log p_y) + ε (−mean_v log p_v) per row, 0 where ignored. (...)
+
+    logp_y: (...) log p_y in the dtype; mean_logp: (...) float64 mean of the row's log p,
+    or None when ε = 0. A term whose weight is 0 is not evaluated (0 · (−inf) would be NaN
+    for a loss that is finite). NonFiniteError when a counted row's loss is not
+    representable in the dtype (its log p_y or mean log p overflowed it).
+    """
+    dtype = logp_y.dtype
+    if eps == 0.0:
+        loss_rows = -logp_y  # (...) ℓ_n = −log p_y, in the dtype (bitwise as before)
+    else:
+        loss_rows = eps * -mean_logp  # (...) float64
+        if eps != 1.0:
+            loss_rows = loss_rows - (1.0 - eps) * logp_y.astype(np.float64)
+    bad = valid & ~(np.abs(loss_rows) <= np.finfo(dtype).max)  # inf, or beyond the dtype
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(np.atleast_1d(bad))[0])
+        raise NonFiniteError(
+            f"{name}: the loss of {int(bad.sum())} counted row(s) (first at index {first}) is "
+            f"not representable in {dtype} (finite logits, but log-probabilities beyond "
+            f"{-float(np.finfo(dtype).max):.3g}); scale the logits down or compute in float64")
+    return np.where(valid, loss_rows, 0).astype(dtype, copy=False)
+
+
+def _mean_float64(x: np.ndarray) -> np.ndarray:
+    """(...) mean over the last axis of (..., V), accumulated in float64 without overflow
+    (float64 inputs near 1e308 are divided by their largest magnitude first)."""
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is redone, scaled
+        mean = np.mean(x, axis=-1, dtype=np.float64)  # (...)
+    if np.all(np.isfinite(mean)):
+        return mean
+    big = np.max(np.abs(x), axis=-1, keepdims=True).astype(np.float64)  # (..., 1) > 0
+    return np.mean(x / big, axis=-1, dtype=np.float64) * big[..., 0]
+
+
+def _reduce(loss_rows: np.ndarray, n_valid: int, reduction: str, name: str) -> np.ndarray:
+    """(...) per-row losses (0 where ignored) → "none": (...), "sum"/"mean": 0-d array.
+
+    Finite rows whose sum overflows the dtype (rows near 1e38 in float32) are summed again
+    in float64: a mean that fits is returned, a total that does not fit raises
+    NonFiniteError instead of returning inf."""
     if reduction == "none":
         return np.asarray(loss_rows)
-    total = np.sum(loss_rows)
-    if reduction == "sum":
+    count = 1 if reduction == "sum" else max(n_valid, 1)  # all ignored: 0 / 1 = 0 (PyTorch: NaN)
+    with np.errstate(over="ignore"):  # an overflowing sum is redone in float64 below
+        total = np.sum(loss_rows)
+        if reduction == "mean":
+            total = total / count
+    if np.isfinite(total):
         return np.asarray(total)
-    return np.asarray(total / max(n_valid, 1))  # all ignored: 0 / 1 = 0 (PyTorch: 0 / 0 = NaN)
+    total = np.sum(loss_rows, dtype=np.float64) / count  # the rows are finite: no NaN here
+    if not abs(total) <= np.finfo(loss_rows.dtype).max:
+        raise NonFiniteError(
+            f"{name}: the {reduction} of the row losses ({float(total):.4g}) is not "
+            f"representable in {loss_rows.dtype}; scale the logits down or compute in float64")
+    return np.asarray(total, dtype=loss_rows.dtype)
 
 
 def _row_scale(dloss, valid: np.ndarray, n_valid: int, reduction: str, dtype) -> np.ndarray:
@@ -181,9 +241,13 @@ def nll_forward(logp: np.ndarray, targets: np.ndarray, ignore_index: int = -100,
     valid = _check_targets(targets, logp, "logp", ignore_index)  # (...)
     vocab = logp.shape[-1]
     q = _target_distribution(targets, valid, vocab, label_smoothing, logp.dtype)  # (..., V)
-    loss_rows = -np.sum(q * logp, axis=-1)  # ℓ_n = −Σ_v q_v logp_v   (...), 0 if ignored
+    safe = np.where(valid, targets, 0)  # (...) ignored rows read class 0, zeroed below
+    logp_y = np.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]  # (...) log p_y
+    # ℓ_n = −Σ_v q_v logp_v = (1 − ε)(−logp_y) + ε (−mean_v logp_v)   (...), 0 if ignored
+    mean_logp = _mean_float64(logp) if label_smoothing > 0 else None  # (...)
+    loss_rows = _smoothed_row_losses(logp_y, mean_logp, valid, label_smoothing, "nll")
     n_valid = int(np.count_nonzero(valid))
-    loss = _reduce(loss_rows, n_valid, reduction)
+    loss = _reduce(loss_rows, n_valid, reduction, "nll")
     return loss, NLLCache(q, valid, n_valid, reduction)
 
 
@@ -213,17 +277,23 @@ def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray, ignore_index:
     logits = check_float(logits, "logits", min_ndim=1)
     label_smoothing, reduction = _check_options(label_smoothing, reduction)
     valid = _check_targets(targets, logits, "logits", ignore_index)  # (...)
-    vocab = logits.shape[-1]
     eps = label_smoothing
-    logp, log_softmax_cache = log_softmax_forward(logits)  # (..., V) stable log-sum-exp
+    with np.errstate(over="ignore"):  # x − m beyond the dtype: log p = −inf, checked below
+        logp, log_softmax_cache = log_softmax_forward(logits)  # (..., V) stable log-sum-exp
     p = log_softmax_cache.p  # (..., V) softmax, for the backward
     safe = np.where(valid, targets, 0)  # (...) ignored rows read class 0, zeroed below
     logp_y = np.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]  # (...) log p_y
-    # ℓ_n = (1 − ε)(−log p_y) + ε (−(1/V) Σ_v log p_v)
-    loss_rows = -(1.0 - eps) * logp_y - (eps / vocab) * np.sum(logp, axis=-1)  # (...)
-    loss_rows = np.where(valid, loss_rows, 0).astype(logits.dtype, copy=False)
+    mean_logp = None  # (...) float64 (1/V) Σ_v log p_v, only when it is weighted (ε > 0)
+    if eps > 0:  # log p_v = (x_v − m) − log Σ exp(x − m): the mean is (mean(x) − m) − log Σ…
+        top = np.argmax(logits, axis=-1)[..., None]  # (..., 1) the max m, where log p = −log Σ
+        m = np.take_along_axis(logits, top, axis=-1)[..., 0].astype(np.float64)  # (...)
+        log_sum = -np.take_along_axis(logp, top, axis=-1)[..., 0].astype(np.float64)  # (...)
+        mean_logp = (_mean_float64(logits) - m) - log_sum  # not m + log Σ first: near 1e38
+        # that sum would round log Σ (≤ log V) away
+    # ℓ_n = (1 − ε)(−log p_y) + ε (−(1/V) Σ_v log p_v)   (...), 0 if ignored
+    loss_rows = _smoothed_row_losses(logp_y, mean_logp, valid, eps, "cross_entropy")
     n_valid = int(np.count_nonzero(valid))
-    loss = _reduce(loss_rows, n_valid, reduction)
+    loss = _reduce(loss_rows, n_valid, reduction, "cross_entropy")
     return loss, CrossEntropyCache(p, targets, valid, n_valid, eps, reduction)
 
 

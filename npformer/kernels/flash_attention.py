@@ -6,9 +6,10 @@
 Same arguments and results as :func:`npformer.functional.attention.attention_forward` /
 ``attention_backward`` (softmax and softmax₁; clipped softmax → ValueError, use the NumPy
 path), but memory linear in the sequence length: the cache holds q, k, v, o and the per-row
-log-sum-exp (B, H, T), never a T × S matrix. The algorithm and its derivation are in the
-readable twin, :mod:`npformer.kernels.flash_attention_reference`; this file is that
-algorithm arranged for speed, and tests/test_flash_attention.py holds the two together.
+log-sum-exp as its two parts m and log l (B, H, T), never a T × S matrix. The algorithm
+and its derivation are in the readable twin, :mod:`npformer.kernels.flash_attention_reference`;
+this file is that algorithm arranged for speed, and tests/test_flash_attention.py holds the
+two together.
 
 How the time is spent, and what this file does about it
 -------------------------------------------------------
@@ -18,8 +19,11 @@ How the time is spent, and what this file does about it
   about 3× faster than row-update loops and ~1.7× faster than a hand-written register-blocked
   product, so SciPy is a dependency of the kernels. A product with a transposed right
   operand (q kᵀ on row-major tiles) ran about 2× slower than the plain or transposed-left
-  kinds on 64-wide tiles here, so the forward works on key-major tiles zᵀ = k qᵀ (qᵀ copied
-  once per query block) and the backward copies kᵀ and vᵀ once per key block.
+  kinds on 64-wide tiles here, so every kernel works on key-major tiles zᵀ = k qᵀ (qᵀ
+  copied once per query block; the backward transposes q and do once, before its kernels,
+  :func:`_transpose_blocks`). The backward must compute its scores by the forward's very
+  call: m and log l were made from those bits, and q kᵀ is the same sum in another order
+  (issue 14: one unit of rounding of a huge score shifted exp(z − lse) by e⁻¹⁰⁰).
 - Accumulating products. A product that is summed over tiles (the forward's a += p v, the
   backward's dv += pᵀ do, dk += dsᵀ q, dq += ds k) calls SciPy's ?gemm directly with
   beta = 1 (:func:`_gemm_accumulate`) instead of ``np.dot`` into a temporary plus an add:
@@ -40,8 +44,10 @@ How the time is spent, and what this file does about it
   3–5% faster forward and backward, bitwise the same results). Arguments below
   ``floor`` (−708 in float64, −87 in float32, where e^x reaches the smallest normal number)
   give exactly 0, which is also how a masked score (−inf) gets probability 0. The scale is
-  folded into it: exp(scale · q·k − m) is one fused multiply-add per score. LLVM vectorises
-  it 8 floats wide (256-bit, its preference on AVX-512 CPUs): ~0.37 ns per float32 here.
+  not folded into it: scale · q·k is rounded first (:func:`_finish_scores`), so that the
+  row maximum gives exactly exp(0) whatever the size of the scores (a fused
+  exp(scale · q·k − m) made large rows all zero, issue 14). LLVM vectorises the exp
+  8 floats wide (256-bit, its preference on AVX-512 CPUs): ~0.37 ns per float32 here.
   Allowing 512-bit vectors (NUMBA_CPU_FEATURES = the host's features + ",-prefer-256-bit")
   gave 0.24–0.37 ns, and forward + backward ~5% faster before the bitcast above; but the
   setting is process-wide (every numba function of the program), so it is left to the user.
@@ -356,20 +362,26 @@ def _flag_overflowed_queries(z, scale, kind, b, i0, j0, offset, causal, window, 
                 overflow[c] = True
 
 
-@njit(cache=True)
+@njit(cache=True)  # no fast-math: each scale · q·k is rounded on its own, never fused
 def _finish_scores(z, slope, params, key_major, kind, b, i0, j0, offset, causal, window,
                    doc_ids, has_doc, key_pad, has_pad):
-    """Turn a tile of products q·k into scores, in place; returns the scale left to apply.
+    """Turn a tile of products q·k into scores z, in place: what the exp then shifts.
 
-    Without soft-capping the scale is folded into the exp (exp(scale · z − shift), one fused
-    multiply-add), so the tile stays q·k and the scale is returned. With soft-capping the
-    tile becomes c = cap tanh(scale · q·k / cap), slope = sech²(scale · q·k / cap), and 1
-    is returned. Then masked entries of a _PARTIAL tile become −inf.
+    Without soft-capping z = scale · q·k; with it z = cap tanh(scale · q·k / cap) and slope
+    = sech²(scale · q·k / cap). Then masked entries of a _PARTIAL tile become −inf.
     params = [scale, cap] in the tile dtype (cap = 0: no soft-capping).
+
+    Why the scale is applied here, in a pass of its own, and not inside the exp as one fused
+    multiply-add exp(scale · q·k − m): the row maximum m is a rounded score, while the
+    fused form subtracts it from the exact product. Their difference is up to half a unit
+    of rounding of the score — 0 for a power-of-two scale, but with scale = 1/√D for D = 3,
+    5, 80, … and |score| near 1e30 (float64) or 3e9 (float32) it is below the exp's floor,
+    so every key of the row got probability 0 and the row was taken for fully masked
+    (issue 14: zeros, no error). Rounded first, the top score gives exactly exp(0) = 1, and
+    every exp argument is the NumPy reference's z − m.
     """
     scale = params[0]
     cap = params[1]
-    exp_scale = scale
     if cap > 0:
         for a in range(z.shape[0]):
             for c in range(z.shape[1]):
@@ -377,11 +389,13 @@ def _finish_scores(z, slope, params, key_major, kind, b, i0, j0, offset, causal,
                 e = math.exp(-2.0 * abs(u))  # exp(−2|u|) ∈ (0, 1]
                 slope[a, c] = 4.0 * e / ((1.0 + e) * (1.0 + e))  # sech²(u), no cancellation
                 z[a, c] = cap * math.tanh(u)  # c = cap tanh(s / cap)
-        exp_scale = scale - scale + 1  # 1 in the tile dtype
+    else:
+        for a in range(z.shape[0]):
+            for c in range(z.shape[1]):
+                z[a, c] = scale * z[a, c]  # s = scale · q·k
     if kind == _PARTIAL:
         _mask_tile(z, key_major, b, i0, j0, offset, causal, window, doc_ids, has_doc, key_pad,
                    has_pad)
-    return exp_scale
 
 
 @njit(cache=True)
@@ -405,10 +419,12 @@ def _column_sum(p, out):
 
 
 @njit(cache=True, fastmath={"contract"})  # fused multiply-adds only; no reassociation
-def _exp_tile(z, scale, shift_rows, shift_cols, p, consts, mantissa_bits):
-    """p[a, c] = exp(scale · z[a, c] − shift_rows[a] − shift_cols[c]); 0 below ``floor``.
+def _exp_tile(z, shift, shift_low, p, consts, mantissa_bits):
+    """p[a, c] = exp((z[a, c] − shift[c]) − shift_low[c]); 0 below ``floor``.
 
-    z, p (A, C); one of the two shifts is all zeros (the tile is query- or key-major).
+    z, p (A, C) key-major tiles, c the query: shift is the row max m, shift_low 0 in the
+    forward and log l in the backward (subtracted one after the other: m + log l rounds
+    log l away when |m| is huge).
     exp(x) = 2ⁿ e^r with n = round(x / ln 2), r = x − n ln 2 ∈ [−ln2/2, ln2/2]:
     e^r by its Taylor polynomial (Horner), 2ⁿ by adding n to the exponent field
     (:func:`_times_power_of_two`; e^r ∈ [0.7, 1.5] and x > floor keep both normal). The
@@ -426,9 +442,8 @@ def _exp_tile(z, scale, shift_rows, shift_cols, p, consts, mantissa_bits):
     zero = half - half
     if mantissa_bits == 23:  # float32: degree 7
         for a in range(z.shape[0]):
-            row_shift = shift_rows[a]
             for c in range(z.shape[1]):
-                x = scale * z[a, c] - (row_shift + shift_cols[c])
+                x = (z[a, c] - shift[c]) - shift_low[c]
                 inside = x > floor  # False for −inf (masked) and for negligible values
                 x = x if inside else floor
                 n = np.floor(x * log2e + half)
@@ -438,9 +453,8 @@ def _exp_tile(z, scale, shift_rows, shift_cols, p, consts, mantissa_bits):
                 p[a, c] = _times_power_of_two(poly, n) if inside else zero
     else:  # float64: degree 13
         for a in range(z.shape[0]):
-            row_shift = shift_rows[a]
             for c in range(z.shape[1]):
-                x = scale * z[a, c] - (row_shift + shift_cols[c])
+                x = (z[a, c] - shift[c]) - shift_low[c]
                 inside = x > floor
                 x = x if inside else floor
                 n = np.floor(x * log2e + half)
@@ -481,6 +495,26 @@ def _transpose_into(tile, out):
 
 
 @njit(cache=True)
+def _block_t(blocks_t, first, n, width):
+    """The tile (width, n) = (rows first … first + n − 1 of a (·, width) array)ᵀ, as a view
+    into the output of :func:`_transpose_blocks`."""
+    return blocks_t[first * width:(first + n) * width].reshape((width, n))
+
+
+@njit(cache=True, parallel=True)
+def _transpose_blocks(x, n_sequences, T, width, block_q, out):
+    """out: every query block of x (n_sequences·T rows of width) transposed in place of its
+    rows, so that _block_t reads it as a C-contiguous (width, rows) tile. The backward
+    reads qᵀ and doᵀ of each query block once per key block; transposed once here, they
+    are not copied again per tile (that copy cost the backward ~15%)."""
+    n_qb = (T + block_q - 1) // block_q
+    for item in prange(n_sequences * n_qb):
+        first = (item // n_qb) * T + (item % n_qb) * block_q
+        rows = min(block_q, T - (item % n_qb) * block_q)
+        _transpose_into(_rows(x, first, rows, width), _block_t(out, first, rows, width))
+
+
+@njit(cache=True)
 def _gemm_accumulate(gemm, a, a_transposed, b, b_transposed, c):
     """c += op(a) op(b), with op(x) = xᵀ when flagged; 2-D arrays with unit inner stride.
 
@@ -515,10 +549,10 @@ def _gemm_accumulate(gemm, a, a_transposed, b, b_transposed, c):
 @njit(cache=True, parallel=True)
 def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids, has_doc,
                     key_pad, has_pad, kinds, block_q, block_k, consts,
-                    mantissa_bits, gemm, check_overflow, o, lse):
-    """The online-softmax forward. q, k, v, o, lse: flat C-ordered views of
-    (B, H, T, D), (B, K, S, D), (B, K, S, Dv), (B, H, T, Dv), (B, H, T); dims = (B, H, K,
-    T, S, D, Dv). One work item per (b, query head, query block).
+                    mantissa_bits, gemm, check_overflow, o, row_max, log_sum):
+    """The online-softmax forward. q, k, v, o, row_max, log_sum: flat C-ordered views of
+    (B, H, T, D), (B, K, S, D), (B, K, S, Dv), (B, H, T, Dv), (B, H, T), (B, H, T); dims =
+    (B, H, K, T, S, D, Dv). One work item per (b, query head, query block).
 
     Tiles are key-major, zᵀ = k qᵀ (Sk, Tq): with qᵀ transposed once per item both products
     (k qᵀ and pᵀᵀ v) are plain or transposed-left BLAS calls, the fast kinds (a transposed
@@ -543,7 +577,7 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
         z_flat = np.empty(block_k * rows, dtype=dtype)
         p_flat = np.empty(block_k * rows, dtype=dtype)
         slope_flat = np.empty(block_k * rows, dtype=dtype)
-        no_shift = np.zeros(block_k, dtype=dtype)
+        no_shift = np.zeros(rows, dtype=dtype)
         acc = np.zeros((rows, Dv), dtype=dtype)  # (Tq, Dv) Σ exp(z − m) v
         m = np.empty(rows, dtype=dtype)  # (Tq,) running max
         l = np.empty(rows, dtype=dtype)  # (Tq,) running Σ exp(z − m)
@@ -571,13 +605,13 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
                 _flag_overflowed_queries(z_t, params[0], kind, b, i0, j0, offset, causal,
                                          window, doc_ids, has_doc, key_pad, has_pad, probe,
                                          overflow)
-            exp_scale = _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset,
-                                       causal, window, doc_ids, has_doc, key_pad, has_pad)
+            _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset, causal,
+                           window, doc_ids, has_doc, key_pad, has_pad)
             _column_max(z_t, tile_max)  # (Tq,) max over this tile's keys
             for i in range(rows):
-                tile_max[i] = max(m[i], exp_scale * tile_max[i])  # m' = max(m, max z')
+                tile_max[i] = max(m[i], tile_max[i])  # m' = max(m, max z')
                 shift[i] = tile_max[i] if tile_max[i] > -np.inf else 0.0  # no −inf − (−inf)
-            _exp_tile(z_t, exp_scale, no_shift, shift, p_t, consts, mantissa_bits)  # exp(z − m')
+            _exp_tile(z_t, shift, no_shift, p_t, consts, mantissa_bits)  # exp(z − m')
             _column_sum(p_t, tile_sum)  # (Tq,) Σ exp(z' − m')
             for i in range(rows):
                 if tile_max[i] > m[i]:  # the max grew (else exp(m − m') = 1: nothing to do)
@@ -594,11 +628,13 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
                 inverse = 1.0 / l[i]
                 for e in range(Dv):
                     o_rows[i, e] = acc[i, e] * inverse  # o = a / l
-                lse[bh * T + i0 + i] = m[i] + math.log(l[i])  # lse = m + log l
+                row_max[bh * T + i0 + i] = m[i]  # lse = m + log l, kept in two parts
+                log_sum[bh * T + i0 + i] = math.log(l[i])
             else:  # every key masked: o = 0 (already zero), p = 0 in the backward
-                lse[bh * T + i0 + i] = -np.inf
+                row_max[bh * T + i0 + i] = -np.inf
+                log_sum[bh * T + i0 + i] = -np.inf
             if overflow[i]:  # NaN: the caller raises, as the NumPy path does
-                lse[bh * T + i0 + i] = np.nan
+                row_max[bh * T + i0 + i] = np.nan
 
 
 # ---- backward ----------------------------------------------------------------------------
@@ -615,29 +651,37 @@ def _delta_kernel(do, o, n_rows, Dv, delta):
 
 
 @njit(cache=True)
-def _lse_shift(lse, start, rows, out):
-    """out[i] = lse[start + i], or +inf for a fully masked row (so p = exp(−inf) = 0)."""
+def _row_shifts(row_max, log_sum, start, rows, shift, shift_low):
+    """shift[i], shift_low[i] = m, log l of row start + i: p = exp((z − m) − log l); a fully
+    masked row (m = −inf) gets +inf and 0, so that p = exp(−inf − inf) = 0, not NaN."""
     for i in range(rows):
-        value = lse[start + i]
-        out[i] = value if value > -np.inf else np.inf
+        m = row_max[start + i]
+        masked = not m > -np.inf
+        shift[i] = np.inf if masked else m
+        shift_low[i] = 0.0 if masked else log_sum[start + i]
 
 
 @njit(cache=True)
-def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
-                         has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
-                         mantissa_bits, gemm, b, kv, kb, dk, dv, dq, with_dq):
+def _key_block_gradients(q, k, v, do, q_blocks_t, do_blocks_t, row_max, log_sum, delta, dims,
+                         params, causal, window, doc_ids, has_doc, key_pad, has_pad, kinds, block_q,
+                         block_k, consts, mantissa_bits, gemm, b, kv, kb, dk, dv, dq, with_dq):
     """dk, dv of key block kb of kv head kv in batch row b: the sum over the G query heads
     of the group and over every query block, added into dk, dv (zeroed by the caller, the
     only writer of those rows). With with_dq, each tile's dq is also added to dq (the caller
     guarantees no other thread writes those rows).
 
-    Query-major tiles z = q kᵀ (Tq, Sk), with kᵀ and vᵀ transposed once for all of them.
-    Flat arrays as in _forward_kernel.
+    Key-major tiles zᵀ = k qᵀ (Sk, Tq), computed by the very call the forward makes (same
+    operands, same shapes), so that the scores are bitwise the forward's: p = exp(z − lse)
+    must use the z that lse was made from. q kᵀ is the same sum in another order in BLAS,
+    and with scores near 1e9 (float32) one unit of their rounding is ~100: exp(z − lse) of
+    the row's top key came out ~e⁻¹⁰⁰ instead of 1 and dv was 0 (issue 14). qᵀ and doᵀ
+    come transposed per query block (q_blocks_t, do_blocks_t: _transpose_blocks). Flat
+    arrays as in _forward_kernel.
     """
     B, H, n_kv, T, S, D, Dv = dims
     G = H // n_kv
-    offset = S - T
     n_qb = (T + block_q - 1) // block_q
+    offset = S - T
     dtype = q.dtype
     j0 = kb * block_k
     cols = min(block_k, S - j0)
@@ -646,17 +690,14 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
     v_tile = _rows(v, first_key, cols, Dv)  # (Sk, Dv)
     dk_rows = _rows(dk, first_key, cols, D)  # (Sk, D) Σ over heads and query blocks
     dv_rows = _rows(dv, first_key, cols, Dv)  # (Sk, Dv)
-    k_t = np.empty((D, cols), dtype=dtype)  # (D, Sk) kᵀ
-    v_t = np.empty((Dv, cols), dtype=dtype)  # (Dv, Sk) vᵀ
-    _transpose_into(k_tile, k_t)
-    _transpose_into(v_tile, v_t)
-    size = block_q * cols
+    size = cols * block_q
     z_flat = np.empty(size, dtype=dtype)
     p_flat = np.empty(size, dtype=dtype)
     ds_flat = np.empty(size, dtype=dtype)
     slope_flat = np.empty(size, dtype=dtype)
     no_shift = np.zeros(cols, dtype=dtype)
-    lse_rows = np.empty(block_q, dtype=dtype)
+    max_cols = np.empty(block_q, dtype=dtype)
+    log_sum_cols = np.empty(block_q, dtype=dtype)
     for g in range(G):
         bh = b * H + kv * G + g  # query head kv·G + g reads this kv head
         for qb in range(n_qb):
@@ -667,29 +708,34 @@ def _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, 
             rows = min(block_q, T - i0)
             q_tile = _rows(q, bh * T + i0, rows, D)  # (Tq, D)
             do_tile = _rows(do, bh * T + i0, rows, Dv)  # (Tq, Dv)
-            _lse_shift(lse, bh * T + i0, rows, lse_rows)
-            z = _rows(z_flat, 0, rows, cols)  # (Tq, Sk)
-            p = _rows(p_flat, 0, rows, cols)
-            ds = _rows(ds_flat, 0, rows, cols)
-            slope = _rows(slope_flat, 0, rows, cols)
-            np.dot(q_tile, k_t, z)  # (Tq, Sk) q kᵀ
-            exp_scale = _finish_scores(z, slope, params, False, kind, b, i0, j0, offset,
-                                       causal, window, doc_ids, has_doc, key_pad, has_pad)
-            # p = exp(z − lse): the probabilities, recomputed
-            _exp_tile(z, exp_scale, lse_rows, no_shift, p, consts, mantissa_bits)
-            np.dot(do_tile, v_t, ds)  # forward o = p v, so dp = do vᵀ   (Tq, Sk)
-            _ds_tile(p, ds, delta[bh * T + i0:bh * T + i0 + rows], no_shift, slope, params)
-            _gemm_accumulate(gemm, p, True, do_tile, False, dv_rows)  # forward o = p v, so
-            # dv += pᵀ do   (Sk, Dv); forward s = scale q kᵀ: dk += scale dsᵀ q   (Sk, D)
-            _gemm_accumulate(gemm, ds, True, q_tile, False, dk_rows)
+            q_t = _block_t(q_blocks_t, bh * T + i0, rows, D)  # (D, Tq) qᵀ
+            do_t = _block_t(do_blocks_t, bh * T + i0, rows, Dv)  # (Dv, Tq) doᵀ
+            max_q = max_cols[:rows]
+            log_sum_q = log_sum_cols[:rows]
+            _row_shifts(row_max, log_sum, bh * T + i0, rows, max_q, log_sum_q)
+            z_t = _rows(z_flat, 0, cols, rows)  # (Sk, Tq)
+            p_t = _rows(p_flat, 0, cols, rows)
+            ds_t = _rows(ds_flat, 0, cols, rows)
+            slope_t = _rows(slope_flat, 0, cols, rows)
+            np.dot(k_tile, q_t, z_t)  # (Sk, Tq) zᵀ = k qᵀ, as in the forward
+            _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset, causal,
+                           window, doc_ids, has_doc, key_pad, has_pad)
+            # pᵀ = exp((zᵀ − m) − log l): the probabilities, recomputed
+            _exp_tile(z_t, max_q, log_sum_q, p_t, consts, mantissa_bits)
+            np.dot(v_tile, do_t, ds_t)  # forward o = p v, so dpᵀ = v doᵀ   (Sk, Tq)
+            _ds_tile(p_t, ds_t, no_shift, delta[bh * T + i0:bh * T + i0 + rows], slope_t,
+                     params)  # scale dsᵀ
+            _gemm_accumulate(gemm, p_t, False, do_tile, False, dv_rows)  # forward o = p v,
+            # so dv += pᵀ do   (Sk, Dv); forward s = scale q kᵀ: dk += scale dsᵀ q   (Sk, D)
+            _gemm_accumulate(gemm, ds_t, False, q_tile, False, dk_rows)
             if with_dq:  # and dq += scale ds k   (Tq, D), straight into this item's rows
-                _gemm_accumulate(gemm, ds, False, k_tile, False, _rows(dq, bh * T + i0, rows, D))
+                _gemm_accumulate(gemm, ds_t, True, k_tile, False, _rows(dq, bh * T + i0, rows, D))
 
 
 @njit(cache=True, parallel=True)
-def _backward_by_kv_head(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
-                         has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
-                         mantissa_bits, gemm, dq, dk, dv):
+def _backward_by_kv_head(q, k, v, do, q_blocks_t, do_blocks_t, row_max, log_sum, delta, dims,
+                         params, causal, window, doc_ids, has_doc, key_pad, has_pad, kinds, block_q,
+                         block_k, consts, mantissa_bits, gemm, dq, dk, dv):
     """One pass; one work item per (b, kv head): the only writer of dk, dv of that kv head
     and of dq of its G query heads. dq must be zeroed."""
     B, H, n_kv, T, S, D, Dv = dims
@@ -698,16 +744,16 @@ def _backward_by_kv_head(q, k, v, do, lse, delta, dims, params, causal, window, 
         b = item // n_kv
         kv = item % n_kv
         for kb in range(n_kb):
-            _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window,
-                                 doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k,
-                                 consts, mantissa_bits, gemm, b, kv, kb, dk, dv, dq,
-                                 True)
+            _key_block_gradients(q, k, v, do, q_blocks_t, do_blocks_t, row_max, log_sum, delta,
+                                 dims, params, causal, window, doc_ids, has_doc, key_pad, has_pad,
+                                 kinds, block_q, block_k, consts, mantissa_bits, gemm, b, kv, kb,
+                                 dk, dv, dq, True)
 
 
 @njit(cache=True, parallel=True)
-def _backward_dk_dv(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids, has_doc,
-                    key_pad, has_pad, kinds, block_q, block_k, consts,
-                    mantissa_bits, gemm, dk, dv):
+def _backward_dk_dv(q, k, v, do, q_blocks_t, do_blocks_t, row_max, log_sum, delta, dims, params,
+                    causal, window, doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k,
+                    consts, mantissa_bits, gemm, dk, dv):
     """Two-pass backward, pass 1: one item per (b, kv head, key block) writes its dk, dv
     (zeroed)."""
     B, H, n_kv, T, S, D, Dv = dims
@@ -715,20 +761,20 @@ def _backward_dk_dv(q, k, v, do, lse, delta, dims, params, causal, window, doc_i
     for item in prange(B * n_kv * n_kb):
         b_kv = item // n_kb
         kb = _zigzag(item % n_kb, n_kb)
-        _key_block_gradients(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
-                             has_doc, key_pad, has_pad, kinds, block_q, block_k, consts,
-                             mantissa_bits, gemm, b_kv // n_kv, b_kv % n_kv, kb, dk,
-                             dv, dk, False)
+        _key_block_gradients(q, k, v, do, q_blocks_t, do_blocks_t, row_max, log_sum, delta, dims,
+                             params, causal, window, doc_ids, has_doc, key_pad, has_pad, kinds,
+                             block_q, block_k, consts, mantissa_bits, gemm, b_kv // n_kv, b_kv %
+                             n_kv, kb, dk, dv, dk, False)
 
 
 @njit(cache=True, parallel=True)
-def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids, has_doc,
-                 key_pad, has_pad, kinds, block_q, block_k, consts, mantissa_bits,
-                 gemm, dq):
+def _backward_dq(q, k, v, do, q_blocks_t, do_blocks_t, row_max, log_sum, delta, dims, params,
+                 causal, window, doc_ids, has_doc, key_pad, has_pad, kinds, block_q, block_k,
+                 consts, mantissa_bits, gemm, dq):
     """Two-pass backward, pass 2: one item per (b, query head, query block) writes its dq
     (zeroed).
 
-    Key-major tiles zᵀ = k qᵀ (Sk, Tq) as in the forward, with qᵀ and doᵀ transposed once.
+    Key-major tiles zᵀ = k qᵀ (Sk, Tq) as in the forward (qᵀ, doᵀ: _transpose_blocks).
     """
     B, H, n_kv, T, S, D, Dv = dims
     G = H // n_kv
@@ -743,10 +789,8 @@ def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
         kv = (bh % H) // G
         i0 = qb * block_q
         rows = min(block_q, T - i0)
-        q_t = np.empty((D, rows), dtype=dtype)  # (D, Tq) qᵀ
-        do_t = np.empty((Dv, rows), dtype=dtype)  # (Dv, Tq) doᵀ
-        _transpose_into(_rows(q, bh * T + i0, rows, D), q_t)
-        _transpose_into(_rows(do, bh * T + i0, rows, Dv), do_t)
+        q_t = _block_t(q_blocks_t, bh * T + i0, rows, D)  # (D, Tq) qᵀ
+        do_t = _block_t(do_blocks_t, bh * T + i0, rows, Dv)  # (Dv, Tq) doᵀ
         size = block_k * rows
         z_flat = np.empty(size, dtype=dtype)
         p_flat = np.empty(size, dtype=dtype)
@@ -754,8 +798,9 @@ def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
         slope_flat = np.empty(size, dtype=dtype)
         dq_rows = _rows(dq, bh * T + i0, rows, D)  # (Tq, D) Σ over key blocks
         no_shift = np.zeros(block_k, dtype=dtype)
-        lse_cols = np.empty(rows, dtype=dtype)
-        _lse_shift(lse, bh * T + i0, rows, lse_cols)
+        max_cols = np.empty(rows, dtype=dtype)
+        log_sum_cols = np.empty(rows, dtype=dtype)
+        _row_shifts(row_max, log_sum, bh * T + i0, rows, max_cols, log_sum_cols)
         delta_cols = delta[bh * T + i0:bh * T + i0 + rows]
         for kb in range(n_kb):
             kind = kinds[b, qb, kb]
@@ -770,10 +815,10 @@ def _backward_dq(q, k, v, do, lse, delta, dims, params, causal, window, doc_ids,
             ds_t = _rows(ds_flat, 0, cols, rows)
             slope_t = _rows(slope_flat, 0, cols, rows)
             np.dot(k_tile, q_t, z_t)  # (Sk, Tq) zᵀ = k qᵀ
-            exp_scale = _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset,
-                                       causal, window, doc_ids, has_doc, key_pad, has_pad)
-            _exp_tile(z_t, exp_scale, no_shift, lse_cols, p_t, consts,
-                      mantissa_bits)  # pᵀ = exp(zᵀ − lse)
+            _finish_scores(z_t, slope_t, params, True, kind, b, i0, j0, offset, causal,
+                           window, doc_ids, has_doc, key_pad, has_pad)
+            _exp_tile(z_t, max_cols, log_sum_cols, p_t, consts,
+                      mantissa_bits)  # pᵀ = exp((zᵀ − m) − log l)
             np.dot(v_tile, do_t, ds_t)  # dpᵀ = v doᵀ   (Sk, Tq)
             _ds_tile(p_t, ds_t, no_shift, delta_cols, slope_t, params)  # scale dsᵀ
             _gemm_accumulate(gemm, ds_t, True, k_tile, False, dq_rows)  # dq += scale ds k
@@ -822,15 +867,15 @@ def _scores_may_overflow(q, k, scale: float) -> bool:
     return not bound < float(np.finfo(q.dtype).max) / 2
 
 
-def _raise_for_marked_rows(lse):
-    """ValueError if the forward marked a query row (lse = NaN) with an allowed score scale ·
+def _raise_for_marked_rows(row_max):
+    """ValueError if the forward marked a query row (m = NaN) with an allowed score scale ·
     q·k that is ±inf or NaN: finite q and k whose products overflow the dtype. The NumPy
     path refuses the same rows with the same error. The backward recomputes the same
     scores, so it needs no check of its own."""
-    bad = np.isnan(lse)  # (B, H, T)
+    bad = np.isnan(row_max)  # (B, H, T)
     if bad.any():
         first = tuple(int(i) for i in np.argwhere(bad)[0])
-        raise scores_overflow_error(int(bad.sum()), first, lse.dtype)
+        raise scores_overflow_error(int(bad.sum()), first, row_max.dtype)
 
 
 def _flash_forward(q, k, v, options: FlashAttentionOptions, block_q: int, block_k: int):
@@ -841,15 +886,16 @@ def _flash_forward(q, k, v, options: FlashAttentionOptions, block_q: int, block_
     dims, params, mask, dtype_args = _kernel_arguments(q, k, v, options, block_q, block_k)
     causal, window, doc_ids, has_doc, key_pad, has_pad, kinds = mask
     o = np.zeros((B, H, T, Dv), dtype=q.dtype)  # (B, H, T, Dv)
-    lse = np.empty((B, H, T), dtype=q.dtype)  # (B, H, T)
+    row_max = np.empty((B, H, T), dtype=q.dtype)  # (B, H, T) m
+    log_sum = np.empty((B, H, T), dtype=q.dtype)  # (B, H, T) log l
     with _one_blas_thread():
         _forward_kernel(q.reshape(-1), k.reshape(-1), v.reshape(-1), dims, params,
                         options.softmax == "softmax1", causal, window, doc_ids, has_doc,
                         key_pad, has_pad, kinds, block_q, block_k, *dtype_args,
                         _scores_may_overflow(q, k, options.scale), o.reshape(-1),
-                        lse.reshape(-1))
-    _raise_for_marked_rows(lse)
-    return o, FlashAttentionCache(q, k, v, o, lse, options)
+                        row_max.reshape(-1), log_sum.reshape(-1))
+    _raise_for_marked_rows(row_max)
+    return o, FlashAttentionCache(q, k, v, o, row_max, log_sum, options)
 
 
 def _use_one_pass(B: int, n_kv: int, n_threads: int) -> bool:
@@ -864,7 +910,7 @@ def _use_one_pass(B: int, n_kv: int, n_threads: int) -> bool:
 def _flash_backward(do, cache: FlashAttentionCache, block_q: int, block_k: int,
                     schedule: str = "auto"):
     """The backward with given tile sizes; schedule "auto" | "by_kv_head" | "two_pass"."""
-    q, k, v, o, lse, options = cache
+    q, k, v, o, row_max, log_sum, options = cache
     do = np.ascontiguousarray(check_grad(do, o.shape, q.dtype, "do"))
     B, H, T, D = q.shape
     n_kv = k.shape[1]
@@ -874,7 +920,10 @@ def _flash_backward(do, cache: FlashAttentionCache, block_q: int, block_k: int,
         schedule = "by_kv_head" if _use_one_pass(B, n_kv, numba.get_num_threads()) else "two_pass"
     if schedule not in ("by_kv_head", "two_pass"):
         raise ValueError(f"schedule must be 'auto', 'by_kv_head' or 'two_pass', got {schedule!r}")
-    flat = (q.reshape(-1), k.reshape(-1), v.reshape(-1), do.reshape(-1), lse.reshape(-1))
+    q_blocks_t = np.empty(q.size, dtype=q.dtype)  # every query block of q, transposed
+    do_blocks_t = np.empty(do.size, dtype=q.dtype)  # and of do
+    flat = (q.reshape(-1), k.reshape(-1), v.reshape(-1), do.reshape(-1), q_blocks_t,
+            do_blocks_t, row_max.reshape(-1), log_sum.reshape(-1))
     delta = np.empty(B * H * T, dtype=q.dtype)  # (B·H·T,) δ = rowsum(do ⊙ o)
     dq = np.zeros_like(q)  # (B, H, T, D)
     dk = np.zeros_like(k)  # (B, K, S, D)
@@ -883,6 +932,8 @@ def _flash_backward(do, cache: FlashAttentionCache, block_q: int, block_k: int,
               block_q, block_k, *dtype_args)
     with _one_blas_thread():
         _delta_kernel(do.reshape(-1), o.reshape(-1), B * H * T, o.shape[3], delta)
+        _transpose_blocks(q.reshape(-1), B * H, T, D, block_q, q_blocks_t)
+        _transpose_blocks(do.reshape(-1), B * H, T, do.shape[3], block_q, do_blocks_t)
         if schedule == "by_kv_head":
             _backward_by_kv_head(*flat, delta, *shared, dq.reshape(-1), dk.reshape(-1),
                                  dv.reshape(-1))
@@ -900,7 +951,8 @@ def flash_attention_forward(q, k, v, *, causal=False, window=None, doc_ids=None,
     q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv), float32 or float64 → o (B, H, T, Dv).
     Options exactly as :func:`npformer.functional.attention.attention_forward`;
     softmax ∈ FLASH_SOFTMAX_VARIANTS ("clipped" raises: use attention_impl="numpy").
-    The cache holds q, k, v, o, lse (B, H, T) and the options — no T × S matrix.
+    The cache holds q, k, v, o, the row max and log-sum (B, H, T) and the options — no
+    T × S matrix.
     """
     q, k, v, options = prepare_flash_attention(
         q, k, v, causal=causal, window=window, doc_ids=doc_ids,

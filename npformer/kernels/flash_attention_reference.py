@@ -7,7 +7,8 @@ computes, ``o = softmax(mask(softcap(scale · q kᵀ))) v``, without ever holdin
 matrix: only one (Tq, Sk) tile of scores at a time, and per query row two numbers.
 
 Shapes: q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv) → o (B, H, T, Dv) and the
-log-sum-exp ``lse`` (B, H, T); query head h reads kv head h // G with G = H / K.
+log-sum-exp of each row (B, H, T), kept as its two parts m and log l (below); query head h
+reads kv head h // G with G = H / K.
 
 Forward: the online softmax (Milakov & Gimelshein 2018; Dao et al. 2022)
 ------------------------------------------------------------------------
@@ -34,9 +35,14 @@ log-sum-exp is
     lse = log Σ_j exp(z_j) = m + log l
 
 which is all the backward needs: p_j = exp(z_j − lse) recovers every probability exactly.
+The cache keeps its two parts, m and log l, and the backward evaluates p_j = exp((z_j − m) −
+log l): when |m| is huge (1e8 in float32, 1e17 in float64) the single number m + log l
+rounds log l away — two tied top scores (l = 2) would each get p = 1 and every gradient
+would be doubled (issue 14). z_j − m is exact for the row's top scores.
 
 - Masks: a masked score is −inf and contributes exp(−inf) = 0. A row with every key masked
-  keeps m = −inf and l = 0: it gets o = 0 and lse = −inf (and p = 0 in the backward). While
+  keeps m = −inf and l = 0: it gets o = 0 and lse = −inf (and p = 0 in the backward, which
+  shifts such a row by +inf instead: exp(−inf − inf) = 0 where −inf − (−inf) is NaN). While
   m' = −inf the shift uses 0 instead of m' (exp(−inf − 0) = 0, where −inf − (−inf) is NaN).
 - Tiles: a (query block, key block) tile in which no query may see any key (beyond the causal
   diagonal, outside the sliding window, across two documents, or all padding) contributes
@@ -44,13 +50,13 @@ which is all the backward needs: p_j = exp(z_j − lse) recovers every probabili
 - softmax₁ (p_j = exp(z_j) / (1 + Σ_k exp(z_k))): the "1" is an extra key with score 0 and
   value 0, so the running state starts at m = 0, l = exp(0 − 0) = 1, a = 0 instead of
   m = −inf, l = 0. Then lse = log(1 + Σ exp(z_j)) and p_j = exp(z_j − lse) is softmax₁;
-  a fully masked row gets l = 1, o = 0, lse = 0, p = 0.
+  a fully masked row gets m = 0, l = 1, o = 0, lse = 0, p = 0.
 - Soft-capping c = cap · tanh(s / cap) is applied to each tile's scores before the mask.
 
 Backward: recompute each tile from lse (FlashAttention-2)
 ---------------------------------------------------------
 The reference backward (npformer.functional.attention) needs p (T, S). Here every tile of p
-is recomputed, p = exp(z − lse) (0 where masked), and the reference's formulas are applied
+is recomputed, p = exp((z − m) − log l) (0 where masked), and the reference's formulas are applied
 tile by tile:
 
     forward o = p v          →  dv_J += p_IJᵀ do_I,        dp_IJ = do_I v_Jᵀ
@@ -75,7 +81,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .._validate import check_grad, check_int, check_positive
-from ..functional.attention import _check_qkv
+from ..functional.attention import _check_qkv, scores_overflow_error
 from ..functional.attention_mask import attention_mask
 from ..functional.softmax_variants import check_clip_range, softcap_forward
 
@@ -93,14 +99,23 @@ class FlashAttentionOptions(NamedTuple):
 
 
 class FlashAttentionCache(NamedTuple):
-    """Everything the backward needs, and no T × S matrix."""
+    """Everything the backward needs, and no T × S matrix.
+
+    Each row's log-sum-exp lse = m + log l is kept as its two parts (see the module
+    docstring: their sum would round log l away when |m| is huge)."""
 
     q: np.ndarray  # (B, H, T, D)
     k: np.ndarray  # (B, K, S, D)
     v: np.ndarray  # (B, K, S, Dv)
     o: np.ndarray  # (B, H, T, Dv)
-    lse: np.ndarray  # (B, H, T) log Σ_j exp(z_j) per query row; −inf for a fully masked row
+    row_max: np.ndarray  # (B, H, T) m = max_j z_j per query row; −inf for a fully masked row
+    log_sum: np.ndarray  # (B, H, T) log l = log Σ_j exp(z_j − m); −inf for a fully masked row
     options: FlashAttentionOptions
+
+    @property
+    def lse(self) -> np.ndarray:
+        """(B, H, T) log Σ_j exp(z_j) = m + log l per query row; −inf for a fully masked row."""
+        return self.row_max + self.log_sum
 
 
 def prepare_flash_attention(q, k, v, *, causal=False, window=None, doc_ids=None,
@@ -168,17 +183,23 @@ def tile_allowed(options: FlashAttentionOptions, b: int, T: int, S: int,
 
 
 def _tile_scores(q_tile, k_tile, allowed, options):
-    """z = mask(softcap(scale · q kᵀ)) for one tile, and dz/ds (None without soft-capping).
+    """z = mask(softcap(scale · q kᵀ)) for one tile, dz/ds (None without soft-capping), and
+    the queries with an allowed score that overflowed the dtype (finite q, k; ±inf or NaN).
 
-    q_tile (Tq, D), k_tile (Sk, D), allowed (Tq, Sk) → z (Tq, Sk), slope (Tq, Sk) or None.
+    q_tile (Tq, D), k_tile (Sk, D), allowed (Tq, Sk) → z (Tq, Sk), slope (Tq, Sk) or None,
+    overflowed (Tq,) bool. Overflow where the mask removes the score is harmless.
     """
-    s = options.scale * (q_tile @ k_tile.T)  # (Tq, Sk) s = scale · q kᵀ
+    with np.errstate(over="ignore", invalid="ignore"):
+        s = options.scale * (q_tile @ k_tile.T)  # (Tq, Sk) s = scale · q kᵀ
+    finite = np.isfinite(s)  # (Tq, Sk)
+    overflowed = (~finite & allowed).any(axis=1)  # (Tq,)
+    s = np.where(finite, s, 0).astype(s.dtype, copy=False)  # masked or refused by the caller
     slope = None
     if options.softcap is not None:
         s, capped = softcap_forward(s, options.softcap)  # (Tq, Sk) c = cap tanh(s / cap)
         slope = capped.slope  # (Tq, Sk) sech²(s / cap) = dc/ds
     z = np.where(allowed, s, -np.inf).astype(q_tile.dtype, copy=False)  # (Tq, Sk) exact mask
-    return z, slope
+    return z, slope, overflowed
 
 
 def flash_attention_reference_forward(q, k, v, *, causal=False, window=None, doc_ids=None,
@@ -203,7 +224,9 @@ def flash_attention_reference_forward(q, k, v, *, causal=False, window=None, doc
     dtype = q.dtype
     softmax_one = options.softmax == "softmax1"
     o = np.zeros((B, H, T, Dv), dtype=dtype)  # (B, H, T, Dv)
-    lse = np.empty((B, H, T), dtype=dtype)  # (B, H, T)
+    row_max = np.full((B, H, T), -np.inf, dtype=dtype)  # (B, H, T) m
+    log_sum = np.full((B, H, T), -np.inf, dtype=dtype)  # (B, H, T) log l
+    overflowed = np.zeros((B, H, T), dtype=bool)  # (B, H, T) rows with an overflowed score
     for b in range(B):
         for h in range(H):
             kv = h // G  # the kv head that query head h reads
@@ -220,7 +243,8 @@ def flash_attention_reference_forward(q, k, v, *, causal=False, window=None, doc
                     allowed = tile_allowed(options, b, T, S, rows, cols)  # (Tq, Sk)
                     if not allowed.any():
                         continue  # no query of this block may see any key of that block
-                    z, _ = _tile_scores(q_tile, k[b, kv, cols], allowed, options)  # (Tq, Sk)
+                    z, _, over = _tile_scores(q_tile, k[b, kv, cols], allowed, options)
+                    overflowed[b, h, rows] |= over  # (Tq,); z (Tq, Sk)
                     m_new = np.maximum(m, z.max(axis=1))  # (Tq,)
                     # (Tq,) the shift m', but 0 while m' = −inf: no −inf − (−inf)
                     shift = np.where(m_new == -np.inf, 0, m_new).astype(dtype)
@@ -231,18 +255,22 @@ def flash_attention_reference_forward(q, k, v, *, causal=False, window=None, doc
                     m = m_new
                 seen = l > 0  # (Tq,) False only for a fully masked row of plain softmax
                 o[b, h, rows][seen] = acc[seen] / l[seen, None]  # (Tq, Dv) o = a / l
-                lse[b, h, rows] = -np.inf
-                lse[b, h, rows][seen] = m[seen] + np.log(l[seen])  # (Tq,) lse = m + log l
-    return o, FlashAttentionCache(q, k, v, o, lse, options)
+                row_max[b, h, rows][seen] = m[seen]  # (Tq,) lse = m + log l, in two parts
+                log_sum[b, h, rows][seen] = np.log(l[seen])
+    if overflowed.any():  # the same error as the NumPy attention path and the kernels
+        first = tuple(int(i) for i in np.argwhere(overflowed)[0])
+        raise scores_overflow_error(int(overflowed.sum()), first, dtype)
+    return o, FlashAttentionCache(q, k, v, o, row_max, log_sum, options)
 
 
 def flash_attention_reference_backward(do, cache: FlashAttentionCache, *, block_q=16,
                                        block_k=16):
     """Returns ``(dq, dk, dv)``: (B, H, T, D), (B, K, S, D), (B, K, S, Dv).
 
-    Every tile of p is recomputed from lse; dk and dv sum the G query heads of each kv head.
+    Every tile of p is recomputed from m and log l; dk and dv sum the G query heads of each
+    kv head.
     """
-    q, k, v, o, lse, options = cache
+    q, k, v, o, row_max, log_sum, options = cache
     block_q = check_int(block_q, "block_q", 1)
     block_k = check_int(block_k, "block_k", 1)
     B, H, T, D = q.shape
@@ -251,9 +279,11 @@ def flash_attention_reference_backward(do, cache: FlashAttentionCache, *, block_
     do = check_grad(do, o.shape, q.dtype, "do")
     # δ_i = ⟨dp_i, p_i⟩ = do_i · Σ_j p_ij v_j = do_i · o_i: one number per query row
     delta = np.sum(do * o, axis=-1)  # (B, H, T)
-    # p = exp(z − lse); a fully masked row (lse = −inf) has z = −inf everywhere: use +inf so
-    # that exp(−inf − inf) = 0 instead of exp(−inf + inf) = NaN
-    lse_shift = np.where(lse == -np.inf, np.inf, lse)  # (B, H, T)
+    # p = exp((z − m) − log l); a fully masked row (m = −inf) has z = −inf everywhere: shift
+    # it by +inf, so that exp(−inf − inf) = 0 instead of exp(−inf + inf) = NaN
+    masked = row_max == -np.inf  # (B, H, T)
+    max_shift = np.where(masked, np.inf, row_max)  # (B, H, T)
+    log_sum_shift = np.where(masked, 0, log_sum).astype(log_sum.dtype)  # (B, H, T)
     dq = np.zeros_like(q)  # (B, H, T, D)
     dk = np.zeros_like(k)  # (B, K, S, D)
     dv = np.zeros_like(v)  # (B, K, S, Dv)
@@ -269,8 +299,9 @@ def flash_attention_reference_backward(do, cache: FlashAttentionCache, *, block_
                     if not allowed.any():
                         continue
                     q_tile, do_tile = q[b, h, rows], do[b, h, rows]  # (Tq, D), (Tq, Dv)
-                    z, slope = _tile_scores(q_tile, k_tile, allowed, options)  # (Tq, Sk)
-                    p = np.exp(z - lse_shift[b, h, rows, None])  # (Tq, Sk) the probabilities
+                    z, slope, _ = _tile_scores(q_tile, k_tile, allowed, options)  # (Tq, Sk)
+                    p = np.exp((z - max_shift[b, h, rows, None])
+                               - log_sum_shift[b, h, rows, None])  # (Tq, Sk) probabilities
                     # forward: o = p v, so dv = pᵀ do and dp = do vᵀ
                     dv[b, kv, cols] += p.T @ do_tile  # (Sk, Dv)
                     dp = do_tile @ v_tile.T  # (Tq, Sk)
