@@ -60,15 +60,17 @@ _RATE, _FINITE = _finite_float(0.0), _finite_float()
 
 
 def _check_prompt(tokenizer, prompt: str, source: str) -> None:
-    """The prompt must be non-empty and every character in the tokenizer's vocabulary."""
+    """The prompt must be non-empty and every character in the tokenizer's vocabulary (a
+    byte tokenizer has every character; a character tokenizer only those of its corpus)."""
     if not prompt:
         raise ValueError("--prompt is empty; the sample needs at least one character to start from")
-    try:
-        tokenizer.encode(prompt, "--prompt")
-    except ValueError as error:
-        raise ValueError(f"{error} (the vocabulary of {source}); pass a --prompt made of its "
-                         "characters" + (", or --sample-tokens 0" if "--data" in source
-                                         or "corpus" in source else "")) from None
+    unknown = sorted(set(prompt) - set(getattr(tokenizer, "chars", prompt)))
+    if unknown:
+        advice = "" if source.startswith("the run") else ", or --sample-tokens 0"
+        raise ValueError(f"--prompt {prompt!r} has {len(unknown)} character(s) outside the "
+                         f"vocabulary of {source} ({tokenizer.vocab_size} characters): "
+                         f"{''.join(unknown[:20])!r}; pass a --prompt made of its "
+                         f"characters{advice}")
 
 
 def _print_reports(reports, as_json: bool) -> None:
@@ -196,15 +198,26 @@ def _cmd_train(args: argparse.Namespace) -> int:
         checkpoint_interval=args.checkpoint_interval, dtype=args.dtype,
         model_overrides=overrides, stop_after=args.stop_after)
     try:
-        if args.sample_tokens and not args.resume:
-            # the final sample's prompt, checked before training (and before --overwrite
-            # replaces anything), against the vocabulary the run will have
-            from .dataset import ByteTokenizer, CharTokenizer, load_text
+        if args.sample_tokens:
+            # the final sample's prompt, checked before training (and before --overwrite or
+            # --resume writes anything), against the vocabulary the run will have
+            from .dataset import ByteTokenizer, CharTokenizer, load_text, tokenizer_from_dict
 
-            text = load_text(args.data)
-            tokenizer = CharTokenizer(text) if args.tokenizer == "char" else ByteTokenizer()
-            _check_prompt(tokenizer, args.prompt, "the shipped corpus" if args.data is None
-                          else f"--data {args.data!r}")
+            if args.resume:
+                from .checkpoint import read_json
+
+                try:  # an unreadable run is Trainer's to report, with its own message
+                    saved = tokenizer_from_dict(read_json(os.path.join(options.run_dir(),
+                                                                       "tokenizer.json")))
+                except (OSError, ValueError):
+                    saved = None
+                if saved is not None:
+                    _check_prompt(saved, args.prompt, f"the run in {options.run_dir()}")
+            else:
+                text = load_text(args.data)
+                tokenizer = CharTokenizer(text) if args.tokenizer == "char" else ByteTokenizer()
+                _check_prompt(tokenizer, args.prompt, "the shipped corpus" if args.data is None
+                              else f"--data {args.data!r}")
         trainer = Trainer(options, resume=args.resume, overwrite=args.overwrite,
                           progress=not args.no_progress)
         if args.sample_tokens and args.resume:
@@ -238,6 +251,11 @@ def _sample_text(run_dir, prompt, tokens, temperature, top_k, seed, use_cache=Tr
 
     model, tokenizer = load_trained(run_dir)
     _check_prompt(tokenizer, prompt, f"the run in {run_dir}")
+    broken = [name for name, value in model.parameters().items() if not np.isfinite(value).all()]
+    if broken:  # a diverged or damaged checkpoint: every logit would be NaN
+        raise ValueError(f"the checkpoint of {run_dir} holds NaN or infinite weights in "
+                         f"{len(broken)} tensor(s) ({', '.join(broken[:3])}"
+                         f"{', ...' if len(broken) > 3 else ''}); nothing can be sampled from it")
     prompt_ids = tokenizer.encode(prompt)
     if model.config.architecture == "encoder-decoder":
         new = generate_seq2seq(model, prompt_ids, tokens, temperature=temperature, top_k=top_k, seed=seed)

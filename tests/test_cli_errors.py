@@ -108,7 +108,7 @@ TRAIN_CASES = [
     (["--seq-len", "130"], ["--seq-len", "validation split"], False),
     (["--preset", "transformer-2017", "--seq-len", "70"], ["--seq-len", "validation split"], False),
     # the final sample's prompt is checked before training, not after
-    (["--sample-tokens", "5", "--prompt", "Zebra ¿"], ["--prompt", "outside the vocabulary"], False),
+    (["--sample-tokens", "5", "--prompt", "Zebra ¿"], ["--prompt 'Zebra ¿'", "'Zb¿'", "outside the vocabulary", "--sample-tokens 0"], False),
     (["--sample-tokens", "5", "--prompt", ""], ["--prompt", "empty"], False),
 ]
 
@@ -185,6 +185,17 @@ def test_bad_options_with_overwrite_delete_nothing(workdir, tmp_path, capsys):
         assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
 
 
+def test_resume_checks_the_prompt_against_the_runs_vocabulary(workdir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(workdir / "run", run)
+    before = {name: (run / name).read_bytes() for name in ("latest.json", "train.json")}
+    argv = ["train", *TINY, "--steps", "3", "--data", str(workdir / "data.txt"), "--out", str(run),
+            "--resume", "--sample-tokens", "5", "--prompt", "ROMEO:"]
+    _expect_error(argv, capsys, "train", "--prompt 'ROMEO:'", "the run in", "'EMOR'")
+    # refused before a step was taken or the options were rewritten
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
 def test_a_one_token_context_model_trains_and_samples(workdir, capsys):
     # --seq-len 1 gives max_seq_len 1: generation keeps the last token as its context
     assert main(["sample", "--ckpt", str(workdir / "run_t1"), "--prompt", "First", "--tokens",
@@ -210,7 +221,7 @@ SAMPLE_CASES = [
 @pytest.mark.parametrize("extra, needles, argparse_error", SAMPLE_CASES,
                          ids=[" ".join(c[0])[:40] for c in SAMPLE_CASES])
 def test_sample_bad_options(workdir, capsys, extra, needles, argparse_error):
-    argv = ["sample", "--ckpt", str(workdir / "run"), "--tokens", "5", *extra]
+    argv = ["sample", "--ckpt", str(workdir / "run"), "--prompt", "First", "--tokens", "5", *extra]
     _expect_error(argv, capsys, "sample", *needles, argparse_error=argparse_error)
 
 
@@ -266,7 +277,7 @@ def test_a_model_with_nan_weights_is_named_not_sampled(workdir, tmp_path, capsys
     tensors[name] = np.full_like(tensors[name], np.nan)
     save_file(tensors, path)
     _expect_error(["sample", "--ckpt", str(run), "--prompt", "First", "--tokens", "3"], capsys,
-                  "sample", "NaN")
+                  "sample", str(run), "NaN or infinite weights", name)
 
 
 # ---------------------------------------------------------------------------------------- others
