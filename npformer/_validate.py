@@ -144,3 +144,44 @@ def check_grad(dy: np.ndarray, expected_shape: tuple, dtype: np.dtype, name: str
             "pass the gradient in the forward's dtype"
         )
     return dy
+
+
+def check_finite_number(value, name: str) -> float:
+    """A real number that is neither NaN nor ±inf (bools refused); returns it as a float."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.floating, np.integer)
+    ):
+        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not np.isfinite(float(value)):
+        raise NonFiniteError(f"{name} must be a finite number, got {float(value)}")
+    return float(value)
+
+
+def format_bytes(n: float) -> str:
+    """1234567 -> '1.2 MB' (decimal units, as a person reads a memory size)."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB", "EB"):
+        if abs(n) < 1000 or unit == "EB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} EB"  # pragma: no cover
+
+
+def physical_memory_bytes() -> int:
+    """This machine's physical memory (``os.sysconf``); 16 GB where the platform cannot say."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # pragma: no cover - e.g. Windows
+        return 16 * 10**9
+
+
+def check_memory(nbytes: int, what: str, advice: str, limit: int = None) -> None:
+    """Refuse, before allocating, an allocation of ``nbytes`` larger than ``limit`` (default:
+    the machine's physical memory): the message says what needs how much, and what to do."""
+    limit = physical_memory_bytes() if limit is None else limit
+    if nbytes > limit:
+        raise ValueError(
+            f"{what} would need at least {format_bytes(nbytes)} of memory, more than the "
+            f"{format_bytes(limit)} of this machine; {advice}"
+        )

@@ -13,10 +13,64 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 from typing import List, Optional
 
 import numpy as np
+
+
+# ---- option types: argparse refuses a bad value with "argument --NAME: ...", exit code 2
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer ≥ {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer ≥ {minimum}"
+    return parse
+
+
+def _finite_float(minimum=None):
+    """float() accepts 'nan' and 'inf'; an option value must be a finite number."""
+    bound = "" if minimum is None else f" ≥ {minimum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}") from None
+        if not math.isfinite(value) or (minimum is not None and value < minimum):
+            raise argparse.ArgumentTypeError(f"must be a finite number{bound}, got {text!r}")
+        return value
+
+    parse.__name__ = f"finite number{bound}"
+    return parse
+
+
+_COUNT, _NON_NEGATIVE = _int_at_least(1), _int_at_least(0)
+_RATE, _FINITE = _finite_float(0.0), _finite_float()
+
+
+def _check_prompt(tokenizer, prompt: str, source: str) -> None:
+    """The prompt must be non-empty and every character in the tokenizer's vocabulary (a
+    byte tokenizer has every character; a character tokenizer only those of its corpus)."""
+    if not prompt:
+        raise ValueError("--prompt is empty; the sample needs at least one character to start from")
+    unknown = sorted(set(prompt) - set(getattr(tokenizer, "chars", prompt)))
+    if unknown:
+        advice = "" if source.startswith("the run") else ", or --sample-tokens 0"
+        raise ValueError(f"--prompt {prompt!r} has {len(unknown)} character(s) outside the "
+                         f"vocabulary of {source} ({tokenizer.vocab_size} characters): "
+                         f"{''.join(unknown[:20])!r}; pass a --prompt made of its "
+                         f"characters{advice}")
 
 
 def _print_reports(reports, as_json: bool) -> None:
@@ -144,8 +198,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
         checkpoint_interval=args.checkpoint_interval, dtype=args.dtype,
         model_overrides=overrides, stop_after=args.stop_after)
     try:
+        if args.sample_tokens:
+            # the final sample's prompt, checked before training (and before --overwrite or
+            # --resume writes anything), against the vocabulary the run will have
+            from .dataset import ByteTokenizer, CharTokenizer, load_text, tokenizer_from_dict
+
+            if args.resume:
+                from .checkpoint import read_json
+
+                try:  # an unreadable run is Trainer's to report, with its own message
+                    saved = tokenizer_from_dict(read_json(os.path.join(options.run_dir(),
+                                                                       "tokenizer.json")))
+                except (OSError, ValueError):
+                    saved = None
+                if saved is not None:
+                    _check_prompt(saved, args.prompt, f"the run in {options.run_dir()}")
+            else:
+                text = load_text(args.data)
+                tokenizer = CharTokenizer(text) if args.tokenizer == "char" else ByteTokenizer()
+                _check_prompt(tokenizer, args.prompt, "the shipped corpus" if args.data is None
+                              else f"--data {args.data!r}")
         trainer = Trainer(options, resume=args.resume, overwrite=args.overwrite,
                           progress=not args.no_progress)
+        if args.sample_tokens and args.resume:
+            _check_prompt(trainer.tokenizer, args.prompt, f"the run in {trainer.run_dir}")
         config = trainer.config
         print(f"npformer train: {options.preset}, {trainer.model.num_parameters():,} parameters "
               f"(C={config.d_model}, {config.n_layers} layers, {config.n_heads} heads), "
@@ -174,6 +250,12 @@ def _sample_text(run_dir, prompt, tokens, temperature, top_k, seed, use_cache=Tr
     from .train import load_trained
 
     model, tokenizer = load_trained(run_dir)
+    _check_prompt(tokenizer, prompt, f"the run in {run_dir}")
+    broken = [name for name, value in model.parameters().items() if not np.isfinite(value).all()]
+    if broken:  # a diverged or damaged checkpoint: every logit would be NaN
+        raise ValueError(f"the checkpoint of {run_dir} holds NaN or infinite weights in "
+                         f"{len(broken)} tensor(s) ({', '.join(broken[:3])}"
+                         f"{', ...' if len(broken) > 3 else ''}); nothing can be sampled from it")
     prompt_ids = tokenizer.encode(prompt)
     if model.config.architecture == "encoder-decoder":
         new = generate_seq2seq(model, prompt_ids, tokens, temperature=temperature, top_k=top_k, seed=seed)
@@ -252,28 +334,28 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", default=None, help="run directory (default runs/PRESET)")
     add("--data", default=None, help="a UTF-8 text file (default: the shipped tinyshakespeare.txt)")
     add("--tokenizer", default="char", choices=["char", "byte"])
-    add("--steps", type=int, default=1000, help="total optimizer steps (the schedule's length)")
-    add("--batch-size", type=int, default=16)
-    add("--seq-len", type=int, default=128)
-    add("--lr", type=float, default=3e-3, help="peak learning rate")
-    add("--min-lr", type=float, default=None, help="final learning rate (default lr/10)")
-    add("--warmup-steps", type=int, default=50)
-    add("--weight-decay", type=float, default=0.1)
-    add("--grad-clip", type=float, default=1.0, help="global-norm clip (0 = off)")
-    add("--seed", type=int, default=0)
-    add("--eval-interval", type=int, default=100)
-    add("--eval-batches", type=int, default=8)
-    add("--checkpoint-interval", type=int, default=100)
+    add("--steps", type=_COUNT, default=1000, help="total optimizer steps (the schedule's length)")
+    add("--batch-size", type=_COUNT, default=16)
+    add("--seq-len", type=_COUNT, default=128)
+    add("--lr", type=_RATE, default=3e-3, help="peak learning rate")
+    add("--min-lr", type=_RATE, default=None, help="final learning rate (default lr/10)")
+    add("--warmup-steps", type=_NON_NEGATIVE, default=50)
+    add("--weight-decay", type=_RATE, default=0.1)
+    add("--grad-clip", type=_RATE, default=1.0, help="global-norm clip (0 = off)")
+    add("--seed", type=_NON_NEGATIVE, default=0)
+    add("--eval-interval", type=_COUNT, default=100)
+    add("--eval-batches", type=_COUNT, default=8)
+    add("--checkpoint-interval", type=_COUNT, default=100)
     add("--dtype", default="float32", choices=["float32", "float64"])
-    add("--d-model", dest="d_model", type=int, default=None, help="override the preset's width")
-    add("--n-layers", dest="n_layers", type=int, default=None)
-    add("--n-heads", dest="n_heads", type=int, default=None)
-    add("--n-kv-heads", dest="n_kv_heads", type=int, default=None)
-    add("--dropout", type=float, default=None, help="default 0 for these short runs")
+    add("--d-model", dest="d_model", type=_COUNT, default=None, help="override the preset's width")
+    add("--n-layers", dest="n_layers", type=_COUNT, default=None)
+    add("--n-heads", dest="n_heads", type=_COUNT, default=None)
+    add("--n-kv-heads", dest="n_kv_heads", type=_COUNT, default=None)
+    add("--dropout", type=_RATE, default=None, help="default 0 for these short runs")
     add("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add("--overwrite", action="store_true", help="replace an existing run in --out")
-    add("--stop-after", type=int, default=None, help="stop (and checkpoint) after this step")
-    add("--sample-tokens", type=int, default=300, help="print a sample of this length at the end (0: none)")
+    add("--stop-after", type=_COUNT, default=None, help="stop (and checkpoint) after this step")
+    add("--sample-tokens", type=_NON_NEGATIVE, default=300, help="print a sample of this length at the end (0: none)")
     add("--prompt", default="ROMEO:", help="prompt of the final sample")
     add("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_cmd_train)
@@ -281,18 +363,41 @@ def build_parser() -> argparse.ArgumentParser:
     sample = commands.add_parser("sample", help="generate text from a trained run (KV-cached)")
     sample.add_argument("--ckpt", required=True, help="a run directory written by npformer train")
     sample.add_argument("--prompt", default="ROMEO:")
-    sample.add_argument("--tokens", type=int, default=300)
-    sample.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    sample.add_argument("--top-k", type=int, default=None)
-    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--tokens", type=_NON_NEGATIVE, default=300)
+    sample.add_argument("--temperature", type=_RATE, default=0.8, help="0 = greedy")
+    sample.add_argument("--top-k", type=_COUNT, default=None)
+    sample.add_argument("--seed", type=_NON_NEGATIVE, default=0)
     sample.add_argument("--no-cache", action="store_true", help="recompute the context every step")
     sample.set_defaults(run=_cmd_sample)
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """Parse, dispatch, and turn what the file system or the machine refuses into one line.
+
+    Each command reports a bad input as ``npformer CMD: message`` and exit code 2 itself (a
+    ValueError raised at the input's source). The net here catches only what no check can
+    foresee: a file-system error (OSError: the path and the reason), memory running out, and
+    Ctrl-C. Any other exception is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except BrokenPipeError:  # `npformer presets | head`: the reader has gone, nothing to say
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except OSError as error:
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"npformer {args.command}: {where}{error.strerror or error}", file=sys.stderr)
+        return 2
+    except MemoryError as error:
+        print(f"npformer {args.command}: out of memory ({error or 'MemoryError'}); use smaller "
+              "sizes", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"npformer {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

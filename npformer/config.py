@@ -31,6 +31,27 @@ ARCHITECTURES = ("decoder", "encoder-decoder")
 DTYPES = ("float64", "float32")
 ATTENTION_IMPLS = ("numba", "numpy")
 
+# The largest model a config may describe: a trillion parameters (4 TB in float32). Far above
+# what a NumPy model trains, it exists to refuse absurd sizes (vocab_size=10**13, a typo'd
+# n_layers) with the size they would need, before any array is allocated; whether a smaller
+# model fits this machine is checked where it is built for training (npformer.train).
+MAX_PARAMETERS = 10**12
+
+
+def _divisors(n: int, shown: int = 16):
+    """The divisors of n, for an error message: all of them, or the first ``shown`` (at most
+    10⁶ trial divisions, so an absurd n answers at once)."""
+    small, large, d = [], [], 1
+    while d * d <= n and len(small) < shown and d <= 10**6:
+        if n % d == 0:
+            small.append(d)
+            if d * d != n:
+                large.append(n // d)
+        d += 1
+    if len(small) >= shown or d * d <= n:
+        return f"{small} ... (divisors of {n})"
+    return small + large[::-1]
+
 
 def _fail(field_name: str, value, valid: str) -> None:
     raise ValueError(f"config field {field_name}={value!r} is invalid: {valid}")
@@ -173,10 +194,40 @@ class ModelConfig:
 
     def validate(self) -> None:
         self._check_choices()
+        self._check_finite_floats()
         self._check_sizes()
         self._check_attention()
         self._check_positions()
         self._check_combinations()
+        self._check_parameter_count()
+
+    def _check_finite_floats(self) -> None:
+        """Every float field, used by this config or not, is a finite number (or None where
+        optional): a NaN theta or an infinite soft-cap would only show up as NaN logits."""
+        for f in dataclasses.fields(self):
+            if f.type not in ("float", "Optional[float]"):
+                continue
+            value = getattr(self, f.name)
+            if value is None and f.type == "Optional[float]":
+                continue
+            if isinstance(value, (bool, np.bool_)) or not isinstance(
+                    value, (int, float, np.integer, np.floating)) or not np.isfinite(float(value)):
+                _fail(f.name, value, "must be a finite number"
+                      + (" or None" if f.type == "Optional[float]" else ""))
+
+    def _check_parameter_count(self) -> None:
+        from .models.stats import parameter_count
+
+        n = parameter_count(self)
+        if n > MAX_PARAMETERS:
+            from ._validate import format_bytes
+
+            raise ValueError(
+                f"config describes {n:.3g} parameters (vocab_size={self.vocab_size}, "
+                f"d_model={self.d_model}, n_layers={self.n_layers}, max_seq_len="
+                f"{self.max_seq_len}, d_ff={self.ffn_width}), which would need "
+                f"{format_bytes(n * self.np_dtype.itemsize)} of memory in {self.dtype}; "
+                f"the limit is {MAX_PARAMETERS:.0e} parameters")
 
     def _check_choices(self) -> None:
         for name, valid in (("architecture", ARCHITECTURES), ("ffn", FFN_TYPES),
@@ -206,11 +257,11 @@ class ModelConfig:
         if self.head_dim is None and self.d_model % self.n_heads:
             _fail("n_heads", self.n_heads,
                   f"d_model={self.d_model} is not divisible by it; set head_dim explicitly or "
-                  f"choose n_heads among {[h for h in range(1, self.d_model + 1) if self.d_model % h == 0]}")
+                  f"choose n_heads among {_divisors(self.d_model)}")
         if self.n_heads % self.kv_heads:
             _fail("n_kv_heads", self.n_kv_heads,
                   f"n_heads={self.n_heads} must be divisible by it; valid: "
-                  f"{[k for k in range(1, self.n_heads + 1) if self.n_heads % k == 0]}")
+                  f"{_divisors(self.n_heads)}")
         if self.ffn_multiplier is not None and not (
                 isinstance(self.ffn_multiplier, (int, float)) and self.ffn_multiplier > 0):
             _fail("ffn_multiplier", self.ffn_multiplier, "must be None or a number > 0")

@@ -53,18 +53,27 @@ from ._validate import check_ids, check_int
 
 CORPUS_NAME = "tinyshakespeare.txt"
 
+# The most a corpus file may hold: 256 MiB (the shipped corpus is 1.1 MB). Tokenised, each
+# byte becomes up to 8 bytes of int64 id plus 4 of code point, so a corpus at the bound needs
+# about 3 GB on the way to batches. ``load_text`` reads at most this many bytes plus one, so an
+# endless stream (/dev/zero, a pipe) is refused at the bound instead of filling the memory.
+MAX_TEXT_BYTES = 256 * 2**20
+
 
 # ----------------------------------------------------------------------------- text
 
 
-def load_text(path: Optional[Union[str, os.PathLike]] = None) -> str:
+def load_text(path: Optional[Union[str, os.PathLike]] = None,
+              max_bytes: int = MAX_TEXT_BYTES) -> str:
     """The text of a UTF-8 file; the shipped Tiny Shakespeare corpus when ``path`` is None.
 
     The shipped copy is read through ``importlib.resources`` (``npformer/data/`` is package
     data, see setup.cfg), so an installed npformer needs neither network nor a checkout.
     Raises ValueError for a missing file, a directory, a binary file (NUL bytes or invalid
-    UTF-8) and an empty or whitespace-only file.
+    UTF-8), an empty or whitespace-only file, and a file (or stream) longer than
+    ``max_bytes``: at most ``max_bytes + 1`` bytes are ever read.
     """
+    max_bytes = check_int(max_bytes, "max_bytes", 1)
     if path is None:
         resource = importlib.resources.files("npformer") / "data" / CORPUS_NAME
         name = f"the shipped corpus npformer/data/{CORPUS_NAME}"
@@ -82,9 +91,19 @@ def load_text(path: Optional[Union[str, os.PathLike]] = None) -> str:
             raise ValueError(f"{name} does not exist; pass an existing UTF-8 text file")
         try:
             with open(path, "rb") as f:
-                raw = f.read()
+                size = os.fstat(f.fileno()).st_size  # 0 for a device or a pipe: read and see
+                if size > max_bytes:
+                    raw = b""
+                else:
+                    raw = f.read(max_bytes + 1)
+                    size = len(raw)
         except OSError as error:
-            raise ValueError(f"cannot read {name}: {error}") from error
+            raise ValueError(f"cannot read {name}: {error.strerror or error}") from error
+        if size > max_bytes:
+            raise ValueError(
+                f"{name} holds more than {max_bytes:,} bytes, the most a corpus may hold "
+                f"(npformer.dataset.MAX_TEXT_BYTES); pass a shorter file, not a stream"
+            )
     return _decode_text(raw, name)
 
 
@@ -155,9 +174,10 @@ class CharTokenizer:
     def vocab_size(self) -> int:
         return len(self.chars)
 
-    def encode(self, text: str) -> np.ndarray:
-        """(N,) int64 ids of the characters of ``text``; ValueError names unknown characters."""
-        text = _check_text(text)
+    def encode(self, text: str, name: str = "text") -> np.ndarray:
+        """(N,) int64 ids of the characters of ``text``; ValueError names unknown characters
+        (and ``name``, what the text is: "text", "--prompt", ...)."""
+        text = _check_text(text, name)
         points = _code_points(text)  # (N,)
         # the codes are sorted, so the id of a character is its position among them
         ids = np.searchsorted(self._codes, points)  # (N,)
@@ -165,7 +185,7 @@ class CharTokenizer:
         if not found.all():
             unknown = sorted(set(text[i] for i in np.flatnonzero(~found)[:10_000]))
             raise ValueError(
-                f"text contains {int((~found).sum())} character(s) outside the vocabulary of "
+                f"{name} contains {int((~found).sum())} character(s) outside the vocabulary of "
                 f"{self.vocab_size}: {''.join(unknown[:20])!r}"
                 f"{' ...' if len(unknown) > 20 else ''} (first at index "
                 f"{int(np.argmin(found))}); build the tokenizer from a text that contains "
@@ -211,9 +231,9 @@ class ByteTokenizer:
     kind = "byte"
     vocab_size = 256
 
-    def encode(self, text: str) -> np.ndarray:
+    def encode(self, text: str, name: str = "text") -> np.ndarray:
         """(N,) int64 ids of the UTF-8 bytes of ``text``."""
-        text = _check_text(text)
+        text = _check_text(text, name)
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
 
     def decode(self, ids) -> str:

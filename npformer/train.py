@@ -77,22 +77,53 @@ class TrainOptions:
 
 
 def _check_options(options: TrainOptions) -> None:
+    """Every option on its own, and the run directory, before any file is read or written."""
+    import tempfile
+
     get_preset(options.preset)
     for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches",
                  "checkpoint_interval"):
         value = getattr(options, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}")
-    if not isinstance(options.warmup_steps, int) or options.warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be an integer ≥ 0, got {options.warmup_steps!r}")
+    for name in ("warmup_steps", "seed"):  # np.random.default_rng refuses a negative seed
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer ≥ 0, got {value!r}")
+    if options.stop_after is not None and (isinstance(options.stop_after, bool) or not isinstance(
+            options.stop_after, int) or options.stop_after < 1):
+        raise ValueError(f"stop_after must be None or an integer ≥ 1, got {options.stop_after!r}")
     for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
         value = getattr(options, name)
         if name == "min_lr" and value is None:
             continue
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
+    if options.min_lr is not None and options.min_lr > options.lr:
+        raise ValueError(f"min_lr (--min-lr) must be ≤ lr (--lr), the peak the schedule decays "
+                         f"from; got min_lr={options.min_lr} and lr={options.lr}")
     if options.tokenizer not in ("char", "byte"):
         raise ValueError(f"tokenizer must be 'char' or 'byte', got {options.tokenizer!r}")
+    # The run directory: a directory, or a path where one can be created. (`out or ...`
+    # would silently turn an empty --out into runs/PRESET.)
+    if options.out is not None and not os.fspath(options.out):
+        raise ValueError("out (--out) is empty; give a run directory or omit it for runs/PRESET")
+    run_dir = options.run_dir()
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise ValueError(f"run directory (--out) {run_dir!r} is a file, not a directory; "
+                         "choose another --out")
+    existing = os.path.abspath(run_dir)
+    while not os.path.exists(existing):  # the nearest part of the path that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError(f"run directory (--out) {run_dir!r} cannot be created: {existing!r} is "
+                         "a file, not a directory")
+    try:  # os.access says yes to root everywhere; creating a directory is the real test
+        os.rmdir(tempfile.mkdtemp(prefix=".npformer-write-test-", dir=existing))
+    except OSError as error:
+        raise ValueError(f"run directory (--out) {run_dir!r} cannot be written: creating a "
+                         f"directory in {existing!r} fails ({error.strerror or error})") from None
 
 
 def model_config_for(options: TrainOptions, vocab_size: int) -> ModelConfig:
@@ -209,15 +240,63 @@ class Trainer:
         ckpt.write_json(os.path.join(self.run_dir, "train.json"), self._options_dict())
 
     def _build(self, text: str) -> None:
+        """Samplers, model and optimizer for the run; first every check that the data holds
+        the windows of --seq-len and that the run fits in memory, before any array of the
+        run's size is allocated (and, in a new run, before an old one is replaced)."""
         options, config = self.options, self.config
-        ids = self.tokenizer.encode(text)
-        train_ids, val_ids = split_train_val(ids)
         self.encoder_decoder = config.architecture == "encoder-decoder"
         window = 2 * options.seq_len if self.encoder_decoder else options.seq_len
+        corpus = "the shipped corpus" if options.data is None else f"--data {options.data!r}"
+        needs = (f"--seq-len {options.seq_len} needs at least {window + 1} tokens in it ("
+                 + ("the encoder reads T, the decoder writes T, plus one target)"
+                    if self.encoder_decoder else "T inputs and one more target)")
+                 + f"; lower --seq-len or use a longer {corpus}")
+
+        def check_split(split: str, n_tokens: int, detail: str) -> None:
+            if n_tokens < window + 1:
+                raise ValueError(f"the {split} of {corpus} has {n_tokens} tokens ({detail}), but {needs}")
+
         if config.document_mask:
             # packed documents: split the text at blank lines, keep the order, 90/10 split
             documents = [self.tokenizer.encode(d) for d in split_documents(text)]
             cut = int(len(documents) * 0.9)
+            for split, part, which in (("training split", documents[:cut], "the first 90%"),
+                                       ("validation split", documents[cut:], "the last 10%")):
+                if not part:
+                    raise ValueError(f"the {split} of {corpus} has no document ({which} of its "
+                                     f"{len(documents)} blank-line separated document(s)); the "
+                                     "document mask needs at least 2 documents")
+                check_split(split, sum(len(d) for d in part),
+                            f"{which} of its {len(documents)} documents")
+        else:
+            ids = self.tokenizer.encode(text)
+            if len(ids) < 2:
+                raise ValueError(f"{corpus} has {len(ids)} token(s); a training and a validation "
+                                 f"split need more, and {needs}")
+            train_ids, val_ids = split_train_val(ids)
+            check_split("training split", len(train_ids), f"the first 90% of {len(ids)}")
+            check_split("validation split", len(val_ids), f"the last 10% of {len(ids)}")
+
+        # Memory, a lower bound: weights, gradients and AdamW's two moments (4·P); the logits,
+        # their softmax and gradient (3·B·T·V); per layer at least the block's input, its
+        # normed input, q, k/v and output (≥ 4·C) and the FFN's hidden layer before and after
+        # the activation (2·F) for each of the B·T' tokens (T' = 2T for the encoder-decoder);
+        # the readable attention also keeps its (B, H, T, T) probabilities.
+        from ._validate import check_memory
+        from .models.stats import parameter_count
+
+        B, T, V, s = options.batch_size, options.seq_len, config.vocab_size, config.np_dtype.itemsize
+        layers = config.n_layers + (config.encoder_layers if self.encoder_decoder else 0)
+        n_params = parameter_count(config)
+        per_token = layers * (4 * config.d_model + 2 * config.ffn_width)
+        if config.attention_impl == "numpy":
+            per_token += layers * config.n_heads * window
+        estimate = s * (4 * n_params + 3 * B * T * V + B * window * per_token)
+        check_memory(estimate, f"training {n_params:,} parameters (vocabulary V = {V}, "
+                     f"{config.dtype}) on batches of --batch-size {B} × --seq-len {T}",
+                     "lower --batch-size or --seq-len, or the model's size")
+
+        if config.document_mask:
             self.train_sampler = PackedBatchSampler(documents[:cut], options.batch_size, window, options.seed)
             self._val_sampler = lambda: PackedBatchSampler(documents[cut:], options.batch_size,
                                                            window, options.seed + 1)

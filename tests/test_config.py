@@ -307,3 +307,48 @@ def test_preset_scales(name):
     assert {k: v for k, v in config.to_dict().items() if k in others} == others
     if config.d_ff is None and config.ffn_multiplier is None and config.ffn not in ("swiglu", "geglu"):
         assert config.ffn_width == 1024
+
+
+_FLOAT_FIELDS = [f.name for f in __import__("dataclasses").fields(ModelConfig)
+                 if f.type in ("float", "Optional[float]")]
+
+
+def test_every_float_field_is_covered():
+    # the list the config checks is read from the annotations; make sure it is the real one
+    assert set(_FLOAT_FIELDS) == {"attention_scale", "clip_gamma", "clip_zeta", "attention_softcap",
+                                  "rope_theta", "ffn_multiplier", "norm_eps", "dropout",
+                                  "init_std", "logit_scale"}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name", _FLOAT_FIELDS)
+def test_non_finite_float_fields_are_refused_by_name(name, value):
+    # whether or not this config uses the field (rope_theta without RoPE, clip_* without the
+    # clipped softmax): a NaN theta or an infinite soft-cap would only surface as NaN logits
+    with pytest.raises(ValueError, match=rf"config field {name}=.* must be a finite number"):
+        ModelConfig(**{name: value})
+
+
+@pytest.mark.parametrize("changes, size", [
+    (dict(vocab_size=10**13), "PB"),
+    (dict(n_layers=10**12), "EB"),
+    (dict(d_model=2**21, n_heads=1), "PB"),
+    (dict(max_seq_len=10**13), "PB"),
+])
+def test_absurd_sizes_are_refused_with_the_memory_they_would_need(changes, size):
+    with pytest.raises(ValueError, match=rf"parameters .* would need [\d.]+ {size} of memory"):
+        ModelConfig(**changes)
+
+
+def test_a_big_but_possible_config_is_accepted():
+    # Llama-7B-like sizes: 6.7e9 parameters, below the 1e12 limit; nothing is allocated
+    config = ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, norm="rmsnorm",
+                         norm_bias=False, ffn="swiglu", ffn_bias=False, qkv_bias=False,
+                         out_bias=False, positions="rope", tie_embeddings=False)
+    assert config.d_model == 4096
+
+
+def test_a_huge_prime_d_model_gives_its_error_at_once():
+    # the "valid n_heads" list used to try every number up to d_model
+    with pytest.raises(ValueError, match="n_heads=7"):
+        ModelConfig(d_model=2**61 - 1, n_heads=7)

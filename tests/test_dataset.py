@@ -453,3 +453,23 @@ def test_packed_sampler_rejects_bad_documents():
         PackedBatchSampler([np.arange(20)], 2, 5, seed=0).load_state_dict(
             _corrupt(PackedBatchSampler([np.arange(20)], 2, 5, seed=0).state_dict(), kind="batch")
         )
+
+
+def test_load_text_reads_at_most_its_bound(tmp_path):
+    path = tmp_path / "big.txt"
+    path.write_text("a" * 101)
+    with pytest.raises(ValueError, match="more than 100 bytes"):
+        load_text(path, max_bytes=100)
+    assert load_text(path, max_bytes=101) == "a" * 101
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_an_endless_stream_is_refused_at_the_bound():
+    # /dev/zero reports size 0 and never ends: only max_bytes + 1 bytes are read
+    with pytest.raises(ValueError, match="/dev/zero.*more than 1,000 bytes"):
+        load_text("/dev/zero", max_bytes=1000)
+
+
+def test_encode_names_the_text_it_refuses():
+    with pytest.raises(ValueError, match="--prompt contains 1 character"):
+        CharTokenizer("abc").encode("abz", "--prompt")

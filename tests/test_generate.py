@@ -91,3 +91,45 @@ def test_bad_prompt_and_length():
         generate(model, [1], -1)
     with pytest.raises(ValueError, match="ids must lie in"):
         generate(model, [99], 3)
+
+
+def test_a_tiny_temperature_is_the_greedy_limit_not_nan():
+    # z / τ overflowed to ±inf (and inf − inf = NaN in the softmax) for τ = 5e-324
+    z = np.array([0.1, 2.0, -1.0, 1.5, 0.3])
+    for tau in (1e-300, 5e-324):
+        p = next_token_distribution(z, tau, None)
+        np.testing.assert_array_equal(p, np.eye(5)[1])
+    model = _model("gpt2")
+    greedy = generate(model, [1, 2], 8, temperature=0.0)
+    assert generate(model, [1, 2], 8, temperature=5e-324, seed=3) == greedy
+
+
+def test_softmax_of_shifted_logits_is_unchanged():
+    # a guard on the overflow fix: subtracting max z must not change the distribution
+    z = np.array([300.0, 301.0, 299.5, -20.0])
+    e = np.exp(z - 301.0)
+    np.testing.assert_allclose(next_token_distribution(z, 1.0, None), e / e.sum(), rtol=1e-15)
+
+
+def test_nan_logits_are_named_not_drawn_from():
+    from npformer._validate import NonFiniteError
+    from npformer.generate import draw
+
+    with pytest.raises(NonFiniteError, match="logits contain 1 NaN or infinite"):
+        draw(np.array([0.1, np.nan, 0.3]), 1.0, None, np.random.default_rng(0))
+
+
+def test_a_negative_seed_is_named():
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        generate(_model("gpt2"), [1], 3, seed=-1)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_one_position_model_samples_from_its_last_token(use_cache):
+    # max_seq_len = 1: dropping "the oldest half" of a full context left nothing
+    model = _model("gpt2", max_seq_len=1)
+    new = generate(model, [1, 2, 3], 6, temperature=0.0, use_cache=use_cache)
+    context = [3]
+    for token in new:  # each step is the argmax given only the previous token
+        assert token == int(np.argmax(model.forward(np.array([context[-1:]]))[0, -1]))
+        context.append(token)
