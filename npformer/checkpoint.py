@@ -378,6 +378,10 @@ def load_latest(run_dir: str, log: Callable[[str], None] = _stderr,
     missing one is named."""
     if not os.path.isdir(run_dir):
         raise ValueError(f"{run_dir} is not a directory (no training run there)")
+    if not any(os.path.exists(os.path.join(run_dir, name))
+               for name in ("config.json", "latest.json", "checkpoints")):
+        raise ValueError(f"{run_dir} is not a training run directory (no config.json, "
+                         "latest.json or checkpoints/); train into it first (npformer train --out)")
     config, tokenizer = _run_files(run_dir)
     config_dict = json.loads(_canonical(config.to_dict()))  # as recorded: tuples are lists
     latest = _read_latest(run_dir)

@@ -220,8 +220,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
                               else f"--data {args.data!r}")
         trainer = Trainer(options, resume=args.resume, overwrite=args.overwrite,
                           progress=not args.no_progress)
-        if args.sample_tokens and args.resume:
-            _check_prompt(trainer.tokenizer, args.prompt, f"the run in {trainer.run_dir}")
         config = trainer.config
         print(f"npformer train: {options.preset}, {trainer.model.num_parameters():,} parameters "
               f"(C={config.d_model}, {config.n_layers} layers, {config.n_heads} heads), "
@@ -234,11 +232,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"npformer train: {error}", file=sys.stderr)
         return 2
-    val = summary["val_loss"]
-    print(f"step {summary['step']}: train loss {summary['loss']:.4f}, validation loss "
-          f"{'-' if val is None else f'{val:.4f}'}, {summary['seconds'] / 60:.1f} min, "
-          f"{summary['tokens_per_s']:.0f} tokens/s; checkpoint, log.csv and loss.png in "
-          f"{summary['run_dir']}")
+    loss, val = summary["loss"], summary["val_loss"]
+    speed = (f", {summary['seconds'] / 60:.1f} min, {summary['tokens_per_s']:.0f} tokens/s"
+             if summary["steps_trained"] else "")  # a finished run resumed trains nothing
+    print(f"step {summary['step']}: train loss {'-' if loss is None else f'{loss:.4f}'}, "
+          f"validation loss {'-' if val is None else f'{val:.4f}'}{speed}; checkpoint, log.csv "
+          f"and loss.png in {summary['run_dir']}")
     if args.sample_tokens:
         print("sample:")
         print(_sample_text(summary["run_dir"], args.prompt, args.sample_tokens, 0.8, None, args.seed))
@@ -251,11 +250,6 @@ def _sample_text(run_dir, prompt, tokens, temperature, top_k, seed, use_cache=Tr
 
     model, tokenizer = load_trained(run_dir)
     _check_prompt(tokenizer, prompt, f"the run in {run_dir}")
-    broken = [name for name, value in model.parameters().items() if not np.isfinite(value).all()]
-    if broken:  # a diverged or damaged checkpoint: every logit would be NaN
-        raise ValueError(f"the checkpoint of {run_dir} holds NaN or infinite weights in "
-                         f"{len(broken)} tensor(s) ({', '.join(broken[:3])}"
-                         f"{', ...' if len(broken) > 3 else ''}); nothing can be sampled from it")
     prompt_ids = tokenizer.encode(prompt)
     if model.config.architecture == "encoder-decoder":
         new = generate_seq2seq(model, prompt_ids, tokens, temperature=temperature, top_k=top_k, seed=seed)

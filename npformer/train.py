@@ -376,8 +376,9 @@ class Trainer:
             self.log(f"{self.run_dir} already reached step {self.step} (--steps {options.steps}): "
                      "nothing to train; pass a larger --steps to continue it")
             last_row = self.history[-1] if self.history else {}
-            return dict(step=self.step, loss=last_row.get("loss"), val_loss=self.last_val_loss(),
-                        seconds=0.0, tokens_per_s=0.0, run_dir=self.run_dir)
+            return dict(step=self.step, steps_trained=0, loss=last_row.get("loss"),
+                        val_loss=self.last_val_loss(), seconds=0.0, tokens_per_s=0.0,
+                        run_dir=self.run_dir)
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -408,7 +409,8 @@ class Trainer:
                 bar.close()
             self._lock.release()
         elapsed = time.perf_counter() - started
-        return dict(step=self.step, loss=None if last is None else last["loss"],
+        return dict(step=self.step, steps_trained=self.step - start_step,
+                    loss=None if last is None else last["loss"],
                     val_loss=self.last_val_loss(), seconds=elapsed,
                     tokens_per_s=(self.step - start_step) * tokens_per_step / max(elapsed, 1e-9),
                     run_dir=self.run_dir)

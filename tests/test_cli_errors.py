@@ -266,18 +266,19 @@ def test_a_prompt_longer_than_the_context_is_cropped(workdir, capsys):
 
 
 def test_a_model_with_nan_weights_is_named_not_sampled(workdir, tmp_path, capsys):
+    """A checkpoint saved with a NaN weight (valid checksums: a diverged run, not a damaged
+    file) is refused by name — tensor and file — instead of sampling from NaN logits."""
     from npformer import checkpoint as ckpt
-    from npformer.interop.safetensors_file import load_file, save_file
 
     run = tmp_path / "run"
     shutil.copytree(workdir / "run", run)
-    path = os.path.join(ckpt.latest_checkpoint(str(run)), "model.safetensors")
-    tensors = load_file(path)
+    config, tokenizer, tensors, optimizer, state = ckpt.load_checkpoint(str(run))
     name = sorted(tensors)[0]
     tensors[name] = np.full_like(tensors[name], np.nan)
-    save_file(tensors, path)
+    ckpt.save_checkpoint(str(run), state["step"], tensors, optimizer, state,
+                         config=config.to_dict(), tokenizer=tokenizer)
     _expect_error(["sample", "--ckpt", str(run), "--prompt", "First", "--tokens", "3"], capsys,
-                  "sample", str(run), "NaN or infinite weights", name)
+                  "sample", "model.safetensors", name, "NaN or infinite")
 
 
 # ---------------------------------------------------------------------------------------- others

@@ -269,6 +269,7 @@ def test_resume_of_a_finished_run_exits_cleanly_with_a_message(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "already reached step 6 (--steps 6): nothing to train; pass a larger --steps" in out
     assert "step 6: train loss" in out
+    assert "tokens/s" not in out  # no speed claimed for zero steps trained
     assert open(os.path.join(run, "latest.json")).read() == before
     assert not os.path.exists(os.path.join(run, ".lock"))
 
