@@ -9,7 +9,6 @@ traceback, which is the point.
 
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
