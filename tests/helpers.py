@@ -116,3 +116,18 @@ def assert_hf_round_trip(hf, hf_dir, out_dir, model_type: str, dtype, ids,
     assert logits.dtype == dtype
     assert_close(logits, expected, dtype, f"{model_type}: from_pretrained(save_hf(load_hf(dir))) "
                  "logits vs the original's", rtol=ROUND_TRIP_ULPS * np.finfo(dtype).eps, atol=0.0)
+
+
+# A training run small enough for tests: gpt2 at C = 16, one layer, float64.
+TINY_MODEL = dict(d_model=16, n_layers=1, n_heads=2)
+
+
+def tiny_train_options(tmp_path, name: str = "run", **changes):
+    """TrainOptions of an 8-step float64 run of a tiny gpt2 into ``tmp_path / name``."""
+    from npformer.train import TrainOptions
+
+    values = dict(preset="gpt2", out=str(tmp_path / name), steps=8, batch_size=4, seq_len=16,
+                  lr=1e-2, warmup_steps=2, dtype="float64", eval_interval=4, eval_batches=2,
+                  checkpoint_interval=4, model_overrides=dict(TINY_MODEL))
+    values.update(changes)
+    return TrainOptions(**values)

@@ -20,20 +20,16 @@ import time
 import numpy as np
 import pytest
 
+from helpers import tiny_train_options
 from npformer import checkpoint as ckpt
 from npformer._validate import NonFiniteError
 from npformer.cli import main
-from npformer.train import Trainer, TrainOptions
-
-TINY = dict(d_model=16, n_layers=1, n_heads=2)
+from npformer.train import Trainer
 
 
-def _options(tmp_path, name="run", **changes) -> TrainOptions:
-    values = dict(preset="gpt2", out=str(tmp_path / name), steps=8, batch_size=4, seq_len=16,
-                  lr=1e-2, warmup_steps=2, dtype="float64", eval_interval=4, eval_batches=2,
-                  checkpoint_interval=2, model_overrides=dict(TINY))
-    values.update(changes)
-    return TrainOptions(**values)
+def _options(tmp_path, name="run", **changes):
+    """The shared tiny run, checkpointing every 2 steps (more checkpoints to damage)."""
+    return tiny_train_options(tmp_path, name, **{"checkpoint_interval": 2, **changes})
 
 
 def _trainer(options, **kwargs):

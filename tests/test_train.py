@@ -16,20 +16,14 @@ import time
 import numpy as np
 import pytest
 
+from helpers import TINY_MODEL, tiny_train_options
 from npformer import checkpoint as ckpt
 from npformer.cli import main
 from npformer.presets import preset_names, tiny_overrides
-from npformer.train import Trainer, TrainingDiverged, TrainOptions, load_trained
+from npformer.train import Trainer, TrainingDiverged, load_trained
 
-TINY = dict(d_model=16, n_layers=1, n_heads=2)
-
-
-def _options(tmp_path, name="run", **changes) -> TrainOptions:
-    values = dict(preset="gpt2", out=str(tmp_path / name), steps=8, batch_size=4, seq_len=16,
-                  lr=1e-2, warmup_steps=2, dtype="float64", eval_interval=4, eval_batches=2,
-                  checkpoint_interval=4, model_overrides=dict(TINY))
-    values.update(changes)
-    return TrainOptions(**values)
+TINY = TINY_MODEL
+_options = tiny_train_options
 
 
 def _train(options, **kwargs):
