@@ -146,17 +146,6 @@ def check_grad(dy: np.ndarray, expected_shape: tuple, dtype: np.dtype, name: str
     return dy
 
 
-def check_finite_number(value, name: str) -> float:
-    """A real number that is neither NaN nor ±inf (bools refused); returns it as a float."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(
-        value, (int, float, np.floating, np.integer)
-    ):
-        raise ValueError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if not np.isfinite(float(value)):
-        raise NonFiniteError(f"{name} must be a finite number, got {float(value)}")
-    return float(value)
-
-
 def format_bytes(n: float) -> str:
     """1234567 -> '1.2 MB' (decimal units, as a person reads a memory size)."""
     for unit in ("bytes", "kB", "MB", "GB", "TB", "PB", "EB"):

@@ -53,7 +53,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ._validate import FLOAT_DTYPES, NonFiniteError
+from ._validate import FLOAT_DTYPES, check_float
 from .config import ModelConfig
 from .dataset import tokenizer_from_dict
 from .interop.safetensors_file import dtype_name, load_file_with_metadata, save_file, write_atomically
@@ -262,10 +262,7 @@ def _check_weights(path: str, tensors: Dict[str, np.ndarray], dtype: str) -> Non
         if array.dtype != np.dtype(dtype):
             raise ValueError(f"{path}: tensor {name!r} is {array.dtype}, but the model config "
                              f"has dtype {dtype}")
-        if not np.isfinite(array).all():
-            bad = int((~np.isfinite(array)).sum())
-            raise NonFiniteError(f"{path}: tensor {name!r} contains {bad} NaN or infinite "
-                                 "value(s)")
+        check_float(array, f"{path}: tensor {name!r}")  # NonFiniteError for NaN or ±inf
 
 
 def _difference(key: str, found, recorded) -> str:

@@ -28,6 +28,7 @@ import io
 import math
 import os
 import shutil
+import tempfile
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
@@ -78,8 +79,6 @@ class TrainOptions:
 
 def _check_options(options: TrainOptions) -> None:
     """Every option on its own, and the run directory, before any file is read or written."""
-    import tempfile
-
     get_preset(options.preset)
     for name in ("steps", "batch_size", "seq_len", "eval_interval", "eval_batches",
                  "checkpoint_interval"):
