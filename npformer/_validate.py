@@ -11,6 +11,9 @@ Every function here returns its (possibly converted) argument, so call sites rea
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import numpy as np
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -22,11 +25,38 @@ class NonFiniteError(ValueError):
     ValueError; the trainer reads it as a divergence."""
 
 
+# Inside a model's fused training step the values have been vouched for once (see
+# finite_values_checked_once); check_float then checks type, dtype and rank but skips its scan.
+_FINITE_CHECKED_ONCE = contextvars.ContextVar("npformer_finite_checked_once", default=False)
+
+
+@contextlib.contextmanager
+def finite_values_checked_once():
+    """Within this block, ``check_float`` skips its O(n) NaN/inf scan (type, dtype and rank
+    are still checked: those are O(1)).
+
+    Why it is safe where the models use it (``layer_impl="numba"``): a model step validates
+    its inputs at the door (token ids in range; ``inputs_embeds`` finite), the parameters
+    are finite by construction (initialised, loaded through a checkpoint check, updated
+    only with a finite gradient norm), so a NaN or inf inside the step can only come from
+    an overflow of finite numbers. Those are caught where they would otherwise be silent
+    (a norm's variance, attention scores: their overflow checks stay on) and otherwise
+    propagate to the loss and the gradient norm, which the trainer checks once per step
+    and reports as a divergence. A full ``isfinite`` pass over every layer's input cost
+    7% of the default step.
+    """
+    token = _FINITE_CHECKED_ONCE.set(True)
+    try:
+        yield
+    finally:
+        _FINITE_CHECKED_ONCE.reset(token)
+
+
 def check_float(x, name: str, *, allow_neg_inf: bool = False, min_ndim: int = 0) -> np.ndarray:
     """Require a float32/float64 ndarray with no NaN (and no inf unless allowed).
 
     allow_neg_inf: softmax accepts -inf as "this entry is masked out"; NaN and +inf
-    are always refused.
+    are always refused. Inside :func:`finite_values_checked_once` the NaN/inf scan is skipped.
     """
     if not isinstance(x, np.ndarray):
         raise ValueError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
@@ -36,6 +66,8 @@ def check_float(x, name: str, *, allow_neg_inf: bool = False, min_ndim: int = 0)
         )
     if x.ndim < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimension(s), got shape {x.shape}")
+    if _FINITE_CHECKED_ONCE.get():
+        return x
     if allow_neg_inf:
         bad = np.isnan(x) | (x == np.inf)
         if bad.any():

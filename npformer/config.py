@@ -30,6 +30,7 @@ SOFTMAX_TYPES = ("softmax", "softmax1", "clipped")
 ARCHITECTURES = ("decoder", "encoder-decoder")
 DTYPES = ("float64", "float32")
 ATTENTION_IMPLS = ("numba", "numpy")
+LAYER_IMPLS = ("numba", "numpy")
 
 # The largest model a config may describe: a trillion parameters (4 TB in float32). Far above
 # what a NumPy model trains, it exists to refuse absurd sizes (vocab_size=10**13, a typo'd
@@ -86,6 +87,13 @@ class ModelConfig:
     # the clipped softmax falls back to the reference); "numpy": the readable reference,
     # npformer.functional.attention. Same results to rounding; a choice of speed, not of model.
     attention_impl: str = "numba"
+    # Every other layer of a training step, the same choice: "numba" runs the fused kernels of
+    # npformer.kernels (norms, activations, RoPE, the softmax–cross-entropy head, AdamW over
+    # flat buffers) with the products on 2-D views and the finite-value checks done once per
+    # step; "numpy" runs the functional pairs, each checking its own inputs. Same results to
+    # rounding (tested); layer_impl="numpy" with attention_impl="numpy" is the fully readable
+    # path to step through in a debugger.
+    layer_impl: str = "numba"
 
     # --- positions ----------------------------------------------------------------------
     positions: str = "learned"  # "sinusoidal" (2017), "learned" (GPT-1..GPT-Neo), "rope", "none"
@@ -234,7 +242,8 @@ class ModelConfig:
                             ("norm", NORM_TYPES), ("norm_placement", NORM_PLACEMENTS),
                             ("block", BLOCK_LAYOUTS), ("positions", POSITION_TYPES),
                             ("rope_layout", ROPE_LAYOUTS), ("softmax", SOFTMAX_TYPES),
-                            ("dtype", DTYPES), ("attention_impl", ATTENTION_IMPLS)):
+                            ("dtype", DTYPES), ("attention_impl", ATTENTION_IMPLS),
+                            ("layer_impl", LAYER_IMPLS)):
             value = getattr(self, name)
             if value not in valid:
                 _fail(name, value, f"choose one of {list(valid)}")

@@ -627,7 +627,7 @@ def _architecture(config: ModelConfig) -> dict:
     pattern → each layer's window, unused fields dropped), so two spellings of one model
     compare equal."""
     fields = config.to_dict()
-    for name in _TRAINING_ONLY + ("dtype", "attention_impl", "d_ff", "ffn_multiplier", "ffn_multiple_of",
+    for name in _TRAINING_ONLY + ("dtype", "attention_impl", "layer_impl", "d_ff", "ffn_multiplier", "ffn_multiple_of",
                                   "n_kv_heads", "head_dim", "rotary_dim", "attention_pattern",
                                   "window"):
         fields.pop(name)
