@@ -419,8 +419,13 @@ class AdamW(_Optimizer):
     BUFFER_KINDS = ("exp_avg", "exp_avg_sq")
 
     def __init__(self, params: Dict[str, np.ndarray], lr: float, betas=(0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.01, no_decay: NoDecay = None) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.01, no_decay: NoDecay = None,
+                 impl: str = "numpy") -> None:
         super().__init__(params, lr)
+        if impl not in ("numba", "numpy"):
+            raise ValueError(f"impl must be 'numba' (one fused kernel pass per tensor) or "
+                             f"'numpy' (adamw_update_), got {impl!r}")
+        self.impl = impl
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         self.beta1 = check_probability(betas[0], "betas[0] (beta1)")
@@ -462,10 +467,20 @@ class AdamW(_Optimizer):
         lr = self._step_lr(lr)
         _check_grads(grads, self.params)
         step = self.step_count + 1  # t, counting this step
-        for name, p in self.params.items():
-            adamw_update_(p, grads[name], self.buffers["exp_avg"][name],
-                          self.buffers["exp_avg_sq"][name], step=step, lr=lr, beta1=self.beta1,
-                          beta2=self.beta2, eps=self.eps, weight_decay=self.weight_decay_of(name))
+        if self.impl == "numba":
+            from .kernels.optimizer import adamw_step_flat  # the same rule in one pass
+
+            for name, p in self.params.items():
+                adamw_step_flat(p.reshape(-1), grads[name].reshape(-1),
+                                self.buffers["exp_avg"][name].reshape(-1),
+                                self.buffers["exp_avg_sq"][name].reshape(-1),
+                                _ONE_SEGMENT[p.size], np.array([self.weight_decay_of(name)]),
+                                step=step, lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps)
+        else:
+            for name, p in self.params.items():
+                adamw_update_(p, grads[name], self.buffers["exp_avg"][name],
+                              self.buffers["exp_avg_sq"][name], step=step, lr=lr, beta1=self.beta1,
+                              beta2=self.beta2, eps=self.eps, weight_decay=self.weight_decay_of(name))
         self.step_count = step
 
 
@@ -510,10 +525,47 @@ def from_flat_state(flat: Mapping[str, np.ndarray]) -> dict:
     return state
 
 
+class _OneSegment(dict):
+    """size → the segment table ``[0, size]`` of one tensor (made once per size)."""
+
+    def __missing__(self, size: int) -> np.ndarray:
+        self[size] = np.array([0, size], dtype=np.int64)
+        return self[size]
+
+
+_ONE_SEGMENT = _OneSegment()
+
+
 # ---- gradient clipping and the schedule ----------------------------------------------------------
 
 
-def clip_grad_norm(grads: Dict[str, np.ndarray], max_norm: float) -> float:
+def _check_grad_dict(grads) -> None:
+    if not isinstance(grads, Mapping):
+        raise ValueError(f"grads must be a dict {{name: array}}, got {type(grads).__name__}")
+    for name, g in grads.items():
+        if not isinstance(g, np.ndarray) or g.dtype not in (np.float32, np.float64):
+            raise ValueError(f"grads[{name!r}] must be a float32/float64 numpy.ndarray, got "
+                             f"{getattr(g, 'dtype', type(g).__name__)}")
+
+
+def grad_global_norm(grads: Dict[str, np.ndarray], impl: str = "numpy") -> float:
+    """‖g‖₂ over every tensor at once, Σ g² accumulated in float64 (NaN/inf if any entry is).
+
+    impl: "numpy" (a float64 dot per tensor) or "numba" (:mod:`npformer.kernels.optimizer`,
+    one parallel pass per tensor, no float64 copy)."""
+    _check_grad_dict(grads)
+    if impl == "numba":
+        from .kernels.optimizer import grad_norm_flat
+
+        return math.sqrt(sum(grad_norm_flat(g.reshape(-1)) ** 2 for g in grads.values()))
+    total_sq = 0.0
+    for g in grads.values():
+        flat = g.reshape(-1).astype(np.float64, copy=False)  # (N,)
+        total_sq += float(np.dot(flat, flat))  # Σ g²
+    return math.sqrt(total_sq)  # ‖g‖₂ over all tensors at once
+
+
+def clip_grad_norm(grads: Dict[str, np.ndarray], max_norm: float, impl: str = "numpy") -> float:
     """Scale every gradient in place by max_norm / (‖g‖ + 1e-6) when that factor is < 1.
 
     Returns the global 2-norm before clipping, as a float (accumulated in float64 whatever
@@ -524,18 +576,10 @@ def clip_grad_norm(grads: Dict[str, np.ndarray], max_norm: float) -> float:
     untouched; the caller decides (skip the step, stop). torch would multiply by the NaN or 0
     factor, or raise with ``error_if_nonfinite=True``. Either way nothing non-finite is
     applied: ``SGD.step`` / ``AdamW.step`` refuse non-finite gradients with a ValueError.
+    impl: as :func:`grad_global_norm`; the scaling is the same in-place multiply.
     """
     max_norm = check_positive(max_norm, "max_norm")
-    if not isinstance(grads, Mapping):
-        raise ValueError(f"grads must be a dict {{name: array}}, got {type(grads).__name__}")
-    total_sq = 0.0
-    for name, g in grads.items():
-        if not isinstance(g, np.ndarray) or g.dtype not in (np.float32, np.float64):
-            raise ValueError(f"grads[{name!r}] must be a float32/float64 numpy.ndarray, got "
-                             f"{getattr(g, 'dtype', type(g).__name__)}")
-        flat = g.reshape(-1).astype(np.float64, copy=False)  # (N,)
-        total_sq += float(np.dot(flat, flat))  # Σ g²
-    total_norm = math.sqrt(total_sq)  # ‖g‖₂ over all tensors at once
+    total_norm = grad_global_norm(grads, impl)
     if not math.isfinite(total_norm):
         return total_norm
     clip_coef = max_norm / (total_norm + CLIP_EPS)

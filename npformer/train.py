@@ -23,6 +23,7 @@ last character).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import math
@@ -37,13 +38,14 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from . import checkpoint as ckpt
-from ._validate import NonFiniteError
+from ._validate import NonFiniteError, finite_values_checked_once
 from .config import ModelConfig
 from .dataset import (BatchSampler, ByteTokenizer, CharTokenizer, PackedBatchSampler, load_text,
                       split_documents, split_train_val, tokenizer_from_dict)
 from .functional.cross_entropy import cross_entropy_backward, cross_entropy_forward
+from .kernels.cross_entropy import softmax_cross_entropy
 from .models import build_model
-from .optim import AdamW, clip_grad_norm, lr_at
+from .optim import AdamW, clip_grad_norm, grad_global_norm, lr_at
 from .presets import get_preset, preset_config
 
 
@@ -303,15 +305,23 @@ class Trainer:
             self.train_sampler = BatchSampler(train_ids, options.batch_size, window, options.seed)
             self._val_sampler = lambda: BatchSampler(val_ids, options.batch_size, window, options.seed + 1)
         self.model = build_model(config, seed=options.seed)
-        self.optimizer = AdamW(self.model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+        self.fused = config.layer_impl == "numba"
+        self.optimizer = AdamW(self.model.parameters(), lr=options.lr, weight_decay=options.weight_decay,
+                               impl=config.layer_impl)
 
     def _options_dict(self) -> dict:
         return asdict(self.options)
 
     # ---- one step ------------------------------------------------------------------------
 
-    def _forward_loss(self, batch):
-        """(loss, cross-entropy cache) of one batch; the model keeps its own cache."""
+    def _forward_loss(self, batch, *, backward: bool = False):
+        """The loss of one batch, and ∂L/∂logits when ``backward`` (the model keeps its own
+        cache).
+
+        Fused path (``layer_impl="numba"``): one kernel pass gives the loss and writes
+        p − onehot(y) over the logits in place, so the step holds no (N, V) array besides
+        the logits; the loss is checked here, once per step (NaN or inf logits make it NaN).
+        Reference path: the functional pair, whose forward refuses NaN/inf logits itself."""
         x, y = batch[0], batch[1]
         if self.encoder_decoder:
             T = self.options.seq_len
@@ -320,9 +330,20 @@ class Trainer:
         else:
             doc_ids = batch[2] if len(batch) > 2 else None
             logits, targets = self.model.forward(x, doc_ids=doc_ids), y
+        if self.fused:
+            loss, dlogits = softmax_cross_entropy(logits, targets, dlogits_out=logits)
+            loss = float(loss)
+            if not math.isfinite(loss):
+                raise self._diverged(f"NaN or infinite ({loss}: NaN or infinite logits, or a "
+                                     f"loss beyond {logits.dtype})")
+            return loss, dlogits
         if not np.isfinite(logits).all():  # the loss would be NaN; say so as a divergence
             raise self._diverged("NaN or infinite logits")
-        return cross_entropy_forward(logits, targets)
+        loss, cache = cross_entropy_forward(logits, targets)
+        loss = float(loss)
+        if not math.isfinite(loss):
+            raise self._diverged(str(loss))
+        return loss, (cross_entropy_backward(1.0, cache) if backward else None)
 
     def _diverged(self, what: str) -> TrainingDiverged:
         last = ckpt.latest_checkpoint(self.run_dir)
@@ -335,22 +356,22 @@ class Trainer:
         lr = lr_at(self.step, self.options.lr, self.options.warmup_steps, self.options.steps, min_lr)
         self.model.train()
         try:
-            loss, cache = self._forward_loss(self.train_sampler.next())
-            loss = float(loss)
-            if not math.isfinite(loss):
-                raise self._diverged(str(loss))
+            loss, dlogits = self._forward_loss(self.train_sampler.next(), backward=True)
             self.model.zero_grad()
-            self.model.backward(cross_entropy_backward(1.0, cache))
+            self.model.backward(dlogits)
         except NonFiniteError as error:
             # The batch is ours and valid, so a layer refusing NaN/inf activations or
             # gradients, or an overflow, means the weights have blown up: a divergence.
             raise self._diverged(f"NaN or infinite inside the model ({error})") from error
         grads = self.model.gradients()
-        grad_norm = clip_grad_norm(grads, self.options.grad_clip) if self.options.grad_clip else float(
-            np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in grads.values())))
+        impl = self.config.layer_impl
+        grad_norm = (clip_grad_norm(grads, self.options.grad_clip, impl=impl) if self.options.grad_clip
+                     else grad_global_norm(grads, impl=impl))
         if not math.isfinite(grad_norm):  # stepping would write NaN into every weight
             raise self._diverged(f"finite ({loss:.4g}) but its gradient norm {grad_norm}")
-        self.optimizer.step(grads, lr=lr)
+        # a finite global norm means every gradient is finite: the optimizer need not scan again
+        with finite_values_checked_once() if self.fused else contextlib.nullcontext():
+            self.optimizer.step(grads, lr=lr)
         self.step += 1
         return dict(step=self.step, loss=loss, lr=lr, grad_norm=float(grad_norm))
 
@@ -358,7 +379,7 @@ class Trainer:
         """Mean loss over ``eval_batches`` fixed validation batches (dropout off)."""
         self.model.eval()
         sampler = self._val_sampler()
-        losses = [float(self._forward_loss(sampler.next())[0]) for _ in range(self.options.eval_batches)]
+        losses = [self._forward_loss(sampler.next())[0] for _ in range(self.options.eval_batches)]
         self.model._last_cache = None  # nothing to backpropagate from evaluation
         return float(np.mean(losses))
 

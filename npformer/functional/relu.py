@@ -26,7 +26,9 @@ class ReluCache(NamedTuple):
 def relu_forward(x: np.ndarray):
     """``y = max(x, 0)`` elementwise.  x: (...)  →  y: (...), same dtype."""
     x = check_float(x, "x")
-    y = np.where(x > 0, x, 0.0)  # (...); the Python 0.0 keeps float32 as float32
+    # maximum, not where(x > 0, x, 0): a NaN stays NaN (the fused training step skips the
+    # input scan and relies on NaN reaching the loss); the Python 0.0 keeps float32 float32
+    y = np.maximum(x, 0.0)  # (...)
     return y, ReluCache(x)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..functional.dropout import dropout_backward, dropout_forward
+from ..kernels import residual_dropout as residual_dropout_kernels
 from ..nn.attention import MultiHeadAttention
 from ..nn.feedforward import FeedForward
 from ..nn.module import Module
@@ -44,16 +45,31 @@ class Dropout:
     """What a block needs to apply dropout: the probability, the generator, and the mode.
 
     One object is shared by every block of a model; each call draws a fresh mask from ``rng``
-    and returns it in the cache (the mask is never kept on the object)."""
+    and returns it in the cache (the mask is never kept on the object). ``fused`` (the
+    models' ``layer_impl="numba"``) computes the residual add ``x + drop(b)`` as one kernel
+    pass (:mod:`npformer.kernels.residual_dropout`, the same masks from the same draws)."""
 
-    def __init__(self, p: float, rng: np.random.Generator, training: bool) -> None:
-        self.p, self.rng, self.training = p, rng, training
+    def __init__(self, p: float, rng: np.random.Generator, training: bool, fused: bool = False) -> None:
+        self.p, self.rng, self.training, self.fused = p, rng, training, fused
 
     def forward(self, x: np.ndarray):
         return dropout_forward(x, self.p, self.rng, self.training)
 
+    def add_forward(self, x: np.ndarray, b: np.ndarray):
+        """``(x + drop(b), dropout cache)``. The fused form writes the sum into ``b``, which
+        is the branch's fresh output and referenced by no cache."""
+        if self.fused:
+            return residual_dropout_kernels.residual_dropout_forward(x, b, self.p, self.rng,
+                                                                     self.training, out=b)
+        b, cache = self.forward(b)
+        return x + b, cache
+
     @staticmethod
     def backward(dy: np.ndarray, cache) -> np.ndarray:
+        if cache.mask is None and cache.scale == 1.0:
+            # the forward was the identity (p = 0 or evaluation): dy itself, not a copy
+            # (every branch backward only reads its dy)
+            return dy
         return dropout_backward(dy, cache)
 
 
@@ -71,7 +87,7 @@ def make_attention(config: ModelConfig, layer: int, rng: np.random.Generator, *,
         causal=causal and not cross, window=None if cross or not causal else config.layer_window(layer),
         scale=config.attention_scale, softmax=config.softmax, clip_gamma=config.clip_gamma,
         clip_zeta=config.clip_zeta, softcap=config.attention_softcap,
-        attention_impl=config.attention_impl, cross=cross, rng=rng, init_std=std, dtype=config.np_dtype,
+        attention_impl=config.attention_impl, layer_impl=config.layer_impl, cross=cross, rng=rng, init_std=std, dtype=config.np_dtype,
     )
     _scale_residual_projection(config, attention.out_proj, rng)
     return attention
@@ -79,7 +95,7 @@ def make_attention(config: ModelConfig, layer: int, rng: np.random.Generator, *,
 
 def make_feedforward(config: ModelConfig, rng: np.random.Generator) -> FeedForward:
     ffn = FeedForward(config.d_model, config.ffn_width, config.ffn, config.ffn_bias, rng=rng,
-                      init_std=config.init_std, dtype=config.np_dtype)
+                      init_std=config.init_std, dtype=config.np_dtype, impl=config.layer_impl)
     _scale_residual_projection(config, ffn.down, rng)
     return ffn
 
@@ -135,13 +151,12 @@ class SequentialBlock(Module):
             # y = x + drop(branch(n(x)))
             h, norm_cache = norm.forward(x)  # (B, T, C)
             b, branch_cache = branch(h)  # (B, T, C)
-            b, drop_cache = dropout.forward(b)
-            y = x + b
+            y, drop_cache = dropout.add_forward(x, b)
         else:
             # y = n(x + drop(branch(x)))
             b, branch_cache = branch(x)
-            b, drop_cache = dropout.forward(b)
-            y, norm_cache = norm.forward(x + b)
+            s, drop_cache = dropout.add_forward(x, b)
+            y, norm_cache = norm.forward(s)
         return y, SublayerCache(norm_cache, branch_cache, drop_cache)
 
     def _sublayer_backward(self, dy, cache: SublayerCache, norm, branch_backward):
@@ -150,7 +165,8 @@ class SequentialBlock(Module):
             # forward: y = x + b(n(x)), so dx = dy + n'ᵀ b'ᵀ dy
             db = Dropout.backward(dy, cache.dropout)
             dh, extra = _split(branch_backward(db, cache.branch))
-            dx = dy + norm.backward(dh, cache.norm)
+            dx = norm.backward(dh, cache.norm)
+            dx += dy  # the residual path (dx is the norm's fresh array)
         else:
             # forward: y = n(s), s = x + b(x), so ds = n'ᵀ dy and dx = ds + b'ᵀ ds
             ds = norm.backward(dy, cache.norm)
@@ -233,9 +249,8 @@ class ParallelBlock(Module):
         a, attn = self.attn.forward(h_attn, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
                                     position_ids=position_ids, kv_cache=kv_cache)
         f, ffn = self.ffn.forward(h_ffn)
-        a, attn_dropout = dropout.forward(a)
-        f, ffn_dropout = dropout.forward(f)
-        y = x + a + f
+        y, attn_dropout = dropout.add_forward(x, a)  # x + drop(a)
+        y, ffn_dropout = dropout.add_forward(y, f)  # + drop(f)
         return y, ParallelBlockCache(attn_norm, ffn_norm, attn, ffn, attn_dropout, ffn_dropout)
 
     def backward(self, dy: np.ndarray, cache: ParallelBlockCache) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import List, NamedTuple, Optional
 
 import numpy as np
 
-from .._validate import check_grad, check_ids
+from .._validate import check_float, check_grad, check_ids
 from ..config import ModelConfig
 from ..nn.attention import KVCache
 from ..nn.module import ModuleList
@@ -99,6 +99,7 @@ class DecoderLM(LanguageModel):
             if not isinstance(inputs_embeds, np.ndarray) or inputs_embeds.ndim != 3:
                 raise ValueError(f"inputs_embeds must be a (B, T, C) array, got "
                                  f"{getattr(inputs_embeds, 'shape', type(inputs_embeds).__name__)}")
+            check_float(inputs_embeds, "inputs_embeds")  # at the door: no NaN/inf inside
             B, T = inputs_embeds.shape[:2]
         doc_ids = check_row_ids(doc_ids, "doc_ids", (B, T))
         if kv_caches is not None and len(kv_caches) != config.n_layers:
@@ -109,22 +110,23 @@ class DecoderLM(LanguageModel):
             raise ValueError(f"sequence of {past + T} positions exceeds max_seq_len="
                              f"{config.max_seq_len}; raise max_seq_len in the config")
         position_ids = past + np.arange(T)  # (T,)
-        dropout = Dropout(config.dropout, self.dropout_rng, self.training)
-
-        x, embedding = self.embed.forward(ids, position_ids, dropout, inputs_embeds=inputs_embeds)
-        block_caches = []
-        for layer, block in enumerate(self.layers):
-            x, block_cache = block.forward(
-                x, dropout, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
-                position_ids=position_ids,
-                kv_cache=None if kv_caches is None else kv_caches[layer])
-            block_caches.append(block_cache)
-        final = None
-        if config.final_norm:
-            x, final = self.final_norm.forward(x)  # (B, T, C)
-        logits, head = self._head_forward(x)  # (B, T, V)
-        cache = DecoderCache(embedding, block_caches, final, head, logits.shape, logits.dtype)
-        return logits, cache
+        dropout = Dropout(config.dropout, self.dropout_rng, self.training,
+                          fused=config.layer_impl == "numba")
+        with self._inner_loop():  # finite values vouched for at the door (fused path)
+            x, embedding = self.embed.forward(ids, position_ids, dropout, inputs_embeds=inputs_embeds)
+            block_caches = []
+            for layer, block in enumerate(self.layers):
+                x, block_cache = block.forward(
+                    x, dropout, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
+                    position_ids=position_ids,
+                    kv_cache=None if kv_caches is None else kv_caches[layer])
+                block_caches.append(block_cache)
+            final = None
+            if config.final_norm:
+                x, final = self.final_norm.forward(x)  # (B, T, C)
+            logits, head = self._head_forward(x)  # (B, T, V)
+            cache = DecoderCache(embedding, block_caches, final, head, logits.shape, logits.dtype)
+            return logits, cache
 
     # ---- backward --------------------------------------------------------------------------
 
@@ -133,9 +135,10 @@ class DecoderLM(LanguageModel):
         with respect to the token vectors (B, T, C)."""
         config = self.config
         dlogits = check_grad(dlogits, cache.logits_shape, cache.logits_dtype, "dlogits")
-        dx = self._head_backward(dlogits, cache.head)  # (B, T, C); the head's share of dW_tok
-        if config.final_norm:
-            dx = self.final_norm.backward(dx, cache.final_norm)
-        for block, block_cache in zip(reversed(self.layers), reversed(cache.blocks)):
-            dx = block.backward(dx, block_cache)
-        return self.embed.backward(dx, cache.embedding)  # the lookup's share of dW_tok
+        with self._inner_loop():
+            dx = self._head_backward(dlogits, cache.head)  # (B, T, C); the head's share of dW_tok
+            if config.final_norm:
+                dx = self.final_norm.backward(dx, cache.final_norm)
+            for block, block_cache in zip(reversed(self.layers), reversed(cache.blocks)):
+                dx = block.backward(dx, block_cache)
+            return self.embed.backward(dx, cache.embedding)  # the lookup's share of dW_tok

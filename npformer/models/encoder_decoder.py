@@ -106,33 +106,34 @@ class EncoderDecoder(LanguageModel):
                                  f"{config.max_seq_len}")
         src_padding_mask = check_row_ids(src_padding_mask, "src_padding_mask", (B, S))
         tgt_padding_mask = check_row_ids(tgt_padding_mask, "tgt_padding_mask", (B, T))
-        dropout = Dropout(config.dropout, self.dropout_rng, self.training)
+        dropout = Dropout(config.dropout, self.dropout_rng, self.training,
+                          fused=config.layer_impl == "numba")
+        with self._inner_loop():  # finite values vouched for at the door (fused path)
+            # encoder: m = blocks(embed(src))
+            m, src_embedding = self.source_embedding.forward(src_ids, np.arange(S), dropout)
+            encoder_caches = []
+            for block in self.encoder:
+                m, block_cache = block.forward(m, dropout, key_padding_mask=src_padding_mask)
+                encoder_caches.append(block_cache)
+            encoder_norm = None
+            if config.final_norm:
+                m, encoder_norm = self.encoder_norm.forward(m)  # (B, S, C)
 
-        # encoder: m = blocks(embed(src))
-        m, src_embedding = self.source_embedding.forward(src_ids, np.arange(S), dropout)
-        encoder_caches = []
-        for block in self.encoder:
-            m, block_cache = block.forward(m, dropout, key_padding_mask=src_padding_mask)
-            encoder_caches.append(block_cache)
-        encoder_norm = None
-        if config.final_norm:
-            m, encoder_norm = self.encoder_norm.forward(m)  # (B, S, C)
+            # decoder: x = blocks(embed(tgt), m)
+            x, tgt_embedding = self.embed.forward(tgt_ids, np.arange(T), dropout)
+            decoder_caches = []
+            for block in self.decoder:
+                x, block_cache = block.forward(x, dropout, memory=m, key_padding_mask=tgt_padding_mask,
+                                               memory_padding_mask=src_padding_mask)
+                decoder_caches.append(block_cache)
+            decoder_norm = None
+            if config.final_norm:
+                x, decoder_norm = self.decoder_norm.forward(x)  # (B, T, C)
 
-        # decoder: x = blocks(embed(tgt), m)
-        x, tgt_embedding = self.embed.forward(tgt_ids, np.arange(T), dropout)
-        decoder_caches = []
-        for block in self.decoder:
-            x, block_cache = block.forward(x, dropout, memory=m, key_padding_mask=tgt_padding_mask,
-                                           memory_padding_mask=src_padding_mask)
-            decoder_caches.append(block_cache)
-        decoder_norm = None
-        if config.final_norm:
-            x, decoder_norm = self.decoder_norm.forward(x)  # (B, T, C)
-
-        logits, head = self._head_forward(x)  # (B, T, V)
-        cache = EncoderDecoderCache(src_embedding, encoder_caches, encoder_norm, tgt_embedding,
-                                    decoder_caches, decoder_norm, head, logits.shape, logits.dtype)
-        return logits, cache
+            logits, head = self._head_forward(x)  # (B, T, V)
+            cache = EncoderDecoderCache(src_embedding, encoder_caches, encoder_norm, tgt_embedding,
+                                        decoder_caches, decoder_norm, head, logits.shape, logits.dtype)
+            return logits, cache
 
     # ---- backward --------------------------------------------------------------------------
 
@@ -141,21 +142,22 @@ class EncoderDecoder(LanguageModel):
         target token vectors ``(d_src (B, S, C), d_tgt (B, T, C))``."""
         config = self.config
         dlogits = check_grad(dlogits, cache.logits_shape, cache.logits_dtype, "dlogits")
-        dx = self._head_backward(dlogits, cache.head)  # (B, T, C)
-        if config.final_norm:
-            dx = self.decoder_norm.backward(dx, cache.decoder_norm)
+        with self._inner_loop():
+            dx = self._head_backward(dlogits, cache.head)  # (B, T, C)
+            if config.final_norm:
+                dx = self.decoder_norm.backward(dx, cache.decoder_norm)
 
-        # decoder, in reverse; every layer's cross-attention adds its share of dm
-        dm = None
-        for block, block_cache in zip(reversed(self.decoder), reversed(cache.decoder)):
-            dx, dm_layer = block.backward(dx, block_cache)
-            dm = dm_layer if dm is None else dm + dm_layer  # (B, S, C)
-        d_tgt = self.embed.backward(dx, cache.tgt_embedding)
+            # decoder, in reverse; every layer's cross-attention adds its share of dm
+            dm = None
+            for block, block_cache in zip(reversed(self.decoder), reversed(cache.decoder)):
+                dx, dm_layer = block.backward(dx, block_cache)
+                dm = dm_layer if dm is None else dm + dm_layer  # (B, S, C)
+            d_tgt = self.embed.backward(dx, cache.tgt_embedding)
 
-        # encoder, in reverse, from dm
-        if config.final_norm:
-            dm = self.encoder_norm.backward(dm, cache.encoder_norm)
-        for block, block_cache in zip(reversed(self.encoder), reversed(cache.encoder)):
-            dm = block.backward(dm, block_cache)
-        d_src = self.source_embedding.backward(dm, cache.src_embedding)
+            # encoder, in reverse, from dm
+            if config.final_norm:
+                dm = self.encoder_norm.backward(dm, cache.encoder_norm)
+            for block, block_cache in zip(reversed(self.encoder), reversed(cache.encoder)):
+                dm = block.backward(dm, block_cache)
+            d_src = self.source_embedding.backward(dm, cache.src_embedding)
         return d_src, d_tgt

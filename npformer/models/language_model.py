@@ -9,8 +9,11 @@ then the Linear (or tied) backward, db = Σ dlogits over (B, T).
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
+from .._validate import finite_values_checked_once
 from ..config import ModelConfig
 from ..nn.linear import Linear
 from ..nn.module import Module
@@ -34,6 +37,16 @@ class LanguageModel(Module):
         self.training = True  # as in torch, a new model is in training mode
         self._last_cache = None
         return np.random.default_rng(seed)
+
+    def _inner_loop(self):
+        """The context of the layers' forward/backward. On the fused path
+        (``layer_impl="numba"``) the inputs are checked once at the door of
+        ``forward_with_cache`` / ``backward_with_cache``, and the layers inside skip their
+        NaN/inf scans (see :func:`npformer._validate.finite_values_checked_once` for why that
+        lets no NaN through silently); on the reference path every layer checks its inputs."""
+        if self.config.layer_impl == "numba":
+            return finite_values_checked_once()
+        return contextlib.nullcontext()
 
     def _add_head(self, rng: np.random.Generator) -> None:
         config = self.config

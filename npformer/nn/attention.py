@@ -37,9 +37,11 @@ from .._validate import check_int
 from ..config import ATTENTION_IMPLS
 from ..functional.attention import attention_backward, attention_forward
 from ..functional.linear import linear_backward, linear_forward
-from ..functional.rope import check_rotary_dim, rope_backward, rope_forward
+from ..functional import rope as rope_reference
+from ..functional.rope import check_rotary_dim
+from ..kernels import rope as rope_kernels
 from .linear import Linear
-from .module import Module
+from .module import Module, check_impl
 
 
 def _attention_core(attention_impl: str, softmax: str):
@@ -117,7 +119,8 @@ class MultiHeadAttention(Module):
     attention_impl: "numba" computes the core with the fused kernels
     (:mod:`npformer.kernels.flash_attention`, same results, no T×S matrix); the clipped
     softmax, which they do not implement, falls back to the reference. "numpy": always the
-    reference.
+    reference. layer_impl: "numba" rotates q and k with :mod:`npformer.kernels.rope`, "numpy"
+    with :mod:`npformer.functional.rope` (``ModelConfig.layer_impl``).
     cross: cross-attention (2017 decoder): k, v come from ``memory``; no causal mask, no RoPE.
     """
 
@@ -127,7 +130,7 @@ class MultiHeadAttention(Module):
                  rotary_dim: Optional[int] = None, rope_layout: str = "half",
                  causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
                  softmax: str = "softmax", clip_gamma: float = -0.03, clip_zeta: float = 1.0,
-                 softcap: Optional[float] = None, attention_impl: str = "numba",
+                 softcap: Optional[float] = None, attention_impl: str = "numba", layer_impl: str = "numpy",
                  cross: bool = False,
                  rng: Optional[np.random.Generator] = None, init_std: float = 0.02,
                  dtype=np.float64) -> None:
@@ -163,6 +166,8 @@ class MultiHeadAttention(Module):
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         self.fused_qkv, self.cross = fused_qkv, cross
         self.rope = dict(theta=rope_theta, rotary_dim=rotary_dim, layout=rope_layout) if rope else None
+        rope_module = rope_kernels if check_impl(layer_impl) == "numba" else rope_reference
+        self.rope_pair = (rope_module.rope_forward, rope_module.rope_backward)
         self.core_options = dict(causal=causal, window=window, scale=scale, softmax=softmax,
                                  clip_gamma=clip_gamma, clip_zeta=clip_zeta, softcap=softcap)
         self.core = _attention_core(attention_impl, softmax)  # (forward, backward) pair
@@ -257,6 +262,7 @@ class MultiHeadAttention(Module):
         if self.rope is not None:
             if position_ids is None:
                 position_ids = past + np.arange(T)
+            rope_forward = self.rope_pair[0]
             q, rope_q = rope_forward(q, position_ids, **self._rope_kwargs())
             k, rope_k = rope_forward(k, position_ids, **self._rope_kwargs())
 
@@ -296,6 +302,7 @@ class MultiHeadAttention(Module):
         dq, dk, dv = core_backward(do, cache.core)  # (B,H,T,D), (B,K,S,D), (B,K,S,D)
         if self.rope is not None:
             # forward: q = rope(q), k = rope(k): the inverse rotation
+            rope_backward = self.rope_pair[1]
             dq = rope_backward(dq, cache.rope_q)
             dk = rope_backward(dk, cache.rope_k)
         # forward: q = x W_qᵀ + b_q etc., heads split

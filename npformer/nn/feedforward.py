@@ -9,6 +9,10 @@
 Shapes: x (B, T, C), hidden (B, T, F). The plain forms own ``up`` (F, C) and ``down``
 (C, F) linears; the gated forms own ``gate``, ``up`` and ``down`` weights without biases
 and call the fused pair in :mod:`npformer.functional.glu`.
+
+``impl="numba"`` (the models' default, ``ModelConfig.layer_impl``) runs the activation, or
+the gated middle ``h = act(g) ⊙ u``, as one-pass kernels of :mod:`npformer.kernels.activations`
+between the same linear products; ``impl="numpy"`` runs the functional pairs above.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import numpy as np
 
 from ..functional.gelu import gelu_backward, gelu_forward
 from ..functional.glu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
+from ..functional.linear import linear_backward, linear_forward
 from ..functional.relu import relu_backward, relu_forward
+from ..kernels import activations as activation_kernels
 from .linear import Linear
-from .module import Module
+from .module import Module, check_impl
 
 _ACTIVATIONS = {
     "relu": (relu_forward, relu_backward),
@@ -32,6 +38,13 @@ _GATED = {
     "swiglu": (swiglu_forward, swiglu_backward),
     "geglu": (geglu_forward, geglu_backward),
 }
+# The same activations as one-pass kernels (impl="numba"); relu stays NumPy (one max).
+_FUSED_ACTIVATIONS = {
+    "relu": (relu_forward, relu_backward),
+    "gelu": (lambda h: activation_kernels.gelu_forward(h, "none"), activation_kernels.gelu_backward),
+    "gelu_tanh": (lambda h: activation_kernels.gelu_forward(h, "tanh"), activation_kernels.gelu_backward),
+}
+_FUSED_GATED = {"swiglu": ("silu", "none"), "geglu": ("gelu", "none")}  # (activation, approximate)
 
 
 class FeedForwardCache(NamedTuple):
@@ -43,8 +56,10 @@ class FeedForwardCache(NamedTuple):
 class FeedForward(Module):
     def __init__(self, d_model: int, d_ff: int, kind: str = "gelu", bias: bool = True, *,
                  rng: Optional[np.random.Generator] = None, init_std: float = 0.02,
-                 down_init_std: Optional[float] = None, dtype=np.float64) -> None:
+                 down_init_std: Optional[float] = None, dtype=np.float64,
+                 impl: str = "numpy") -> None:
         super().__init__()
+        self.fused = check_impl(impl) == "numba"
         if kind not in _ACTIVATIONS and kind not in _GATED:
             raise ValueError(f"unknown FFN kind {kind!r}; valid: {list(_ACTIVATIONS) + list(_GATED)}")
         if kind in _GATED and bias:
@@ -59,18 +74,22 @@ class FeedForward(Module):
 
     def forward(self, x: np.ndarray):
         """x (B, T, C) → y (B, T, C)."""
+        if self.fused and self.kind in _GATED:
+            return self._fused_gated_forward(x)
         if self.kind in _GATED:
             fused_forward, _ = _GATED[self.kind]
             y, cache = fused_forward(x, self.gate.params["weight"], self.up.params["weight"],
                                      self.down.params["weight"])
             return y, FeedForwardCache(cache, None, None)
-        activation_forward, _ = _ACTIVATIONS[self.kind]
+        activation_forward, _ = (_FUSED_ACTIVATIONS if self.fused else _ACTIVATIONS)[self.kind]
         h, up = self.up.forward(x)  # (B, T, F)
         a, activation = activation_forward(h)  # (B, T, F)
         y, down = self.down.forward(a)  # (B, T, C)
         return y, FeedForwardCache(up, activation, down)
 
     def backward(self, dy: np.ndarray, cache: FeedForwardCache) -> np.ndarray:
+        if self.fused and self.kind in _GATED:
+            return self._fused_gated_backward(dy, cache)
         if self.kind in _GATED:
             _, fused_backward = _GATED[self.kind]
             dx, dgate, dup, ddown = fused_backward(dy, cache.up)
@@ -78,8 +97,34 @@ class FeedForward(Module):
             self.up.accumulate("weight", dup)
             self.down.accumulate("weight", ddown)
             return dx
-        _, activation_backward = _ACTIVATIONS[self.kind]
+        _, activation_backward = (_FUSED_ACTIVATIONS if self.fused else _ACTIVATIONS)[self.kind]
         # forward: y = down(a), a = act(h), h = up(x)
         da = self.down.backward(dy, cache.down)  # (B, T, F)
         dh = activation_backward(da, cache.activation)  # (B, T, F)
         return self.up.backward(dh, cache.up)  # (B, T, C)
+
+    # ---- the gated forms with the elementwise middle as one kernel (impl="numba") ---------
+
+    def _fused_gated_forward(self, x: np.ndarray):
+        """The maths of functional.glu, with ``h = act(g) ⊙ u`` in one pass."""
+        activation, approximate = _FUSED_GATED[self.kind]
+        g, gate = linear_forward(x, self.gate.params["weight"])  # g = x W_gateᵀ   (B, T, F)
+        u, up = linear_forward(x, self.up.params["weight"])  # u = x W_upᵀ     (B, T, F)
+        h, middle = activation_kernels.glu_forward(g, u, activation, approximate)  # (B, T, F)
+        y, down = linear_forward(h, self.down.params["weight"])  # y = h W_downᵀ  (B, T, C)
+        return y, FeedForwardCache((gate, up), middle, down)
+
+    def _fused_gated_backward(self, dy: np.ndarray, cache: FeedForwardCache) -> np.ndarray:
+        gate, up = cache.up
+        # forward: y = h W_downᵀ
+        dh, dw_down, _ = linear_backward(dy, cache.down)  # (B, T, F), (C, F)
+        # forward: h = act(g) ⊙ u: du = dh ⊙ act(g), dg = dh ⊙ u ⊙ act'(g)
+        dg, du = activation_kernels.glu_backward(dh, cache.activation)  # (B, T, F) each
+        # forward: g = x W_gateᵀ, u = x W_upᵀ: dx = dg W_gate + du W_up
+        dx, dw_gate, _ = linear_backward(dg, gate)  # (B, T, C), (F, C)
+        dx_up, dw_up, _ = linear_backward(du, up)
+        dx += dx_up
+        self.gate.accumulate("weight", dw_gate)
+        self.up.accumulate("weight", dw_up)
+        self.down.accumulate("weight", dw_down)
+        return dx

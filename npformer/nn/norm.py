@@ -3,48 +3,61 @@
 The maths is in :mod:`npformer.functional.layernorm` and :mod:`npformer.functional.rmsnorm`;
 these classes own ``weight`` (C,) (initialised to 1) and, for LayerNorm, an optional
 ``bias`` (C,) (initialised to 0; PaLM and Cohere have none).
+
+``impl`` picks the pair: ``"numba"`` the fused one-pass kernels of
+:mod:`npformer.kernels.norms`, ``"numpy"`` the functional reference (same caches, same
+results to rounding).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..functional.layernorm import layernorm_backward, layernorm_forward
-from ..functional.rmsnorm import rmsnorm_backward, rmsnorm_forward
-from .module import Module
+from ..functional import layernorm as layernorm_reference
+from ..functional import rmsnorm as rmsnorm_reference
+from ..kernels import norms as norm_kernels
+from .module import Module, check_impl
+
+_LAYERNORM = {"numpy": (layernorm_reference.layernorm_forward, layernorm_reference.layernorm_backward),
+              "numba": (norm_kernels.layernorm_forward, norm_kernels.layernorm_backward)}
+_RMSNORM = {"numpy": (rmsnorm_reference.rmsnorm_forward, rmsnorm_reference.rmsnorm_backward),
+            "numba": (norm_kernels.rmsnorm_forward, norm_kernels.rmsnorm_backward)}
 
 
 class LayerNorm(Module):
-    def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True, dtype=np.float64) -> None:
+    def __init__(self, d_model: int, eps: float = 1e-5, bias: bool = True, dtype=np.float64,
+                 impl: str = "numpy") -> None:
         super().__init__()
         self.eps = eps
+        self.pair = _LAYERNORM[check_impl(impl)]  # (forward, backward)
         self.add_parameter("weight", np.ones(d_model, dtype=dtype))
         if bias:
             self.add_parameter("bias", np.zeros(d_model, dtype=dtype))
 
     def forward(self, x: np.ndarray):
         """x (..., C) → y (..., C)."""
-        return layernorm_forward(x, self.params["weight"], self.params.get("bias"), self.eps)
+        return self.pair[0](x, self.params["weight"], self.params.get("bias"), self.eps)
 
     def backward(self, dy: np.ndarray, cache) -> np.ndarray:
-        dx, dweight, dbias = layernorm_backward(dy, cache)
+        dx, dweight, dbias = self.pair[1](dy, cache)
         self.accumulate("weight", dweight)
         self.accumulate("bias", dbias)
         return dx
 
 
 class RMSNorm(Module):
-    def __init__(self, d_model: int, eps: float = 1e-6, dtype=np.float64) -> None:
+    def __init__(self, d_model: int, eps: float = 1e-6, dtype=np.float64, impl: str = "numpy") -> None:
         super().__init__()
         self.eps = eps
+        self.pair = _RMSNORM[check_impl(impl)]  # (forward, backward)
         self.add_parameter("weight", np.ones(d_model, dtype=dtype))
 
     def forward(self, x: np.ndarray):
         """x (..., C) → y (..., C)."""
-        return rmsnorm_forward(x, self.params["weight"], self.eps)
+        return self.pair[0](x, self.params["weight"], self.eps)
 
     def backward(self, dy: np.ndarray, cache) -> np.ndarray:
-        dx, dweight = rmsnorm_backward(dy, cache)
+        dx, dweight = self.pair[1](dy, cache)
         self.accumulate("weight", dweight)
         return dx
 
@@ -52,5 +65,6 @@ class RMSNorm(Module):
 def make_norm(config) -> Module:
     """The norm a :class:`~npformer.config.ModelConfig` asks for."""
     if config.norm == "rmsnorm":
-        return RMSNorm(config.d_model, config.norm_eps, dtype=config.np_dtype)
-    return LayerNorm(config.d_model, config.norm_eps, bias=config.norm_bias, dtype=config.np_dtype)
+        return RMSNorm(config.d_model, config.norm_eps, dtype=config.np_dtype, impl=config.layer_impl)
+    return LayerNorm(config.d_model, config.norm_eps, bias=config.norm_bias, dtype=config.np_dtype,
+                     impl=config.layer_impl)
