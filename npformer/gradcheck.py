@@ -222,6 +222,7 @@ CHECK_MODULES = (
     "npformer.checks.positions",
     "npformer.checks.attention",
     "npformer.checks.modules",
+    "npformer.checks.fused_layers",
 )
 
 
