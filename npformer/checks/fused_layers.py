@@ -2,7 +2,7 @@
 
 ``fused_layernorm``, ``fused_rmsnorm``, ``fused_gelu``, ``fused_gelu_tanh``, ``fused_silu``,
 ``fused_swiglu``, ``fused_geglu``, ``fused_rope``, ``fused_residual_dropout``,
-``fused_cross_entropy``.
+``fused_cross_entropy``, ``fused_embedding``.
 
 The same inputs as the reference checks of each layer (checks/normalization.py,
 activations.py, positions.py, dropout.py, softmax.py), differentiated by finite differences
@@ -15,8 +15,9 @@ import dataclasses
 
 import numpy as np
 
+from ..functional.embedding import embedding_forward
 from ..gradcheck import check_pair, register_check
-from ..kernels import activations, norms, residual_dropout, rope
+from ..kernels import activations, embedding, norms, residual_dropout, rope
 from ..kernels.cross_entropy import softmax_cross_entropy
 from .activations import _glu_inputs, _x
 from .positions import _rope_inputs
@@ -135,3 +136,13 @@ def check_fused_cross_entropy():
     inputs = {"logits": rng.standard_normal((2, 3, 7)) * 2.1 + 0.7, "targets": targets}
     return check_pair("fused_cross_entropy", _fused_cross_entropy, _fused_cross_entropy_backward,
                       inputs, ("logits",))
+
+
+@register_check("fused_embedding")
+def check_fused_embedding():
+    rng = np.random.default_rng(21)
+    # the reference check's repeats: token 3 four times, 5 twice; 0 and 6 never occur
+    ids = np.array([[3, 1, 3, 5, 2, 3], [4, 5, 3, 1, 2, 2]])
+    inputs = {"ids": ids, "weight": rng.standard_normal((7, 5)) * 0.8 + 0.2}
+    return check_pair("fused_embedding", embedding_forward, embedding.embedding_backward, inputs,
+                      ("weight",))

@@ -27,6 +27,7 @@ from ..functional.positions import (
     sinusoidal_backward,
     sinusoidal_forward,
 )
+from ..kernels import embedding as embedding_kernels
 from ..nn.embedding import Embedding
 from ..nn.module import Module
 from .blocks import Dropout
@@ -46,7 +47,8 @@ class InputEmbedding(Module):
         super().__init__()
         self.config = config
         self.tokens = Embedding(config.vocab_size, config.d_model, padding_idx=config.padding_idx,
-                                rng=rng, init_std=config.init_std, dtype=config.np_dtype)
+                                rng=rng, init_std=config.init_std, dtype=config.np_dtype,
+                                impl=config.layer_impl)
         if config.positions == "learned":
             table = rng.standard_normal((config.max_seq_len, config.d_model)) * config.init_std
             self.add_parameter("position_table", table.astype(config.np_dtype))
@@ -79,7 +81,11 @@ class InputEmbedding(Module):
         """Adds the token (and position) table gradients; returns de (B, T, C)."""
         # forward: x = drop(e + P[pos])
         de = Dropout.backward(dx, cache.dropout)
-        if self.config.positions == "learned":
+        if self.config.positions == "learned" and self.config.layer_impl == "numba":
+            # forward: x = e + P[pos]: de = dx, and dP scatter-added straight into the gradient
+            embedding_kernels.embedding_backward(de, cache.positions.lookup,
+                                                 add_into=self.grads["position_table"])
+        elif self.config.positions == "learned":
             de, dtable = learned_positions_backward(de, cache.positions)
             self.accumulate("position_table", dtable)
         elif self.config.positions == "sinusoidal":
