@@ -176,11 +176,10 @@ def _layernorm_forward_kernel(x, weight, bias, eps, dtype_max, y, xhat, rstd):
 def _layernorm_backward_kernel(dy, xhat, rstd, weight, with_weight, with_bias,
                                n_chunks, dx, dweight_parts, dbias_parts):
     """dy, xhat, dx: (N, C); rstd: (N,); weight: (C,) (ones when absent);
-    dweight_parts, dbias_parts: (n_chunks, C) float64, zeroed, one row per chunk."""
+    dweight_parts, dbias_parts: (n_chunks, C) float64, zeroed, one row per chunk ((1, C) and
+    untouched when that gradient is not wanted)."""
     n_rows, channels = dy.shape
     for chunk in prange(n_chunks):
-        dweight_part = dweight_parts[chunk]
-        dbias_part = dbias_parts[chunk]
         for i in range(chunk * n_rows // n_chunks, (chunk + 1) * n_rows // n_chunks):
             dy_row = dy[i]
             xhat_row = xhat[i]
@@ -193,10 +192,12 @@ def _layernorm_backward_kernel(dy, xhat, rstd, weight, with_weight, with_bias,
             for j in range(channels):
                 g = dy_row[j] * weight[j]
                 dx_row[j] = inv_std * ((g - mean_g) - xhat_row[j] * mean_gx)
-            if with_weight:
+            if with_weight:  # this chunk's own row of the partial sums: no other writer
+                dweight_part = dweight_parts[chunk]
                 for j in range(channels):
                     dweight_part[j] += np.float64(dy_row[j]) * xhat_row[j]
             if with_bias:
+                dbias_part = dbias_parts[chunk]
                 for j in range(channels):
                     dbias_part[j] += dy_row[j]
 
@@ -229,7 +230,6 @@ def _rmsnorm_backward_kernel(dy, xhat, rinv, weight, with_weight, n_chunks, dx, 
     dweight_parts: (n_chunks, C) float64, zeroed."""
     n_rows, channels = dy.shape
     for chunk in prange(n_chunks):
-        dweight_part = dweight_parts[chunk]
         for i in range(chunk * n_rows // n_chunks, (chunk + 1) * n_rows // n_chunks):
             dy_row = dy[i]
             xhat_row = xhat[i]
@@ -241,7 +241,8 @@ def _rmsnorm_backward_kernel(dy, xhat, rinv, weight, with_weight, n_chunks, dx, 
             for j in range(channels):
                 g = dy_row[j] * weight[j]
                 dx_row[j] = inv_rms * (g - xhat_row[j] * mean_gx)
-            if with_weight:
+            if with_weight:  # this chunk's own row of the partial sums: no other writer
+                dweight_part = dweight_parts[chunk]
                 for j in range(channels):
                     dweight_part[j] += np.float64(dy_row[j]) * xhat_row[j]
 
@@ -255,7 +256,9 @@ def _check_input(x) -> np.ndarray:
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"x must be a floating-point array (float32 or float64), got dtype {x.dtype}")
-    if x.ndim < 1 or x.shape[-1] == 0:
+    if x.ndim < 1:
+        raise ValueError(f"x must have at least 1 dimension(s), got shape {x.shape}")
+    if x.shape[-1] == 0:
         raise ValueError(f"x must have at least one channel (x.shape[-1] >= 1), got {x.shape}")
     return np.ascontiguousarray(x)
 
