@@ -109,7 +109,8 @@ def _gelu_tanh_pair(x, k):
     x2 = x * x
     s, s_neg = _sigmoid_pair(k[2] * x * (k[1] + k[3] * x2), k[1])  # σ(2u), σ(−2u)
     x2 = min(x2, k[5])
-    return x * s, s + k[2] * x * s * s_neg * (k[1] + k[4] * x2)
+    # x σ(−2u) first: it is exactly 0 where 2k·x would overflow (|x| near the dtype's max)
+    return x * s, s + (x * s_neg) * s * (k[2] * (k[1] + k[4] * x2))
 
 
 @njit(inline="always", error_model="numpy")  # numba-level inlining: too big for LLVM's
@@ -260,7 +261,7 @@ def _raise_if_overflowed(overflowed, what, *inputs):
         largest = ", ".join(f"{name} {float(np.abs(a).max()):.3g}" for name, a in inputs)
         raise NonFiniteError(
             f"{what} overflows {inputs[0][1].dtype} to ±inf (largest |input|: {largest}); "
-            "inputs are finite? scale them down or compute in float64")
+            "scale the inputs down or compute in float64")
 
 
 def _run_forward(kind, x, u, out, what):
