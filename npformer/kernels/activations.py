@@ -9,7 +9,8 @@ middle of the gated FFN (SwiGLU / GeGLU), each the fast twin of a functional pai
 
 The caches are the functional ones (GeluCache, SiluCache: the input x), so a kernel's cache
 feeds the functional backward and vice versa; GluActivationCache holds g and u (act(g) is
-recomputed in the backward, as in the activations' own backward). The maths and its
+recomputed in the backward, see below). An ``out=`` buffer must not overlap an input: the
+cache keeps the inputs for the backward (checked, O(1)). The maths and its
 derivation are in the functional twins; this file is the same maths arranged for speed.
 
 What is fused, and why
@@ -31,8 +32,17 @@ The exact GeLU is evaluated in float64 as in functional/gelu.py (float32 results
 once, on the store); its erf is :func:`.erf.erf_float64`, a branch-free series/Chebyshev erf
 within 2 ulp of ``math.erf`` (a scalar libm call, which was the whole cost of this kernel:
 ~30 ns per element, no faster than the functional twin), and φ uses the vector exp.
-Measured (issue 15 report; float32, 2 threads): ~2-4× faster than the functional pairs on
-(2048, 512) and (2048, 1536), up to ~10× for SiLU and the gated middle.
+Measured (float32, 2 threads, medians of 11 interleaved runs on a shared, loaded machine;
+issue 15 report): forward / backward faster than the functional pairs by 1.3–1.9× / 2.4–3.5×
+(tanh GeLU), 2.2–2.6× / 2.8–2.9× (exact GeLU), 4–6× / 12× (SiLU), 5–6× / 8–10× (SwiGLU
+middle), on (2048, 512) and (2048, 1536). The exact GeLU costs ~8× the tanh one here (a
+float64 erf of ~100 operations). act(g) is recomputed in the gated backward, not cached:
+act'(g) needs σ(g) (or Φ(g)) anyway, and given it act(g) is one multiply, while caching it
+would add a full write in the forward and a read in the backward.
+Writing into reused ``out=`` buffers saves the page faults of fresh arrays (0.9–1.0× the
+time), but in one benchmark process the gated backward into two reused buffers ran 3–6×
+slower than into fresh arrays, and not in another with the buffers at other addresses
+(suspected 4K aliasing of the load and store streams; not proven): time it in place.
 
 Overflow: σ saturates to exactly 0 or 1 (e underflows to 0), so ±1e4, ±1e30 and float32
 ±3e38 give the functional twin's answers; the tanh backward caps x² at 1e8 (where σ(−2u) is
