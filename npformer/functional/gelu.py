@@ -100,8 +100,8 @@ def gelu_forward(x: np.ndarray, approximate: str = "none"):
     else:
         y = _tanh_u(x)  # t = tanh(u)    (...)
         y += 1.0
-        y *= x
-        y *= 0.5  # y = ½ x (1 + t)
+        y *= 0.5  # ½ (1 + t), halved before the product: x (1 + t) overflows for |x| > max/2
+        y *= x  # y = ½ x (1 + t)
     return np.asarray(y), GeluCache(x, approximate)  # asarray: a 0-d input stays 0-d
 
 

@@ -1,6 +1,10 @@
 """Numba kernels, each beside the plain NumPy reference it is tested against.
 
-- :mod:`.erf`: the error function (exact GeLU), with ``erf_reference``;
+- :mod:`.erf`: the error function (exact GeLU), with ``erf_reference``, and the
+  vectorisable ``erf_float64`` of the fused kernels;
+- :mod:`._exp`: the vectorisable exp shared by the kernels (numba has no vector exp here);
+- :mod:`.activations`: fused GeLU / SiLU / gated-FFN middle, twins of
+  :mod:`npformer.functional.gelu`, :mod:`~npformer.functional.silu` and ``glu``;
 - :mod:`.flash_attention`: fused attention forward/backward (tiled online softmax, no T × S
   matrix), with its twin :mod:`.flash_attention_reference`.
 

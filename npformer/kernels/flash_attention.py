@@ -90,13 +90,13 @@ import math
 import numba
 import numpy as np
 import scipy.linalg.cython_blas  # noqa: F401  numba's np.dot binds to this BLAS; load it first
-from numba import njit, prange, types
+from numba import njit, prange
 from numba.core.extending import get_cython_function_address
-from numba.extending import intrinsic, overload
 from threadpoolctl import ThreadpoolController
 
 from .._validate import check_grad
 from ..functional.attention import scores_overflow_error
+from ._exp import _exp_constants, _mantissa_bits, _times_power_of_two
 from .flash_attention_reference import (
     FLASH_SOFTMAX_VARIANTS,
     FlashAttentionCache,
@@ -142,66 +142,6 @@ def _one_blas_thread():
         for library, threads in saved:
             if threads != 1:
                 library.set_num_threads(threads)
-
-
-# ---- x · 2ⁿ by an integer add on the exponent field --------------------------------------
-
-
-def _times_power_of_two(x, n):
-    """x · 2ⁿ for a float x and an integer-valued float n, when x and the result are normal
-    numbers (as in _exp_tile). This plain version (``np.ldexp``) runs under
-    ``NUMBA_DISABLE_JIT``; compiled, the overload below adds n to x's exponent field, which
-    gives the same bits for normal results and vectorises."""
-    return np.ldexp(x, int(n))
-
-
-@intrinsic
-def _same_bits(typingctx, x):
-    """The same bits read as the other kind of number of that width: float32 ↔ int32,
-    float64 ↔ int64 (a bitcast, no conversion)."""
-    if isinstance(x, types.Float):
-        other = types.int32 if x.bitwidth == 32 else types.int64
-    else:
-        other = types.float32 if x.bitwidth == 32 else types.float64
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], context.get_value_type(other))
-
-    return other(x), codegen
-
-
-@overload(_times_power_of_two)
-def _times_power_of_two_compiled(x, n):
-    if x.bitwidth == 32:
-        def times_power_of_two(x, n):  # exponent field: bits 23–30
-            return _same_bits(np.int32(_same_bits(x) + (np.int32(n) << 23)))
-    else:
-        def times_power_of_two(x, n):  # exponent field: bits 52–62
-            return _same_bits(np.int64(_same_bits(x) + (np.int64(n) << 52)))
-    return times_power_of_two
-
-
-# ---- constants of the vectorisable exp --------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)  # one shared array per dtype; the kernels only read it
-def _exp_constants(dtype):
-    """[log2(e), ln2_hi, ln2_lo, floor, 1/2, 1/0!, 1/1!, …, 1/13!] in ``dtype``.
-
-    ln2_hi + ln2_lo = ln 2 split so that n · ln2_hi is exact for the n that occur
-    (Cody & Waite): fdlibm's split in float64, Cephes' in float32.
-    """
-    if dtype == np.float64:
-        head = [1.4426950408889634, 6.93147180369123816490e-01, 1.90821492927058770002e-10,
-                -708.0, 0.5]
-    else:
-        head = [1.4426950408889634, 0.693359375, -2.12194440e-4, -87.0, 0.5]
-    taylor = [1.0 / math.factorial(i) for i in range(14)]
-    return np.array(head + taylor, dtype=dtype)
-
-
-def _mantissa_bits(dtype) -> int:
-    return 23 if dtype == np.float32 else 52
 
 
 # ---- accumulating matrix products: BLAS gemm with beta = 1 -------------------------------
