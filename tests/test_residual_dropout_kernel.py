@@ -155,6 +155,17 @@ def test_p_one_drops_everything(dtype):
     _check_against_reference(x, b, 1.0, seed=6)
 
 
+@pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2)], ids=["0-d", "empty", "empty-3d"])
+def test_scalar_and_empty_shapes(shape):
+    """A 0-d array and empty arrays, as the functional takes them (p = 0, 0.5, 1)."""
+    x, b = np.full(shape, 1.5), np.full(shape, -2.25)
+    for p in (0.0, 0.5, 1.0):
+        cache, cache_ref = _check_against_reference(x, b, p, seed=4, what=f"{shape} p={p}")
+        dy = np.full(shape, 0.75)
+        np.testing.assert_array_equal(kernel.dropout_backward(dy, cache),
+                                      functional.dropout_backward(dy, cache_ref))
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_large_offsets(dtype):
     """x around +1e4 and b around −1e4 (the sum cancels), p = 0.2 and p = 0."""
