@@ -210,6 +210,9 @@ def test_tables_are_keyed_on_the_positions_content():
     again = check(np.array([0, 1, 2, 3, 4]), "positions 0..4 again")
     assert again.cos is first.cos  # a hit: computed once
     assert not again.cos.flags.writeable  # shared tables cannot be changed by a caller
+    for start in range(kernel._TABLE_CACHE_SIZE + 5):  # more distinct positions than kept
+        check(np.arange(start, start + 5), f"positions from {start}")
+    assert len(kernel._tables) == kernel._TABLE_CACHE_SIZE  # bounded
 
 
 @pytest.mark.parametrize("layout", ["half", "interleaved"])

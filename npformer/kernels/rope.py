@@ -245,16 +245,20 @@ def _angles(positions: np.ndarray, rotary_dim: int, theta: float, dtype: np.dtyp
     positions = np.ascontiguousarray(positions)
     key = (positions.tobytes(), positions.shape, positions.dtype.str, rotary_dim, theta,
            dtype.str)
-    tables = _tables.get(key)
+    # pop and re-insert: the most recently used entry goes last (each step is atomic under
+    # the GIL; two threads racing at worst compute a table twice)
+    tables = _tables.pop(key, None)
     if tables is None:
         cos, sin = rope_angles(positions, rotary_dim, theta, dtype)
         cos.flags.writeable = False  # shared by every cache that uses these positions
         sin.flags.writeable = False
-        tables = _tables[key] = (cos, sin)
-        if len(_tables) > _TABLE_CACHE_SIZE:
-            _tables.popitem(last=False)  # least recently used
-    else:
-        _tables.move_to_end(key)
+        tables = (cos, sin)
+    _tables[key] = tables
+    while len(_tables) > _TABLE_CACHE_SIZE:
+        try:
+            _tables.popitem(last=False)  # the least recently used
+        except KeyError:  # emptied by another thread meanwhile
+            break
     return tables
 
 
