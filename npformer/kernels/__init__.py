@@ -6,7 +6,10 @@
 - :mod:`.activations`: fused GeLU / SiLU / gated-FFN middle, twins of
   :mod:`npformer.functional.gelu`, :mod:`~npformer.functional.silu` and ``glu``;
 - :mod:`.flash_attention`: fused attention forward/backward (tiled online softmax, no T × S
-  matrix), with its twin :mod:`.flash_attention_reference`.
+  matrix), with its twin :mod:`.flash_attention_reference`;
+- :mod:`.rope`: rotary position embedding in one pass, twin of :mod:`npformer.functional.rope`;
+- :mod:`.residual_dropout`: ``x + dropout(b)`` and dropout's backward in one pass each, twin
+  of :mod:`npformer.functional.dropout` (the same masks, bit for bit).
 
 ``NUMBA_DISABLE_JIT=1`` turns every kernel into ordinary Python: slower, same results.
 
