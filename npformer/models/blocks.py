@@ -65,11 +65,14 @@ class Dropout:
         return x + b, cache
 
     @staticmethod
-    def backward(dy: np.ndarray, cache) -> np.ndarray:
+    def backward(dy: np.ndarray, cache, fused: bool = False) -> np.ndarray:
+        """dy ⊙ mask / (1 − p); ``fused``: one kernel pass (same cache, same numbers)."""
         if cache.mask is None and cache.scale == 1.0:
             # the forward was the identity (p = 0 or evaluation): dy itself, not a copy
             # (every branch backward only reads its dy)
             return dy
+        if fused:
+            return residual_dropout_kernels.dropout_backward(dy, cache)
         return dropout_backward(dy, cache)
 
 
@@ -136,6 +139,7 @@ class SequentialBlock(Module):
     def __init__(self, config: ModelConfig, layer: int, rng: np.random.Generator, *,
                  causal: bool = True, cross: bool = False) -> None:
         super().__init__()
+        self.fused = config.layer_impl == "numba"  # the kernels of dropout's backward
         self.pre_norm = config.norm_placement == "pre"
         self.attn_norm = make_norm(config)
         self.attn = make_attention(config, layer, rng, causal=causal)
@@ -163,14 +167,14 @@ class SequentialBlock(Module):
         """Returns dx (and whatever else the branch's backward returned besides its dx)."""
         if self.pre_norm:
             # forward: y = x + b(n(x)), so dx = dy + n'ᵀ b'ᵀ dy
-            db = Dropout.backward(dy, cache.dropout)
+            db = Dropout.backward(dy, cache.dropout, self.fused)
             dh, extra = _split(branch_backward(db, cache.branch))
             dx = norm.backward(dh, cache.norm)
             dx += dy  # the residual path (dx is the norm's fresh array)
         else:
             # forward: y = n(s), s = x + b(x), so ds = n'ᵀ dy and dx = ds + b'ᵀ ds
             ds = norm.backward(dy, cache.norm)
-            db = Dropout.backward(ds, cache.dropout)
+            db = Dropout.backward(ds, cache.dropout, self.fused)
             dbranch, extra = _split(branch_backward(db, cache.branch))
             dx = ds + dbranch
         return dx, extra
@@ -231,6 +235,7 @@ class ParallelBlock(Module):
 
     def __init__(self, config: ModelConfig, layer: int, rng: np.random.Generator) -> None:
         super().__init__()
+        self.fused = config.layer_impl == "numba"  # the kernels of dropout's backward
         self.attn_norm = make_norm(config)
         self.shared_norm = config.parallel_norms == 1
         if not self.shared_norm:
@@ -255,8 +260,9 @@ class ParallelBlock(Module):
 
     def backward(self, dy: np.ndarray, cache: ParallelBlockCache) -> np.ndarray:
         # forward: y = x + a(n₁(x)) + f(n₂(x)): dy reaches x directly and through both branches
-        dh_attn = self.attn.backward(Dropout.backward(dy, cache.attn_dropout), cache.attn)
-        dh_ffn = self.ffn.backward(Dropout.backward(dy, cache.ffn_dropout), cache.ffn)
+        dh_attn = self.attn.backward(Dropout.backward(dy, cache.attn_dropout, self.fused),
+                                     cache.attn)
+        dh_ffn = self.ffn.backward(Dropout.backward(dy, cache.ffn_dropout, self.fused), cache.ffn)
         if self.shared_norm:
             # n₁ = n₂: both branches read the same normalised h, so their gradients add first
             return dy + self.attn_norm.backward(dh_attn + dh_ffn, cache.attn_norm)

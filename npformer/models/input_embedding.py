@@ -80,7 +80,7 @@ class InputEmbedding(Module):
     def backward(self, dx: np.ndarray, cache: InputEmbeddingCache) -> np.ndarray:
         """Adds the token (and position) table gradients; returns de (B, T, C)."""
         # forward: x = drop(e + P[pos])
-        de = Dropout.backward(dx, cache.dropout)
+        de = Dropout.backward(dx, cache.dropout, self.config.layer_impl == "numba")
         if self.config.positions == "learned" and self.config.layer_impl == "numba":
             # forward: x = e + P[pos]: de = dx, and dP scatter-added straight into the gradient
             embedding_kernels.embedding_backward(de, cache.positions.lookup,
