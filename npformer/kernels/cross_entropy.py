@@ -52,6 +52,47 @@ from .flash_attention import _exp_constants, _exp_tile
 __all__ = ["softmax_cross_entropy"]
 
 
+@njit(cache=True, error_model="numpy")
+def _row_max_and_probe(x):
+    """(max_v x_v, Σ_v x_v · 0) of a row (V,): the probe is 0, or NaN when a logit is NaN or
+    ±inf (the max by comparison ignores a NaN, and the exp maps it to 0: the probe carries
+    it into the loss). Four independent lanes, in registers: ~2× faster than one chain."""
+    m0 = m1 = m2 = m3 = x[0]
+    p0 = p1 = p2 = p3 = x[0] * 0
+    n_fours = x.shape[0] // 4
+    for k in range(n_fours):
+        a, b, c, d = x[4 * k], x[4 * k + 1], x[4 * k + 2], x[4 * k + 3]
+        m0 = a if a > m0 else m0
+        m1 = b if b > m1 else m1
+        m2 = c if c > m2 else m2
+        m3 = d if d > m3 else m3
+        p0 += a * 0
+        p1 += b * 0
+        p2 += c * 0
+        p3 += d * 0
+    for v in range(4 * n_fours, x.shape[0]):
+        m0 = x[v] if x[v] > m0 else m0
+        p0 += x[v] * 0
+    m01 = m1 if m1 > m0 else m0
+    m23 = m3 if m3 > m2 else m2
+    return (m23 if m23 > m01 else m01), (p0 + p1) + (p2 + p3)
+
+
+@njit(cache=True, error_model="numpy")
+def _row_sum_float64(e):
+    """Σ_v e_v of a row (V,) in float64, in four lanes (then added in a fixed order)."""
+    s0 = s1 = s2 = s3 = np.float64(0.0)
+    n_fours = e.shape[0] // 4
+    for k in range(n_fours):
+        s0 += np.float64(e[4 * k])
+        s1 += np.float64(e[4 * k + 1])
+        s2 += np.float64(e[4 * k + 2])
+        s3 += np.float64(e[4 * k + 3])
+    for v in range(4 * n_fours, e.shape[0]):
+        s0 += np.float64(e[v])
+    return (s0 + s1) + (s2 + s3)
+
+
 @njit(cache=True, parallel=True, error_model="numpy")  # IEEE division (NaN, no raise)
 def _cross_entropy_rows(logits, targets, valid, row_scale, out, row_losses, consts,
                         mantissa_bits, n_chunks):
@@ -76,19 +117,13 @@ def _cross_entropy_rows(logits, targets, valid, row_scale, out, row_losses, cons
                 row_losses[row] = 0.0
                 continue
             x = logits[row]  # (V,)
-            m = x[0]
-            nan_probe = zero  # Σ (x_v − x_v): 0, or NaN when a logit is NaN or ±inf
-            for v in range(vocab):
-                m = max(m, x[v])
-                nan_probe += x[v] - x[v]
+            m, nan_probe = _row_max_and_probe(x)
             x_target = x[targets[row]]  # read before out (maybe x itself) is overwritten
             for v in range(vocab):
                 shift[v] = m
             _exp_tile(logits[row:row + 1], shift, shift_low, out[row:row + 1], consts,
                       mantissa_bits)  # e_v = exp(x_v − m), 0 where x_v − m underflows
-            total = np.float64(0.0)  # Σ_v e_v in float64, in [1, V]
-            for v in range(vocab):
-                total += np.float64(out_row[v])
+            total = _row_sum_float64(out_row)  # Σ_v e_v in [1, V]
             # ℓ = −log p_y = log Σ − (x_y − m); NaN logits give NaN here, on purpose
             # (exp maps a NaN argument to 0: the probe carries the NaN into the loss instead)
             row_losses[row] = (np.log(total) - (np.float64(x_target) - np.float64(m))
