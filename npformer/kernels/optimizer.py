@@ -36,6 +36,15 @@ of threads. :func:`clip_grad_norm_flat` is ``clip_grad_norm``'s rule (scale by m
 (‖g‖ + 1e-6) when that is < 1; a non-finite norm is returned and the gradients are left
 untouched).
 
+Divisions compile with ``error_model="numpy"`` (IEEE division; numba's default Python
+model checks every divisor for zero, and that check kept the AdamW loop scalar: 3× slower),
+and the loops index slices from 0 (a loop from an arbitrary start did not vectorise).
+
+Measured (Intel Xeon, 2 cores shared with other jobs, float32, 2 threads, min of 11 runs,
+issue 15), reference = ``adamw_update_`` per tensor / ``clip_grad_norm`` on a dict:
+AdamW 1M floats (45 tensors) 8.0 → 0.9 ms, 10M (453 tensors) 95 → 24 ms; clip with
+scaling 1M 1.6 → 0.6 ms, 10M 104 → 14 ms (memory-bound: 10M float32 is 40 MB a pass).
+
 No per-call finiteness pass (the trainer checks the loss and the norm): a NaN gradient
 makes a NaN norm, which ``clip_grad_norm_flat`` returns without scaling.
 """
