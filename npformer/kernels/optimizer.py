@@ -37,8 +37,7 @@ of threads. :func:`clip_grad_norm_flat` is ``clip_grad_norm``'s rule (scale by m
 untouched).
 
 Divisions compile with ``error_model="numpy"`` (IEEE division; numba's default Python
-model checks every divisor for zero, and that check kept the AdamW loop scalar: 3× slower),
-and the loops index slices from 0 (a loop from an arbitrary start did not vectorise).
+model checks every divisor for zero, and that check kept the AdamW loop scalar: 3× slower).
 
 Measured (Intel Xeon, 2 cores shared with other jobs, float32, 2 threads, min of 11 runs,
 issue 15), reference = ``adamw_update_`` per tensor / ``clip_grad_norm`` on a dict:
