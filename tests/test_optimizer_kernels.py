@@ -110,8 +110,14 @@ def test_adamw_bad_inputs_are_clear_errors():
         adamw_step_flat(*buffers, starts, [0.1, -0.1], **kwargs)
     with pytest.raises(ValueError, match="segment_starts must be a 1-D integer array"):
         adamw_step_flat(*buffers, np.array([0.0, 4.0, 10.0]), decay, **kwargs)
-    with pytest.raises(ValueError, match="step must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"step \(t, counting this step\)"):
         adamw_step_flat(*buffers, starts, decay, **dict(kwargs, step=0))
+    for name, value, message in [("lr", -1e-3, "lr must be a finite number >= 0"),
+                                 ("beta1", 1.0, r"beta1 must lie in \[0, 1\)"),
+                                 ("beta2", -0.1, r"beta2 must lie in \[0, 1\)"),
+                                 ("eps", 0.0, "eps")]:
+        with pytest.raises(ValueError, match=message):
+            adamw_step_flat(*buffers, starts, decay, **dict(kwargs, **{name: value}))
     assert all(np.all(b == 0) for b in buffers)  # nothing was changed by a refused call
 
 

@@ -55,8 +55,8 @@ import math
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from .._validate import check_positive
-from ..optim import CLIP_EPS
+from .._validate import check_int, check_positive, check_probability
+from ..optim import CLIP_EPS, _check_nonnegative
 
 __all__ = ["adamw_step_flat", "grad_norm_flat", "scale_flat_", "clip_grad_norm_flat",
            "NORM_CHUNK"]
@@ -154,8 +154,11 @@ def adamw_step_flat(param, grad, exp_avg, exp_avg_sq, segment_starts, segment_de
     dtype = _check_flat({"param": param, "grad": grad, "exp_avg": exp_avg,
                          "exp_avg_sq": exp_avg_sq})
     starts, decay = _check_segments(segment_starts, segment_decay, param.shape[0])
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
-        raise ValueError(f"step must be an integer >= 1 (t, counting this step), got {step!r}")
+    step = check_int(step, "step (t, counting this step)", 1)
+    lr = _check_nonnegative(lr, "lr")
+    beta1 = check_probability(beta1, "beta1")
+    beta2 = check_probability(beta2, "beta2")
+    eps = check_positive(eps, "eps")
     cast = dtype.type
     w = cast(1 - beta1)  # as optim._lerp_: the weight in the dtype
     bias_correction1 = 1 - beta1**step  # 1 − β₁ᵗ (Python float, as adamw_update_)
