@@ -9,7 +9,18 @@
   matrix), with its twin :mod:`.flash_attention_reference`;
 - :mod:`.rope`: rotary position embedding in one pass, twin of :mod:`npformer.functional.rope`;
 - :mod:`.residual_dropout`: ``x + dropout(b)`` and dropout's backward in one pass each, twin
-  of :mod:`npformer.functional.dropout` (the same masks, bit for bit).
+  of :mod:`npformer.functional.dropout` (the same masks, bit for bit);
+- :mod:`.norms`: LayerNorm and RMSNorm, forward and backward one pass per row, twins of
+  :mod:`npformer.functional.layernorm` and :mod:`~npformer.functional.rmsnorm`;
+- :mod:`.embedding`: the embedding's scatter-add backward, twin of
+  :mod:`npformer.functional.embedding`;
+- :mod:`.cross_entropy`: the softmax–cross-entropy head, loss and ``p − onehot(y)`` in one
+  pass (in place over the logits), twin of :mod:`npformer.functional.cross_entropy`;
+- :mod:`.optimizer`: AdamW, the gradient norm and clipping over flat buffers, twins of
+  :mod:`npformer.optim`.
+
+The models use them through ``ModelConfig.layer_impl="numba"`` (the default) and the
+attention kernels through ``attention_impl="numba"``; ``"numpy"`` selects the readable twins.
 
 ``NUMBA_DISABLE_JIT=1`` turns every kernel into ordinary Python: slower, same results.
 
