@@ -63,9 +63,13 @@ sensitive to a busy shared machine); ``/ floor`` = median / the floor's median.
 ``GFLOP/s``: the floor's product flops (2·m·n·k each) / median. ``peak RSS`` (MiB): the
 peak resident set (``VmHWM``) of a FRESH child process per contender and configuration
 that imports only what that contender needs, builds it, and runs 1 warm-up + 3 steps —
-process totals, interpreter and libraries included; ``RSS rise`` = that peak minus the
-child's RSS after its imports, before building the model (the step's own memory, weights
-and optimizer state included).
+process totals, interpreter and libraries included (the peak is reset through
+/proc/self/clear_refs once the contender is built, after freeing the temporary npformer
+Trainer the torch contender takes its config and batch from); ``RSS rise`` = that peak
+minus the child's RSS after its imports, before building the model (the step's own
+memory, weights and optimizer state included). The machine's load average (1 min) is
+recorded before and after each configuration: on a shared 2-core machine other
+processes' load inflates every 2-thread contender, the medians most.
 
 Breakdown (npformer rows): cProfile over ``--profile-steps`` steps (default 3) after the
 timing, every function's own time (``tottime``) given to a category by its file and name;
@@ -88,7 +92,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import ctypes
 import datetime
+import gc
 import json
 import math
 import os
@@ -451,8 +457,21 @@ def _status_mib(key: str) -> float:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
+def _release_freed_memory() -> None:
+    gc.collect()
+    try:  # hand freed heap memory back to the system
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def memory_probe(preset, size, contender_name):
-    """Child process: build one contender, 1 warm-up + MEMORY_STEPS steps; print JSON."""
+    """Child process: build one contender, 1 warm-up + MEMORY_STEPS steps; print JSON.
+
+    The peak is reset (/proc/self/clear_refs) once the contender is built, so the temporary
+    npformer Trainer that the torch contender takes its config, batch and (2017) weights
+    from is not counted; the contender's own weights and optimizer state are (they are
+    resident at the reset)."""
     torch = None
     if contender_name == "torch":
         import torch
@@ -461,6 +480,9 @@ def memory_probe(preset, size, contender_name):
     limiter = limit_threads(torch)
     baseline = _status_mib("VmRSS")
     contender = build_contender(contender_name, preset, size, torch)
+    _release_freed_memory()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # VmHWM := VmRSS now
     for _ in range(1 + MEMORY_STEPS):
         contender.step()
     # VmHWM, not ru_maxrss: Linux carries the parent's peak across fork + exec into
@@ -502,6 +524,7 @@ def significant(value: float, digits: int = 4) -> float:
 
 def run_configuration(preset, size, names, repeats, torch, memory, profile_steps, pause):
     overrides, B, T = SIZES[size]
+    load_before = os.getloadavg()[0]
     contenders = {name: build_contender(name, preset, size, torch) for name in names}
     first_npformer = next(c for c in contenders.values() if isinstance(c, NpformerContender))
     contenders["floor"] = FloorContender(first_npformer.trainer)
@@ -552,7 +575,8 @@ def run_configuration(preset, size, names, repeats, torch, memory, profile_steps
             rss_rise_mib=None if rise is None else round(rise, 1),
             breakdown_pct=breakdowns.get(name),
         ))
-    return rows, dict(preset=preset, size=size, products=n_products, gflop=significant(flops / 1e9))
+    return rows, dict(preset=preset, size=size, products=n_products, gflop=significant(flops / 1e9),
+                      load_average_before=load_before, load_average_after=os.getloadavg()[0])
 
 
 # ---- output -----------------------------------------------------------------------------------
@@ -677,7 +701,9 @@ def main(argv=None):
             config_rows, floor = run_configuration(preset, size, names, repeats, torch, memory,
                                                    profile_steps, pause)
             print_table(config_rows)
-            print(f"  floor: {floor['products']} products, {floor['gflop']} GFLOP\n", flush=True)
+            print(f"  floor: {floor['products']} products, {floor['gflop']} GFLOP; load average "
+                  f"{floor['load_average_before']:.1f} → {floor['load_average_after']:.1f} "
+                  f"on {os.cpu_count()} CPUs\n", flush=True)
             rows += config_rows
             floors.append(floor)
     print("all configurations:")
@@ -693,7 +719,7 @@ def main(argv=None):
                       lr=LR, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
                       layer_impl_field=layer_impl_supported(), blas=info,
                       openblas_coretype=os.environ.get("OPENBLAS_CORETYPE"),
-                      omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"),
+                      omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), cpus=os.cpu_count(),
                       python=platform.python_version(), numpy=np.__version__,
                       numba=numba.__version__, torch=torch.__version__ if torch else None),
         floors=floors, rows=rows), indent=2))
