@@ -566,10 +566,10 @@ def run_configuration(preset, size, names, repeats, torch, memory, profile_steps
             median_ms=round(ms, 2), min_ms=round(1000 * min(times[name]), 2),
             times_ms=[round(1000 * t, 2) for t in times[name]],
             tokens_per_s=round(B * T / median[name], 1),
-            ratio_to_torch=round(median[name] / median["torch"], 3) if "torch" in median else None,
-            min_ratio_to_torch=(round(min(times[name]) / min(times["torch"]), 3)
+            ratio_to_torch=significant(median[name] / median["torch"]) if "torch" in median else None,
+            min_ratio_to_torch=(significant(min(times[name]) / min(times["torch"]))
                                 if "torch" in times else None),
-            ratio_to_floor=round(median[name] / median["floor"], 3),
+            ratio_to_floor=significant(median[name] / median["floor"]),
             floor_gflops_per_s=significant(flops / median[name] / 1e9),
             peak_rss_mib=None if peak is None else round(peak, 1),
             rss_rise_mib=None if rise is None else round(rise, 1),
@@ -695,6 +695,18 @@ def main(argv=None):
     for lib in info:
         print(f"  {lib['api']} {lib['library']} {lib['version'] or ''} "
               f"{lib['architecture'] or ''}: {lib['threads']} threads")
+    path = Path(args.json or ROOT / "benchmarks" / "results" /
+                f"train_step.{datetime.date.today().isoformat()}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    settings = dict(cpu=cpu, threads=THREADS, repeats=repeats, warmup_steps=WARMUP_STEPS,
+                    quick=args.quick, presets=presets, sizes=sizes, contenders=names,
+                    profile_steps=profile_steps, memory_steps=MEMORY_STEPS if memory else None,
+                    lr=LR, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
+                    layer_impl_field=layer_impl_supported(), blas=info,
+                    openblas_coretype=os.environ.get("OPENBLAS_CORETYPE"),
+                    omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), cpus=os.cpu_count(),
+                    python=platform.python_version(), numpy=np.__version__,
+                    numba=numba.__version__, torch=torch.__version__ if torch else None)
     rows, floors = [], []
     for preset in presets:
         for size in sizes:
@@ -706,23 +718,11 @@ def main(argv=None):
                   f"on {os.cpu_count()} CPUs\n", flush=True)
             rows += config_rows
             floors.append(floor)
+            # after every configuration, so an interrupted run keeps what it measured
+            path.write_text(json.dumps(dict(settings=settings, floors=floors, rows=rows), indent=2))
     print("all configurations:")
     print_table(rows)
     print_breakdowns(rows)
-    path = args.json or str(ROOT / "benchmarks" / "results" /
-                            f"train_step.{datetime.date.today().isoformat()}.json")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(dict(
-        settings=dict(cpu=cpu, threads=THREADS, repeats=repeats, warmup_steps=WARMUP_STEPS,
-                      quick=args.quick, presets=presets, sizes=sizes, contenders=names,
-                      profile_steps=profile_steps, memory_steps=MEMORY_STEPS if memory else None,
-                      lr=LR, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP,
-                      layer_impl_field=layer_impl_supported(), blas=info,
-                      openblas_coretype=os.environ.get("OPENBLAS_CORETYPE"),
-                      omp_wait_policy=os.environ.get("OMP_WAIT_POLICY"), cpus=os.cpu_count(),
-                      python=platform.python_version(), numpy=np.__version__,
-                      numba=numba.__version__, torch=torch.__version__ if torch else None),
-        floors=floors, rows=rows), indent=2))
     print(f"wrote {path}")
     return 0
 
