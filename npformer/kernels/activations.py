@@ -64,6 +64,7 @@ from numba.extending import overload
 from .._validate import FLOAT_DTYPES, NonFiniteError
 from ..functional.gelu import GeluCache, _check_approximate
 from ..functional.silu import SiluCache
+from ._buffers import empty_apart
 from ._exp import exp_nonpositive
 from .erf import _check_float_array, erf_float64
 
@@ -271,7 +272,7 @@ def _output(buffer, name, reference, reference_name, *inputs):
     """A fresh (N,) array like reference, or the caller's buffer after O(1) checks: same shape
     and dtype, C-contiguous, and not overlapping an input (the cache keeps the inputs)."""
     if buffer is None:
-        return np.empty(reference.size, dtype=reference.dtype)
+        return empty_apart(reference.size, reference.dtype)  # see kernels/_buffers.py
     _check_same_layout(buffer, name, reference, reference_name)
     if not buffer.flags.c_contiguous:
         raise ValueError(f"{name} must be C-contiguous (a reusable buffer made by np.empty), "

@@ -58,6 +58,7 @@ from numba import njit, prange
 
 from .._validate import NonFiniteError, check_probability
 from ..functional.dropout import DropoutCache
+from ._buffers import empty_apart
 
 __all__ = ["residual_dropout_forward", "dropout_backward", "DropoutCache"]
 
@@ -203,7 +204,7 @@ def _output(out, like: np.ndarray, name: str, inputs: dict) -> np.ndarray:
     """``out`` checked (C-contiguous, like's shape and dtype, writeable; it may be one of the
     inputs exactly but not overlap one partially), or a new array."""
     if out is None:
-        return np.empty(like.shape, dtype=like.dtype)
+        return empty_apart(like.shape, like.dtype)  # see kernels/_buffers.py
     if not isinstance(out, np.ndarray):
         raise ValueError(f"out must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != like.shape or out.dtype != like.dtype:

@@ -58,6 +58,7 @@ from numba import njit, prange
 from .._validate import NonFiniteError, check_positive
 from ..functional.positions import _check_position_ids
 from ..functional.rope import RopeCache, _check_layout, check_rotary_dim, rope_angles
+from ._buffers import empty_apart
 
 __all__ = ["rope_forward", "rope_backward", "RopeCache"]
 
@@ -192,7 +193,7 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, sin_sign: float,
             rotary_dim: int, layout: str, out: Optional[np.ndarray], name: str) -> np.ndarray:
     """Run the kernel on x (..., T, D) with tables (..., T, rd/2); returns y (or out)."""
     if out is None:
-        out = np.empty(x.shape, dtype=x.dtype)  # C-contiguous, like the functional's copy
+        out = empty_apart(x.shape, x.dtype)  # C-contiguous, like the functional's copy
     else:
         _check_out(out, x, name)
     if x.size == 0:

@@ -56,11 +56,10 @@ class Dropout:
         return dropout_forward(x, self.p, self.rng, self.training)
 
     def add_forward(self, x: np.ndarray, b: np.ndarray):
-        """``(x + drop(b), dropout cache)``. The fused form writes the sum into ``b``, which
-        is the branch's fresh output and referenced by no cache."""
+        """``(x + drop(b), dropout cache)``; the fused form in one kernel pass."""
         if self.fused:
             return residual_dropout_kernels.residual_dropout_forward(x, b, self.p, self.rng,
-                                                                     self.training, out=b)
+                                                                     self.training)
         b, cache = self.forward(b)
         return x + b, cache
 
