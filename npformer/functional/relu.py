@@ -28,7 +28,7 @@ def relu_forward(x: np.ndarray):
     x = check_float(x, "x")
     # maximum, not where(x > 0, x, 0): a NaN stays NaN (the fused training step skips the
     # input scan and relies on NaN reaching the loss); the Python 0.0 keeps float32 float32
-    y = np.maximum(x, 0.0)  # (...)
+    y = np.asarray(np.maximum(x, 0.0))  # (...); asarray: a 0-d input stays a 0-d array
     return y, ReluCache(x)
 
 
