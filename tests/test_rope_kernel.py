@@ -272,15 +272,19 @@ def test_bad_input_is_refused():
     dict(n_kv_heads=2, rope_layout="half", rope_theta=500000.0),
     dict(n_kv_heads=4, rope_layout="interleaved", rotary_dim=2),
 ], ids=["gqa-half", "mha-interleaved-partial"])
-def test_attention_module_with_the_kernel(monkeypatch, options, dtype):
+def test_attention_module_with_the_kernel(options, dtype):
     """nn/attention.py's own calls (q and k split into heads-inner views, (B, T) positions)
-    with this kernel in place of the functional pair: the same output and gradients."""
+    with this kernel (layer_impl="numba") in place of the functional pair ("numpy"): the
+    same output and gradients."""
+    from npformer.functional import rope as functional_rope
     from npformer.nn import attention as attention_module
 
-    def run():
+    def run(layer_impl):
         rng = np.random.default_rng(21)
         mha = attention_module.MultiHeadAttention(16, 4, rope=True, rng=rng, dtype=dtype,
-                                                  **options)
+                                                  layer_impl=layer_impl, **options)
+        expected = kernel if layer_impl == "numba" else functional_rope
+        assert mha.rope_pair == (expected.rope_forward, expected.rope_backward)
         x = rng.standard_normal((2, 5, 16)).astype(dtype)
         positions = np.array([[0, 1, 2, 0, 1], [3, 4, 5, 6, 7]])
         y, cache = mha.forward(x, position_ids=positions)
@@ -288,10 +292,8 @@ def test_attention_module_with_the_kernel(monkeypatch, options, dtype):
         dx = mha.backward(np.cos(y * 3.0), cache)
         return [y, dx] + [g.copy() for _, g in mha.named_gradients()]
 
-    reference = run()
-    monkeypatch.setattr(attention_module, "rope_forward", kernel.rope_forward)
-    monkeypatch.setattr(attention_module, "rope_backward", kernel.rope_backward)
-    fused = run()
+    reference = run("numpy")
+    fused = run("numba")
     for index, (actual, expected) in enumerate(zip(fused, reference)):
         assert_matches(actual, expected, f"output {index} (y, dx, then the gradients)")
 
