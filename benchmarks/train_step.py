@@ -13,7 +13,10 @@ Configurations: each preset (gpt2, llama3, transformer-2017) at two sizes, float
 Vocabulary: npformer's character tokenizer on the shipped Shakespeare (V = 65); both
 contenders see the same shapes. Every contender runs with 2 threads (torch.set_num_threads,
 numba.set_num_threads, BLAS through threadpoolctl); torch is imported before numba starts
-its threads (see attention.py: a shared libgomp slowed torch ~30× otherwise).
+its threads (see attention.py: a shared libgomp slowed torch ~30× otherwise), and
+``OMP_WAIT_POLICY=PASSIVE`` is set for the process unless given (torch's idle OpenMP threads
+spinning next to numba's kernels made the npformer step 2.8× slower in this process than in
+``npformer train``, which never imports torch; torch's own step time did not change).
 
 Contenders (one row each per configuration):
 
@@ -668,6 +671,12 @@ def main(argv=None):
     pause = 0.2 if args.quick else 1.0
     memory = not (args.no_memory or args.quick)
 
+    # Both OpenMP runtimes in this process (torch's libgomp and numba's) let idle threads
+    # sleep, as npformer.kernels asks for its own: torch's pool, spinning after every torch
+    # op, otherwise took the cores from numba's kernels in the npformer rounds (gpt2 default:
+    # npformer[numba] 464 ms with torch spinning beside it, 166 ms without torch in the
+    # process, 172 ms with this; torch itself 119–133 ms either way).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch = None
     if not args.no_torch:
         import torch  # before numba starts its OpenMP threads (see the docstring)

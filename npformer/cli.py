@@ -181,7 +181,8 @@ def _cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-_MODEL_SIZE_FLAGS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "dropout")
+_MODEL_SIZE_FLAGS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "dropout", "layer_impl",
+                     "attention_impl")
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -346,6 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--n-heads", dest="n_heads", type=_COUNT, default=None)
     add("--n-kv-heads", dest="n_kv_heads", type=_COUNT, default=None)
     add("--dropout", type=_RATE, default=None, help="default 0 for these short runs")
+    add("--layer-impl", dest="layer_impl", default=None, choices=["numba", "numpy"],
+        help="numba: the fused kernels (default); numpy: the readable functional pairs")
+    add("--attention-impl", dest="attention_impl", default=None, choices=["numba", "numpy"],
+        help="numba: the attention kernels (default); numpy: the readable reference")
     add("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     add("--overwrite", action="store_true", help="replace an existing run in --out")
     add("--stop-after", type=_COUNT, default=None, help="stop (and checkpoint) after this step")

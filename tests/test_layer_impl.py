@@ -180,3 +180,20 @@ def test_an_overflow_inside_the_model_stops_training(tmp_path, impl):
     weight[...] = 1e30 * np.random.default_rng(0).standard_normal(weight.shape)
     with pytest.raises(TrainingDiverged, match=r"the loss became .*at step 2"):
         trainer.train_step()
+
+
+def test_the_cli_selects_the_readable_path(tmp_path):
+    """``npformer train --layer-impl numpy --attention-impl numpy``: the run's config says so
+    and the run trains (the whole step through the functional pairs)."""
+    import json
+
+    from npformer.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--out", str(out), "--steps", "2", "--batch-size", "2", "--seq-len", "8",
+                 "--d-model", "16", "--n-layers", "1", "--n-heads", "2", "--no-progress",
+                 "--sample-tokens", "0", "--layer-impl", "numpy", "--attention-impl", "numpy"])
+    config = json.loads((out / "config.json").read_text())
+    assert code == 0 and config["layer_impl"] == "numpy" and config["attention_impl"] == "numpy"
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(tmp_path / "bad"), "--layer-impl", "torch"])
