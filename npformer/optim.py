@@ -468,14 +468,12 @@ class AdamW(_Optimizer):
         _check_grads(grads, self.params)
         step = self.step_count + 1  # t, counting this step
         if self.impl == "numba":
-            from .kernels.optimizer import adamw_step_flat  # the same rule in one pass
+            from .kernels.optimizer import adamw_step_tensors  # the same rule, one pass each
 
-            for name, p in self.params.items():
-                adamw_step_flat(p.reshape(-1), grads[name].reshape(-1),
-                                self.buffers["exp_avg"][name].reshape(-1),
-                                self.buffers["exp_avg_sq"][name].reshape(-1),
-                                _ONE_SEGMENT[p.size], np.array([self.weight_decay_of(name)]),
-                                step=step, lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps)
+            adamw_step_tensors(
+                [(p, grads[name], self.buffers["exp_avg"][name], self.buffers["exp_avg_sq"][name],
+                  self.weight_decay_of(name)) for name, p in self.params.items()],
+                step=step, lr=lr, beta1=self.beta1, beta2=self.beta2, eps=self.eps)
         else:
             for name, p in self.params.items():
                 adamw_update_(p, grads[name], self.buffers["exp_avg"][name],
@@ -523,17 +521,6 @@ def from_flat_state(flat: Mapping[str, np.ndarray]) -> dict:
             )
         state.setdefault(kind, {})[name] = array
     return state
-
-
-class _OneSegment(dict):
-    """size → the segment table ``[0, size]`` of one tensor (made once per size)."""
-
-    def __missing__(self, size: int) -> np.ndarray:
-        self[size] = np.array([0, size], dtype=np.int64)
-        return self[size]
-
-
-_ONE_SEGMENT = _OneSegment()
 
 
 # ---- gradient clipping and the schedule ----------------------------------------------------------
