@@ -131,3 +131,30 @@ def tiny_train_options(tmp_path, name: str = "run", **changes):
                   checkpoint_interval=4, model_overrides=dict(TINY_MODEL))
     values.update(changes)
     return TrainOptions(**values)
+
+
+def assert_subset_passes_without_jit(test_file: str, subset: str, passed: int, probe: str):
+    """Run ``pytest test_file -k subset`` in a child process with NUMBA_DISABLE_JIT=1, where
+    the kernels run as ordinary Python, and require exactly ``passed`` passes (the subset ran
+    in full, nothing skipped). probe: "module:function" of a kernel that must then be a plain
+    Python function, not a numba dispatcher (the JIT is really off)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, NUMBA_DISABLE_JIT="1",
+               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    module, function = probe.split(":")
+    check = subprocess.run(
+        [sys.executable, "-c", f"from {module} import {function} as k; print(type(k).__name__)"],
+        env=env, capture_output=True, text=True, cwd=repo)
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == "function", check.stdout
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           test_file, "-k", subset], env=env, capture_output=True, text=True,
+                          cwd=repo)
+    tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert f"{passed} passed" in tail, tail

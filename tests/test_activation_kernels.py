@@ -12,6 +12,8 @@ Sizes stay small so that a subset also runs under NUMBA_DISABLE_JIT=1 (last test
 import math
 
 import numpy as np
+
+from helpers import assert_subset_passes_without_jit
 import pytest
 from numba import njit
 
@@ -357,23 +359,5 @@ JIT_FREE_SUBSET = ("test_kernel_equals_functional_twin and (shape_7 or shape_3x5
 def test_kernels_pass_as_plain_python_under_numba_disable_jit():
     """A subset of this file in a child process with NUMBA_DISABLE_JIT=1, where the kernels
     run as ordinary Python (prange = range, np.ldexp for the exponent add)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1",
-               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    probe = subprocess.run(
-        [sys.executable, "-c", "from npformer.kernels.activations import _forward_kernel;"
-         "print(type(_forward_kernel).__name__)"], env=env, capture_output=True, text=True,
-        cwd=repo)
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == "function"  # not a numba dispatcher: the JIT is really off
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", JIT_FREE_SUBSET], env=env, capture_output=True, text=True, cwd=repo)
-    tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "34 passed" in tail, tail  # the subset ran in full, nothing skipped
+    assert_subset_passes_without_jit(__file__, JIT_FREE_SUBSET, 34,
+                                     "npformer.kernels.activations:_forward_kernel")

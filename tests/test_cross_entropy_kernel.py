@@ -4,6 +4,8 @@ in both dtypes, odd vocabularies, ignored rows, huge logits, in place, bad input
 plain Python under NUMBA_DISABLE_JIT=1."""
 
 import numpy as np
+
+from helpers import assert_subset_passes_without_jit
 import pytest
 
 from npformer._validate import NonFiniteError
@@ -215,23 +217,5 @@ JIT_FREE_SUBSET = ("test_matches_the_functional_pair and float32 or test_in_plac
 def test_kernel_passes_as_plain_python_under_numba_disable_jit():
     """A subset of this file in a child process with NUMBA_DISABLE_JIT=1, where the kernel
     (and flash_attention's exp it calls) run as ordinary Python (prange = range)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1",
-               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    probe = subprocess.run(
-        [sys.executable, "-c", "from npformer.kernels.cross_entropy import _cross_entropy_rows;"
-         "print(type(_cross_entropy_rows).__name__)"], env=env, capture_output=True, text=True,
-        cwd=repo)
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == "function"  # not a numba dispatcher: the JIT is really off
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", JIT_FREE_SUBSET], env=env, capture_output=True, text=True, cwd=repo)
-    tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "33 passed" in tail, tail  # the subset ran in full, nothing skipped
+    assert_subset_passes_without_jit(__file__, JIT_FREE_SUBSET, 33,
+                                     "npformer.kernels.cross_entropy:_cross_entropy_rows")

@@ -1,15 +1,10 @@
 """The embedding's scatter-add kernel (npformer.kernels.embedding) against its functional twin
 (np.add.at): repeated ids sum, the padding row gets nothing, ``add_into`` adds."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from helpers import assert_close
+from helpers import assert_close, assert_subset_passes_without_jit
 from npformer.functional.embedding import embedding_backward, embedding_forward
 from npformer.kernels import embedding as embedding_kernels
 
@@ -58,12 +53,5 @@ def test_mismatched_gradients_are_refused():
 
 
 def test_kernel_passes_as_plain_python_under_numba_disable_jit():
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1",
-               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-                           "-k", "scatter_add_equals and float32"], env=env, capture_output=True,
-                          text=True, cwd=repo)
-    tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "10 passed" in tail, tail
+    assert_subset_passes_without_jit(__file__, "scatter_add_equals and float32", 10,
+                                     "npformer.kernels.embedding:_scatter_add_rows")

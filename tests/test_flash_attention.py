@@ -13,7 +13,7 @@ Shapes are small so that the suite also runs under NUMBA_DISABLE_JIT=1.
 import numpy as np
 import pytest
 
-from helpers import assert_gradcheck_passes
+from helpers import assert_gradcheck_passes, assert_subset_passes_without_jit
 from npformer.functional.attention import attention_backward, attention_forward
 from npformer.functional.attention_mask import attention_mask
 from npformer.gradcheck import run_checks
@@ -566,23 +566,5 @@ def test_kernels_pass_as_plain_python_under_numba_disable_jit():
     fully masked rows, the seven registry checks) in a child process with
     NUMBA_DISABLE_JIT=1, where the kernels run as ordinary Python (numpy's dot for the tile
     products, ctypes for the accumulating gemm, prange = range)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1",
-               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    probe = subprocess.run(
-        [sys.executable, "-c", "from npformer.kernels.flash_attention import _forward_kernel;"
-         "print(type(_forward_kernel).__name__)"], env=env, capture_output=True, text=True,
-        cwd=repo)
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == "function"  # not a numba dispatcher: the JIT is really off
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", JIT_FREE_SUBSET], env=env, capture_output=True, text=True, cwd=repo)
-    tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "76 passed" in tail, tail  # the subset ran in full, nothing skipped
+    assert_subset_passes_without_jit(__file__, JIT_FREE_SUBSET, 76,
+                                     "npformer.kernels.flash_attention:_forward_kernel")

@@ -11,7 +11,6 @@ import pytest
 
 from helpers import assert_close, tiny_train_options
 from npformer.config import ModelConfig
-from npformer.kernels import activations as activation_kernels
 from npformer.kernels import norms as norm_kernels
 from npformer.models import build_model
 from npformer.nn.feedforward import FeedForward

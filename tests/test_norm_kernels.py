@@ -11,7 +11,7 @@ also runs under NUMBA_DISABLE_JIT=1 (the last test).
 import numpy as np
 import pytest
 
-from helpers import assert_close
+from helpers import assert_close, assert_subset_passes_without_jit
 from npformer._validate import NonFiniteError
 from npformer.functional import layernorm as functional_ln
 from npformer.functional import rmsnorm as functional_rms
@@ -358,23 +358,5 @@ def test_kernels_pass_as_plain_python_under_numba_disable_jit():
     """Every other test of this file in a child process with NUMBA_DISABLE_JIT=1, where the
     kernels run as ordinary Python (prange = range, no fastmath, bounds-checked indexing:
     it found a partial-sum row taken out of bounds that the compiled code never used)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1",
-               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    probe = subprocess.run(
-        [sys.executable, "-c", "from npformer.kernels.norms import _layernorm_forward_kernel;"
-         "print(type(_layernorm_forward_kernel).__name__)"], env=env, capture_output=True,
-        text=True, cwd=repo)
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == "function"  # not a numba dispatcher: the JIT is really off
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", JIT_FREE_SUBSET], env=env, capture_output=True, text=True, cwd=repo)
-    tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "110 passed" in tail, tail  # the subset ran in full, nothing skipped
+    assert_subset_passes_without_jit(__file__, JIT_FREE_SUBSET, 110,
+                                     "npformer.kernels.norms:_layernorm_forward_kernel")

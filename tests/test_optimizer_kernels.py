@@ -3,6 +3,8 @@ AdamW over mixed segments for several steps, the gradient norm and clipping, bad
 a subset as plain Python under NUMBA_DISABLE_JIT=1."""
 
 import numpy as np
+
+from helpers import assert_subset_passes_without_jit
 import pytest
 
 from npformer.kernels.optimizer import (
@@ -203,26 +205,8 @@ JIT_FREE_SUBSET = ("test_adamw_matches and float32 or test_adamw_flat_equals or 
 
 def test_kernels_pass_as_plain_python_under_numba_disable_jit():
     """A subset of this file in a child process with NUMBA_DISABLE_JIT=1 (prange = range)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1",
-               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    probe = subprocess.run(
-        [sys.executable, "-c", "from npformer.kernels.optimizer import _adamw_kernel;"
-         "print(type(_adamw_kernel).__name__)"], env=env, capture_output=True, text=True,
-        cwd=repo)
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == "function"  # not a numba dispatcher: the JIT is really off
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", JIT_FREE_SUBSET], env=env, capture_output=True, text=True, cwd=repo)
-    tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "16 passed" in tail, tail  # the subset ran in full, nothing skipped
+    assert_subset_passes_without_jit(__file__, JIT_FREE_SUBSET, 16,
+                                     "npformer.kernels.optimizer:_adamw_kernel")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

@@ -11,12 +11,9 @@ across, out= (in place on x, on b, on dy), overflow and bad input. Shapes are sm
 a subset also runs under NUMBA_DISABLE_JIT=1.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
+
+from helpers import assert_subset_passes_without_jit
 import pytest
 
 from npformer._validate import NonFiniteError
@@ -289,18 +286,5 @@ def test_kernels_pass_as_plain_python_under_numba_disable_jit():
     """A subset of this file (masks and values in float32 on the small shapes, four bit
     generators, p = 0 / eval / p = 1, in place, overflow) in a child process with
     NUMBA_DISABLE_JIT=1, where the kernels run as ordinary Python (prange = range)."""
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1",
-               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    probe = subprocess.run(
-        [sys.executable, "-c", "from npformer.kernels.residual_dropout import "
-         "_residual_dropout_kernel as k; print(type(k).__name__)"], env=env,
-        capture_output=True, text=True, cwd=repo)
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == "function"  # not a numba dispatcher: the JIT is really off
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", JIT_FREE_SUBSET], env=env, capture_output=True, text=True, cwd=repo)
-    tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "37 passed" in tail, tail  # the subset ran in full, nothing skipped
+    assert_subset_passes_without_jit(__file__, JIT_FREE_SUBSET, 37,
+                                     "npformer.kernels.residual_dropout:_residual_dropout_kernel")

@@ -10,12 +10,9 @@ the cos/sin table cache (keyed on the positions' content), overflow and bad inpu
 Shapes are small so that a subset also runs under NUMBA_DISABLE_JIT=1.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
+
+from helpers import assert_subset_passes_without_jit
 import pytest
 
 from npformer._validate import NonFiniteError
@@ -308,18 +305,5 @@ def test_kernel_passes_as_plain_python_under_numba_disable_jit():
     """A subset of this file (every layout, head size, position kind and input layout in
     float32; other ranks; in place; overflow) in a child process with NUMBA_DISABLE_JIT=1,
     where the kernel runs as ordinary Python (prange = range)."""
-    repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, NUMBA_DISABLE_JIT="1",
-               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-    probe = subprocess.run(
-        [sys.executable, "-c", "from npformer.kernels.rope import _rotate_kernel;"
-         "print(type(_rotate_kernel).__name__)"], env=env, capture_output=True, text=True,
-        cwd=repo)
-    assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.strip() == "function"  # not a numba dispatcher: the JIT is really off
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
-         "-k", JIT_FREE_SUBSET], env=env, capture_output=True, text=True, cwd=repo)
-    tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "28 passed" in tail, tail  # the subset ran in full, nothing skipped
+    assert_subset_passes_without_jit(__file__, JIT_FREE_SUBSET, 28,
+                                     "npformer.kernels.rope:_rotate_kernel")
