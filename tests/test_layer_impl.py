@@ -9,7 +9,7 @@ this file checks the wiring (which path each layer takes) and the whole model an
 import numpy as np
 import pytest
 
-from helpers import assert_close, tiny_train_options
+from helpers import assert_close, assert_gradcheck_passes, tiny_train_options
 from npformer.config import ModelConfig
 from npformer.kernels import norms as norm_kernels
 from npformer.models import build_model
@@ -196,3 +196,18 @@ def test_the_cli_selects_the_readable_path(tmp_path):
     assert code == 0 and config["layer_impl"] == "numpy" and config["attention_impl"] == "numpy"
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path / "bad"), "--layer-impl", "torch"])
+
+
+# every kernel through finite differences (npformer/checks/fused_layers.py)
+FUSED_CHECKS = ["fused_layernorm", "fused_rmsnorm", "fused_gelu", "fused_gelu_tanh", "fused_silu",
+                "fused_swiglu", "fused_geglu", "fused_rope", "fused_residual_dropout",
+                "fused_cross_entropy", "fused_embedding"]
+
+
+@pytest.mark.parametrize("name", FUSED_CHECKS)
+def test_every_kernel_passes_its_finite_difference_check(name):
+    from npformer.gradcheck import run_checks
+
+    reports = run_checks([name])
+    assert {r.name for r in reports} == {name}
+    assert_gradcheck_passes(reports)
