@@ -32,6 +32,15 @@ DTYPES = ("float64", "float32")
 ATTENTION_IMPLS = ("numba", "numpy")
 LAYER_IMPLS = ("numba", "numpy")
 
+
+def check_impl(impl) -> str:
+    """A module's or optimizer's ``impl``: "numba" (the fused kernels) or "numpy" (the
+    functional pairs), as ``ModelConfig.layer_impl``."""
+    if impl not in LAYER_IMPLS:
+        raise ValueError(f"impl must be one of {list(LAYER_IMPLS)} (ModelConfig.layer_impl), "
+                         f"got {impl!r}")
+    return impl
+
 # The largest model a config may describe: a trillion parameters (4 TB in float32). Far above
 # what a NumPy model trains, it exists to refuse absurd sizes (vocab_size=10**13, a typo'd
 # n_layers) with the size they would need, before any array is allocated; whether a smaller

@@ -109,6 +109,7 @@ from typing import Callable, Dict, Iterable, Mapping, Optional, Union
 import numpy as np
 
 from ._validate import check_float, check_int, check_positive, check_probability, check_shape
+from .config import check_impl
 
 NoDecay = Union[Callable[[str, np.ndarray], bool], Iterable[str], None]
 
@@ -422,10 +423,7 @@ class AdamW(_Optimizer):
                  eps: float = 1e-8, weight_decay: float = 0.01, no_decay: NoDecay = None,
                  impl: str = "numpy") -> None:
         super().__init__(params, lr)
-        if impl not in ("numba", "numpy"):
-            raise ValueError(f"impl must be 'numba' (one fused kernel pass per tensor) or "
-                             f"'numpy' (adamw_update_), got {impl!r}")
-        self.impl = impl
+        self.impl = check_impl(impl)  # "numba": one kernel call, "numpy": adamw_update_
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         self.beta1 = check_probability(betas[0], "betas[0] (beta1)")
@@ -541,10 +539,10 @@ def grad_global_norm(grads: Dict[str, np.ndarray], impl: str = "numpy") -> float
     impl: "numpy" (a float64 dot per tensor) or "numba" (:mod:`npformer.kernels.optimizer`,
     one parallel pass per tensor, no float64 copy)."""
     _check_grad_dict(grads)
-    if impl == "numba":
-        from .kernels.optimizer import grad_norm_flat
+    if check_impl(impl) == "numba":
+        from .kernels.optimizer import sum_of_squares_flat
 
-        return math.sqrt(sum(grad_norm_flat(g.reshape(-1)) ** 2 for g in grads.values()))
+        return math.sqrt(sum(sum_of_squares_flat(g.reshape(-1)) for g in grads.values()))
     total_sq = 0.0
     for g in grads.values():
         flat = g.reshape(-1).astype(np.float64, copy=False)  # (N,)

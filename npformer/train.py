@@ -315,9 +315,13 @@ class Trainer:
             self.train_sampler = BatchSampler(train_ids, options.batch_size, window, options.seed)
             self._val_sampler = lambda: BatchSampler(val_ids, options.batch_size, window, options.seed + 1)
         self.model = build_model(config, seed=options.seed)
-        self.fused = config.layer_impl == "numba"
         self.optimizer = AdamW(self.model.parameters(), lr=options.lr, weight_decay=options.weight_decay,
                                impl=config.layer_impl)
+
+    @property
+    def fused(self) -> bool:
+        """The step runs the fused kernels (``layer_impl="numba"``)."""
+        return self.config.layer_impl == "numba"
 
     def _options_dict(self) -> dict:
         return asdict(self.options)

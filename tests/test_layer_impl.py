@@ -102,6 +102,8 @@ def test_the_default_is_the_fused_path_and_a_bad_impl_is_refused():
         LayerNorm(8, impl="torch")
     with pytest.raises(ValueError, match="impl must be"):
         AdamW({"w": np.zeros(3)}, lr=0.1, impl="torch")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        clip_grad_norm({"w": np.ones(3)}, 1.0, impl="numbaa")
 
 
 # ---- the optimizer and the clip through the kernels ---------------------------------------

@@ -53,13 +53,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
 from .._validate import check_int, check_positive, check_probability
 from ..optim import CLIP_EPS, _check_nonnegative
 
-__all__ = ["adamw_step_flat", "adamw_step_tensors", "grad_norm_flat", "scale_flat_", "clip_grad_norm_flat",
-           "NORM_CHUNK"]
+__all__ = ["adamw_step_flat", "adamw_step_tensors", "sum_of_squares_flat", "grad_norm_flat",
+           "scale_flat_", "clip_grad_norm_flat", "NORM_CHUNK"]
 
 NORM_CHUNK = 1 << 16  # elements per partial sum of the norm (fixed: results independent of threads)
 STEP_CHUNK = 1 << 15  # elements per work item of the elementwise passes
@@ -247,15 +247,20 @@ def _scale_kernel(grad, factor):
             chunk[i] = chunk[i] * factor
 
 
-def grad_norm_flat(grad: np.ndarray) -> float:
-    """‖g‖₂ of a flat (n,) float buffer, accumulated in float64; NaN/inf if g has any."""
+def sum_of_squares_flat(grad: np.ndarray) -> float:
+    """Σ g² of a flat (n,) float buffer, accumulated in float64; NaN/inf if g has any."""
     _check_flat({"grad": grad})
     sums = np.empty((grad.shape[0] + NORM_CHUNK - 1) // NORM_CHUNK, dtype=np.float64)
     _chunk_sums_of_squares(grad, sums)
     total = 0.0
     for s in sums:  # in chunk order: deterministic
         total += float(s)
-    return math.sqrt(total)
+    return total
+
+
+def grad_norm_flat(grad: np.ndarray) -> float:
+    """‖g‖₂ of a flat (n,) float buffer, accumulated in float64; NaN/inf if g has any."""
+    return math.sqrt(sum_of_squares_flat(grad))
 
 
 def scale_flat_(grad: np.ndarray, factor: float) -> None:

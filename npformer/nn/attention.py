@@ -34,14 +34,14 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .._validate import check_int
-from ..config import ATTENTION_IMPLS
+from ..config import ATTENTION_IMPLS, check_impl
 from ..functional.attention import attention_backward, attention_forward
 from ..functional.linear import linear_backward, linear_forward
 from ..functional import rope as rope_reference
 from ..functional.rope import check_rotary_dim
 from ..kernels import rope as rope_kernels
 from .linear import Linear
-from .module import Module, check_impl
+from .module import Module
 
 
 def _attention_core(attention_impl: str, softmax: str):

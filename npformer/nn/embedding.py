@@ -16,10 +16,11 @@ from typing import Optional
 import numpy as np
 
 from .._validate import check_int
+from ..config import check_impl
 from ..functional.embedding import embedding_backward, embedding_forward
 from ..functional.linear import linear_backward, linear_forward
 from ..kernels import embedding as embedding_kernels
-from .module import Module, check_impl
+from .module import Module
 
 
 class Embedding(Module):

@@ -21,13 +21,14 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from ..config import check_impl
 from ..functional.gelu import gelu_backward, gelu_forward
 from ..functional.glu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
 from ..functional.linear import linear_backward, linear_forward
 from ..functional.relu import relu_backward, relu_forward
 from ..kernels import activations as activation_kernels
 from .linear import Linear
-from .module import Module, check_impl
+from .module import Module
 
 _ACTIVATIONS = {
     "relu": (relu_forward, relu_backward),

@@ -22,16 +22,6 @@ from typing import Dict, Iterator, Tuple
 
 import numpy as np
 
-from ..config import LAYER_IMPLS
-
-
-def check_impl(impl) -> str:
-    """A module's ``impl``: "numba" (the fused kernels) or "numpy" (the functional pairs)."""
-    if impl not in LAYER_IMPLS:
-        raise ValueError(f"impl must be one of {list(LAYER_IMPLS)} (ModelConfig.layer_impl), "
-                         f"got {impl!r}")
-    return impl
-
 
 class Module:
     """Base class: ``params`` and ``grads`` (same keys and shapes) plus child modules."""

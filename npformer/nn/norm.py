@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..config import check_impl
 from ..functional import layernorm as layernorm_reference
 from ..functional import rmsnorm as rmsnorm_reference
 from ..kernels import norms as norm_kernels
-from .module import Module, check_impl
+from .module import Module
 
 _LAYERNORM = {"numpy": (layernorm_reference.layernorm_forward, layernorm_reference.layernorm_backward),
               "numba": (norm_kernels.layernorm_forward, norm_kernels.layernorm_backward)}
