@@ -158,3 +158,50 @@ def assert_subset_passes_without_jit(test_file: str, subset: str, passed: int, p
     tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert f"{passed} passed" in tail, tail
+
+
+# ---- whole models with unusual weights, for comparing two implementations ----------------
+
+
+def random_weight_model(name: str, dtype: str = "float64", **config_fields):
+    """The preset ``name`` at tiny size (dropout 0 unless given) in training mode, its weights
+    redrawn unusual (norm gains ~1 ± 0.3, everything else ~N(0, 0.3²)) so that every path
+    carries signal; the same numbers for the same arguments."""
+    from npformer.models import build_model
+    from npformer.presets import tiny_config
+
+    config_fields.setdefault("dropout", 0.0)
+    model = build_model(tiny_config(name, dtype=dtype, **config_fields), seed=3)
+    rng = np.random.default_rng(7)
+    for key, p in model.parameters().items():
+        base = 1.0 if "norm" in key and key.endswith("weight") else 0.0
+        p[...] = (base + 0.3 * rng.standard_normal(p.shape)).astype(p.dtype)
+    return model.train()
+
+
+def forward_backward(model, seed: int = 0):
+    """(logits, {name: gradient}) of one forward and backward with a random upstream gradient
+    (copies: the next call does not change them). Decoders read (2, 7) ids, with three
+    documents when the config packs documents; the encoder-decoder (2, 9) → (2, 7)."""
+    rng = np.random.default_rng(seed)
+    V = model.config.vocab_size
+    if model.config.architecture == "encoder-decoder":
+        logits = model.forward(rng.integers(0, V, (2, 9)), rng.integers(0, V, (2, 7)))
+    else:
+        doc_ids = np.array([[0, 0, 0, 1, 1, 2, 2]] * 2) if model.config.document_mask else None
+        logits = model.forward(rng.integers(0, V, (2, 7)), doc_ids=doc_ids)
+    logits = logits.copy()
+    model.zero_grad()
+    model.backward(rng.standard_normal(logits.shape).astype(logits.dtype))
+    return logits, {n: g.copy() for n, g in model.gradients().items()}
+
+
+def modules_of(model, kind) -> list:
+    """Every module of type ``kind`` (a class or a tuple) in the model's tree."""
+    found, stack = [], [model]
+    while stack:
+        module = stack.pop()
+        if isinstance(module, kind):
+            found.append(module)
+        stack.extend(child for _, child in module.named_children())
+    return found

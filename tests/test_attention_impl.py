@@ -9,10 +9,9 @@ this file checks the wiring (which path each layer takes, every option passed th
 import numpy as np
 import pytest
 
-from helpers import assert_close
+from helpers import assert_close, forward_backward, modules_of, random_weight_model
 from npformer.functional.attention import attention_backward, attention_forward
 from npformer.kernels.flash_attention import flash_attention_backward, flash_attention_forward
-from npformer.models import build_model
 from npformer.nn.attention import MultiHeadAttention
 from npformer.presets import preset_names, tiny_config
 
@@ -21,39 +20,12 @@ KERNEL_TOL = {np.float64: 1e-12, np.float32: 1e-5}
 
 
 def _model(name, impl, dtype="float64", **overrides):
-    model = build_model(tiny_config(name, attention_impl=impl, dtype=dtype, dropout=0.0,
-                                    **overrides), seed=3)
-    rng = np.random.default_rng(7)
-    for key, p in model.parameters().items():  # unusual weights so every path carries signal
-        base = 1.0 if "norm" in key and key.endswith("weight") else 0.0
-        p[...] = (base + 0.3 * rng.standard_normal(p.shape)).astype(p.dtype)
-    return model.train()
-
-
-def _forward_backward(model, seed=0):
-    rng = np.random.default_rng(seed)
-    V = model.config.vocab_size
-    if model.config.architecture == "encoder-decoder":
-        logits = model.forward(rng.integers(0, V, (2, 9)), rng.integers(0, V, (2, 7)))
-    else:
-        doc_ids = np.array([[0, 0, 0, 1, 1, 2, 2]] * 2) if model.config.document_mask else None
-        logits = model.forward(rng.integers(0, V, (2, 7)), doc_ids=doc_ids)
-    model.zero_grad()
-    model.backward(rng.standard_normal(logits.shape).astype(logits.dtype))
-    return logits, {n: g.copy() for n, g in model.gradients().items()}
+    return random_weight_model(name, dtype, attention_impl=impl, **overrides)
 
 
 def _attention_modules(model):
     """Every MultiHeadAttention in the model (self- and cross-attention)."""
-    from npformer.nn.attention import MultiHeadAttention
-
-    found, stack = [], [model]
-    while stack:
-        module = stack.pop()
-        if isinstance(module, MultiHeadAttention):
-            found.append(module)
-        stack.extend(child for _, child in module.named_children())
-    return found
+    return modules_of(model, MultiHeadAttention)
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
@@ -65,8 +37,8 @@ def test_kernels_and_reference_give_the_same_model(name, dtype):
                            for m in modules)
     assert all(m.core == (attention_forward, attention_backward)
                for m in _attention_modules(reference))
-    logits_k, grads_k = _forward_backward(kernel)
-    logits_r, grads_r = _forward_backward(reference)
+    logits_k, grads_k = forward_backward(kernel)
+    logits_r, grads_r = forward_backward(reference)
     tol = KERNEL_TOL[np.float64 if dtype == "float64" else np.float32]
     scale = max(float(np.max(np.abs(g))) for g in grads_r.values())
     assert_close(logits_k, logits_r, np.dtype(dtype), "logits", rtol=tol, atol=0.0)
@@ -83,8 +55,8 @@ def test_the_default_is_the_kernel_and_clipped_softmax_falls_back():
     clipped = _model("gpt2", "numba", softmax="clipped")
     assert all(m.core == (attention_forward, attention_backward)
                for m in _attention_modules(clipped))
-    logits_k, grads_k = _forward_backward(clipped)
-    logits_r, grads_r = _forward_backward(_model("gpt2", "numpy", softmax="clipped"))
+    logits_k, grads_k = forward_backward(clipped)
+    logits_r, grads_r = forward_backward(_model("gpt2", "numpy", softmax="clipped"))
     assert np.array_equal(logits_k, logits_r)
     for key in grads_r:
         assert np.array_equal(grads_k[key], grads_r[key])
@@ -106,10 +78,10 @@ def test_softcap_and_softmax1_reach_the_kernel():
     for overrides in (dict(softmax="softmax1"), dict(attention_softcap=2.0)):
         kernel, reference = _model("gpt2", "numba", **overrides), _model("gpt2", "numpy", **overrides)
         assert all(m.core[0] is flash_attention_forward for m in _attention_modules(kernel))
-        logits_k, grads_k = _forward_backward(kernel)
-        logits_r, grads_r = _forward_backward(reference)
+        logits_k, grads_k = forward_backward(kernel)
+        logits_r, grads_r = forward_backward(reference)
         assert_close(logits_k, logits_r, np.float64, str(overrides), rtol=1e-12)
-        plain_logits, _ = _forward_backward(_model("gpt2", "numba"))
+        plain_logits, _ = forward_backward(_model("gpt2", "numba"))
         assert not np.allclose(plain_logits, logits_k)  # the option really changed the model
 
 

@@ -9,10 +9,10 @@ this file checks the wiring (which path each layer takes) and the whole model an
 import numpy as np
 import pytest
 
-from helpers import assert_close, assert_gradcheck_passes, tiny_train_options
+from helpers import (assert_close, assert_gradcheck_passes, forward_backward, modules_of,
+                     random_weight_model, tiny_train_options)
 from npformer.config import ModelConfig
 from npformer.kernels import norms as norm_kernels
-from npformer.models import build_model
 from npformer.nn.feedforward import FeedForward
 from npformer.nn.norm import LayerNorm, RMSNorm
 from npformer.optim import AdamW, clip_grad_norm, grad_global_norm
@@ -24,42 +24,12 @@ KERNEL_TOL = {"float64": 1e-12, "float32": 1e-5}
 
 
 def _model(name, impl, dtype="float64", **overrides):
-    overrides.setdefault("dropout", 0.0)
-    model = build_model(tiny_config(name, layer_impl=impl, dtype=dtype, **overrides), seed=3)
-    rng = np.random.default_rng(7)
-    for key, p in model.parameters().items():  # unusual weights so every path carries signal
-        base = 1.0 if "norm" in key and key.endswith("weight") else 0.0
-        p[...] = (base + 0.3 * rng.standard_normal(p.shape)).astype(p.dtype)
-    return model.train()
-
-
-def _forward_backward(model, seed=0):
-    rng = np.random.default_rng(seed)
-    V = model.config.vocab_size
-    if model.config.architecture == "encoder-decoder":
-        logits = model.forward(rng.integers(0, V, (2, 9)), rng.integers(0, V, (2, 7)))
-    else:
-        doc_ids = np.array([[0, 0, 0, 1, 1, 2, 2]] * 2) if model.config.document_mask else None
-        logits = model.forward(rng.integers(0, V, (2, 7)), doc_ids=doc_ids)
-    logits = logits.copy()
-    model.zero_grad()
-    model.backward(rng.standard_normal(logits.shape).astype(logits.dtype))
-    return logits, {n: g.copy() for n, g in model.gradients().items()}
-
-
-def _modules(model, kind):
-    found, stack = [], [model]
-    while stack:
-        module = stack.pop()
-        if isinstance(module, kind):
-            found.append(module)
-        stack.extend(child for _, child in module.named_children())
-    return found
+    return random_weight_model(name, dtype, layer_impl=impl, **overrides)
 
 
 def _assert_same_model(fused, reference, dtype):
-    logits_f, grads_f = _forward_backward(fused)
-    logits_r, grads_r = _forward_backward(reference)
+    logits_f, grads_f = forward_backward(fused)
+    logits_r, grads_r = forward_backward(reference)
     tol = KERNEL_TOL[dtype]
     assert_close(logits_f, logits_r, np.dtype(dtype), "logits", rtol=tol, atol=0.0)
     # Gradients that are zero by structure (key biases: softmax ignores a shift shared by a
@@ -75,13 +45,13 @@ def _assert_same_model(fused, reference, dtype):
 @pytest.mark.parametrize("name", preset_names())
 def test_fused_and_reference_layers_give_the_same_model(name, dtype):
     fused, reference = _model(name, "numba", dtype), _model(name, "numpy", dtype)
-    norms = _modules(fused, (LayerNorm, RMSNorm))
+    norms = modules_of(fused, (LayerNorm, RMSNorm))
     assert norms and all(m.pair[0] in (norm_kernels.layernorm_forward, norm_kernels.rmsnorm_forward)
                          for m in norms)
     assert all(m.pair[0].__module__ == "npformer.functional." + type(m).__name__.lower()
-               for m in _modules(reference, (LayerNorm, RMSNorm)))
-    assert all(m.fused for m in _modules(fused, FeedForward))
-    assert not any(m.fused for m in _modules(reference, FeedForward))
+               for m in modules_of(reference, (LayerNorm, RMSNorm)))
+    assert all(m.fused for m in modules_of(fused, FeedForward))
+    assert not any(m.fused for m in modules_of(reference, FeedForward))
     _assert_same_model(fused, reference, dtype)
 
 
