@@ -24,6 +24,7 @@ from npformer.interop import load_hf
 from npformer.interop.tokenizer import load_tokenizer, stop_token_ids
 
 transformers.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
 
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "npformer", "data", "tinyshakespeare.txt")
 BOS, EOS = "<|begin_of_text|>", "<|end_of_text|>"  # ids 0 and 1
@@ -350,3 +351,21 @@ sys.exit(main(["sample", "--hf", {checkpoint!r}, "--tokens", "2"]))
     assert result.stderr.startswith("npformer sample: reading a tokenizer.json needs the "
                                     "tokenizers package")
     assert 'pip install "tokenizers>=0.15"' in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_sampled_id_beyond_the_tokenizer_is_named(tmp_path, capsys):
+    """A model whose table is padded past its tokenizer (vocab_size 310, 300 tokens) and whose
+    final norm gain is 0, so every logit is 0 and a draw is uniform: the draws reach the ten
+    rows no token decodes from, which must be an error naming them, not text missing a piece."""
+    tokenizer = _byte_level_bpe()
+    hf = _llama(tokenizer.get_vocab_size() + 10)
+    with torch.no_grad():
+        hf.model.norm.weight.zero_()
+    hf.generation_config.eos_token_id = None  # no early stop at the EOS id 1
+    hf.config.eos_token_id = None
+    hf.save_pretrained(str(tmp_path))
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert stop_token_ids(str(tmp_path)) == []
+    _expect_error(["sample", "--hf", str(tmp_path), "--prompt", PROMPT, "--tokens", "40",
+                   "--temperature", "1"], capsys, "sample", "generated id(s) [30", "300 ids",
+                  "vocab_size 310")
