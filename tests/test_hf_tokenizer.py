@@ -212,10 +212,12 @@ def test_sample_hf_with_temperature_and_top_k_is_seeded(checkpoint, capsys):
 
 
 def test_compare_hf_on_the_prompts_tokens(checkpoint, capsys):
-    assert main(["compare", "--hf", checkpoint, "--prompt", PROMPT, "--json"]) == 0
+    prompt = "ROMEO:\nBut, soft! what light through yonder window breaks?"
+    assert main(["compare", "--hf", checkpoint, "--prompt", prompt, "--json"]) == 0
     reports = json.loads(capsys.readouterr().out)
     assert reports and all(r["passed"] for r in reports)
-    n_tokens = len(load_tokenizer(checkpoint).encode(PROMPT))
+    n_tokens = len(load_tokenizer(checkpoint).encode(prompt))
+    assert n_tokens - 1 != 2 * 7  # not the shape of the random batch
     vocab = json.loads(open(os.path.join(checkpoint, "config.json")).read())["vocab_size"]
     logits = next(r for r in reports if r["tensor"] == "logits")
     assert logits["n_checked"] == (n_tokens - 1) * vocab  # one row: the prompt minus its last id
