@@ -2,7 +2,7 @@
 
     npformer gradcheck [NAME ...] [--json] [--list] [--preset NAME|all ...]
     npformer presets [--json]
-    npformer compare (--preset NAME|all ... | --hf DIR [--prompt TEXT]) [--dtype float64|float32] [--json]
+    npformer compare (--preset NAME|all ... | --hf DIR [--prompt TEXT]) [--dtype D] [--json]
     npformer train [--preset NAME] [--steps N] [--out DIR] [--resume] ...
     npformer sample (--ckpt RUN_DIR | --hf DIR [--dtype D]) [--prompt TEXT] [--tokens N]
                     [--temperature T] [--top-k K] [--seed S]
@@ -303,10 +303,10 @@ def sample_hf(path, prompt, tokens, temperature=0.8, top_k=None, seed=0, dtype="
     prompt_ids = tokenizer.encode(prompt, name="--prompt")
     new = generate(model, prompt_ids, tokens, temperature=temperature, top_k=top_k, seed=seed,
                    use_cache=use_cache, stop_ids=stop_token_ids(path))
-    beyond = [i for i in new if i >= tokenizer.vocab_size]
-    if beyond:  # the embedding table is padded past the tokenizer (Qwen2 pads to 151936)
-        raise ValueError(f"the model of {path} generated id(s) {beyond[:5]}, which its "
-                         f"tokenizer.json does not have ({tokenizer.vocab_size} ids; the model's "
+    unknown = tokenizer.ids_without_a_token(new)
+    if unknown:  # the embedding table is padded past the tokenizer (Qwen2 pads to 151936)
+        raise ValueError(f"the model of {path} generated id(s) {unknown[:5]}, which name no token "
+                         f"of its tokenizer.json ({tokenizer.vocab_size} tokens; the model's "
                          f"vocab_size {model.config.vocab_size} includes unused rows): no text "
                          "to print; try a lower --temperature or a --top-k")
     before = tokenizer.decode(prompt_ids, skip_special_tokens=True)

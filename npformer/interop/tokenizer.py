@@ -42,8 +42,9 @@ Checks
 - characters the tokenizer drops without a trace (a BPE with neither byte fallback nor an
   unknown token: ``tokenizers`` then skips them) are refused by name, so the model never
   continues a different text than the one given;
-- ``decode`` refuses ids outside the tokenizer's vocabulary (``tokenizers`` would silently
-  decode them to nothing) and ids outside the model's vocabulary when one is given.
+- ``decode`` refuses ids that name no token (negative, beyond the vocabulary, or in a gap of
+  it: ``tokenizers`` would silently decode them to nothing) and ids outside the model's
+  vocabulary when one is given.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ import os
 from typing import List, Optional, Sequence
 
 import numpy as np
+
+from .._validate import check_int
 
 INSTALL_HINT = ('pip install "tokenizers>=0.15" (it comes with transformers; npformer\'s "hf" '
                 "extra lists it)")
@@ -96,8 +99,10 @@ class HFTokenizer:
         """Ids the tokenizer knows: its vocabulary plus its added (special) tokens."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
-    def token_id(self, token: str) -> Optional[int]:
-        return self._backend.token_to_id(token)
+    def ids_without_a_token(self, ids) -> List[int]:
+        """The ids of ``ids`` (N,) that name no token of this tokenizer: negative, beyond its
+        vocabulary, or in a gap of a non-contiguous one (tokenizers decodes them to nothing)."""
+        return [int(i) for i in ids if i < 0 or self._backend.id_to_token(int(i)) is None]
 
     def special_tokens_added(self) -> List[int]:
         """The ids that ``encode`` puts around a text (e.g. ``[bos_id]``)."""
@@ -117,7 +122,8 @@ class HFTokenizer:
         self._check_nothing_dropped(text, [o for o, s in zip(offsets, special) if not s], name)
         if not ids:
             raise ValueError(f"{name} {text!r:.60} encodes to no token ids with the tokenizer of "
-                             f"{self.path} (it adds no BOS token); give a non-empty text")
+                             f"{self.path} (it adds no BOS token); give a text with at least "
+                             "one token")
         ids = np.asarray(ids, dtype=np.int64)  # (N,)
         if self.model_vocab_size is not None and ids.max() >= self.model_vocab_size:
             bad = sorted(set(int(i) for i in ids[ids >= self.model_vocab_size]))
@@ -131,7 +137,8 @@ class HFTokenizer:
     def _check_nothing_dropped(self, text: str, offsets, name: str) -> None:
         """Every non-space character of ``text`` lies in the span of some token. A BPE
         without byte fallback or unknown token skips characters it has no token for."""
-        covered = np.zeros(len(text) + 1, dtype=np.int64)  # +1 at each span start, −1 past its end
+        # +1 at each span's start, −1 past its end: the running sum counts the covering spans
+        covered = np.zeros(len(text) + 1, dtype=np.int64)
         for start, end in offsets:
             covered[start] += 1
             covered[end] -= 1
@@ -150,12 +157,14 @@ class HFTokenizer:
         if ids.ndim != 1 or (ids.size and not np.issubdtype(ids.dtype, np.integer)):
             raise ValueError(f"ids must be a 1-D sequence of integers, got shape {ids.shape} "
                              f"and dtype {ids.dtype}")
-        for upper, whose in ((self.vocab_size, f"the tokenizer of {self.path}"),
-                             (self.model_vocab_size, f"the model of {self.path}")):
-            if upper is not None and ids.size and (ids.min() < 0 or ids.max() >= upper):
-                bad = ids[(ids < 0) | (ids >= upper)]
-                raise ValueError(f"ids must lie in [0, {upper - 1}] ({whose} has {upper} ids), "
-                                 f"got {bad[:5].tolist()}")
+        unknown = self.ids_without_a_token(ids)
+        if unknown:
+            raise ValueError(f"ids {unknown[:5]} name no token of the tokenizer of {self.path} "
+                             f"({self.vocab_size} tokens)")
+        if self.model_vocab_size is not None and ids.size and ids.max() >= self.model_vocab_size:
+            raise ValueError(f"ids must lie in [0, {self.model_vocab_size - 1}] (the model of "
+                             f"{self.path} has vocab_size {self.model_vocab_size}), got "
+                             f"{ids[ids >= self.model_vocab_size][:5].tolist()}")
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def __repr__(self) -> str:
@@ -173,6 +182,8 @@ def _found_instead(path: str) -> str:
 def load_tokenizer(path: str, model_vocab_size: Optional[int] = None) -> HFTokenizer:
     """The tokenizer of checkpoint directory ``path`` (its ``tokenizer.json``). With
     ``model_vocab_size``, encoded and decoded ids are checked against the model too."""
+    if model_vocab_size is not None:
+        check_int(model_vocab_size, "model_vocab_size", 1)
     if not os.path.isdir(path):
         raise ValueError(f"{path} is not a directory (a Hugging Face checkpoint directory "
                          "with a tokenizer.json)")
@@ -191,10 +202,6 @@ def load_tokenizer(path: str, model_vocab_size: Optional[int] = None) -> HFToken
     except Exception as error:  # the library raises a bare Exception with serde's message
         raise ValueError(f"{file} is not a tokenizer.json the tokenizers library "
                          f"{tokenizers.__version__} can read: {error}") from None
-    if model_vocab_size is not None and (isinstance(model_vocab_size, bool) or
-                                         not isinstance(model_vocab_size, (int, np.integer))
-                                         or model_vocab_size < 1):
-        raise ValueError(f"model_vocab_size must be an integer ≥ 1, got {model_vocab_size!r}")
     return HFTokenizer(backend, path, None if model_vocab_size is None else int(model_vocab_size))
 
 
