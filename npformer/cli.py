@@ -268,7 +268,7 @@ def _sample_text(run_dir, prompt, tokens, temperature, top_k, seed, use_cache=Tr
 
 def _hf_prompt_ids(path, prompt):
     """The ids of ``prompt`` by the tokenizer.json of checkpoint ``path``, checked against
-    the vocabulary of its config.json (read, not the weights)."""
+    the vocabulary and context length of its config.json (read, not the weights)."""
     from .checkpoint import read_json
     from .interop.hf_config import config_from_hf
     from .interop.tokenizer import load_tokenizer
@@ -277,10 +277,15 @@ def _hf_prompt_ids(path, prompt):
     if not os.path.isfile(config_path):
         raise ValueError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
     try:
-        vocab_size = config_from_hf(read_json(config_path)).vocab_size
+        config = config_from_hf(read_json(config_path))
     except ValueError as error:
         raise ValueError(f"{config_path}: {error}") from None
-    return load_tokenizer(path, vocab_size).encode(prompt, name="--prompt")
+    ids = load_tokenizer(path, config.vocab_size).encode(prompt, name="--prompt")
+    if len(ids) - 1 > config.max_seq_len:  # the last id is only a target
+        raise ValueError(f"--prompt encodes to {len(ids)} tokens, {len(ids) - 1} positions to "
+                         f"compare, but the model of {path} reads at most {config.max_seq_len} "
+                         "(config.json); give a shorter --prompt")
+    return ids
 
 
 def sample_hf(path, prompt, tokens, temperature=0.8, top_k=None, seed=0, dtype="float32",

@@ -208,6 +208,8 @@ def test_sample_hf_with_temperature_and_top_k_is_seeded(checkpoint, capsys):
     assert main(argv) == 0
     first = capsys.readouterr().out
     assert main(argv) == 0 and capsys.readouterr().out == first and first.startswith(PROMPT)
+    # an empty prompt is the BOS alone, as with transformers: an unconditional sample
+    assert sample_hf(checkpoint, "", 3, 0.0)[1].tolist() == [0]
 
 
 # ---- npformer compare --hf --prompt ---------------------------------------------------------
@@ -313,12 +315,18 @@ def test_broken_tokenizers_are_one_clear_line(checkpoint, tmp_path, capsys, comm
                   *needles)
 
 
-def test_compare_needs_two_tokens_and_a_checkpoint(checkpoint, capsys):
+def test_compare_needs_two_tokens_a_checkpoint_and_a_prompt_that_fits(checkpoint, capsys):
     # the BOS alone: nothing to predict
     _expect_error(["compare", "--hf", checkpoint, "--prompt", ""], capsys, "compare",
                   "at least 2 token ids", "[0]")
     _expect_error(["compare", "--preset", "gpt2", "--prompt", "hi"], capsys, "compare",
                   "--prompt needs --hf")
+    # BOS + 64 × " the": 64 positions (max_position_embeddings) compare; one more is too many
+    assert len(load_tokenizer(checkpoint).encode(" the", add_special_tokens=False)) == 1
+    assert main(["compare", "--hf", checkpoint, "--prompt", " the" * 64]) == 0
+    capsys.readouterr()
+    _expect_error(["compare", "--hf", checkpoint, "--prompt", " the" * 65], capsys, "compare",
+                  "66 tokens, 65 positions", "at most 64", "shorter --prompt")
 
 
 def test_sample_option_combinations(checkpoint, tmp_path, capsys):
