@@ -25,7 +25,6 @@ from npformer.functional.cross_entropy import cross_entropy_backward, cross_entr
 from npformer.functional.glu import geglu_tanh_backward, geglu_tanh_forward
 from npformer.functional.softmax_variants import softcap_backward, softcap_forward
 from npformer.gradcheck import run_checks
-from npformer.kernels import activations as activation_kernels
 from npformer.kernels import norms as norm_kernels
 from npformer.models import build_model
 from npformer.models.input_embedding import InputEmbedding
