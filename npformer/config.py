@@ -399,6 +399,10 @@ class ModelConfig:
                     or original < 1:
                 _fail("rope_original_max_seq_len", original, f"rope_type={self.rope_type!r} "
                       "needs the original (pre-training) length: an integer ≥ 1")
+        if self.rope_type == "dynamic" and (self.rotary_dim or self.head_size) == 2:
+            _fail("rotary_dim", self.rotary_dim, "rope_type='dynamic' needs a rotary dim ≥ 4: its "
+                  "base exponent d/(d−2) divides by zero at d = 2 (transformers raises "
+                  "ZeroDivisionError)")
         if self.rope_type == "llama3":
             if not self.rope_low_freq_factor > 0:
                 _fail("rope_low_freq_factor", self.rope_low_freq_factor, "must be > 0 (Llama 3.1: 1)")
