@@ -56,9 +56,10 @@ def _report(name: str, tensor: str, ours, theirs, dtype: str, floor: float = 0.0
     return TensorReport(name, tensor, abs_err, rel_err, passed, ours.size, ours.size)
 
 
-def _batch(vocab_size: int, seed: int = 0):
+def _batch(vocab_size: int, seed: int = 0, seq_len: int = 7):
     rng = np.random.default_rng(seed)
-    return rng.integers(0, vocab_size, (2, 7)), rng.integers(0, vocab_size, (2, 7))
+    return (rng.integers(0, vocab_size, (2, seq_len)),
+            rng.integers(0, vocab_size, (2, seq_len)))
 
 
 def _ours(model, ids, targets, **inputs):
@@ -83,14 +84,17 @@ def _failure(name: str, what: str, size: int = 0) -> TensorReport:
     return TensorReport(name, what, float("inf"), float("inf"), False, 0, size)
 
 
-def compare_hf_dir(path: str, dtype: str = "float64", name: Optional[str] = None) -> List[TensorReport]:
+def compare_hf_dir(path: str, dtype: str = "float64", name: Optional[str] = None,
+                   seq_len: int = 7) -> List[TensorReport]:
     """npformer's ``load_hf(path)`` against ``transformers``' ``from_pretrained(path)``.
 
     A pass means both models computed the same thing from the same file: transformers loaded
     every tensor of the checkpoint into its model (no missing, unexpected or mis-shaped key,
     which it would otherwise fill with random values or drop with a warning), and the logits,
     the loss and the gradient of every parameter — by checkpoint name, the same set on both
-    sides — agree. Anything that could not be compared is a failing report, never a skipped one."""
+    sides — agree. Anything that could not be compared is a failing report, never a skipped one.
+    The batch is (2, seq_len) random ids (longer than a scaled RoPE's original length to
+    exercise dynamic NTK, whose frequencies change only past it)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -98,7 +102,7 @@ def compare_hf_dir(path: str, dtype: str = "float64", name: Optional[str] = None
 
     name = name or os.path.basename(os.path.normpath(path))
     ours = load_hf(path, np.dtype(dtype))
-    ids, targets = _batch(ours.config.vocab_size)
+    ids, targets = _batch(ours.config.vocab_size, seq_len=seq_len)
     logits, loss = _ours(ours, ids, targets)
     grads = hf_state_dict(ours, grads=True)
     torch_dtype = getattr(torch, dtype)

@@ -348,8 +348,9 @@ def _rope_scaling(v: _Values, params: dict, where: str) -> dict:
         if not isinstance(truncate, bool):
             raise ValueError(f"config.json {where}.truncate={truncate!r} must be true or false")
         fields.update(
-            rope_beta_fast=number("beta_fast", None) or 32.0,  # transformers: `or 32`
-            rope_beta_slow=number("beta_slow", None) or 1.0,
+            # transformers: get("beta_fast") or 32, so null and 0 mean the default too
+            rope_beta_fast=(None if params.get("beta_fast") is None else number("beta_fast")) or 32.0,
+            rope_beta_slow=(None if params.get("beta_slow") is None else number("beta_slow")) or 1.0,
             rope_truncate=truncate,
             rope_attention_factor=None if attention is None
             else _number(f"{where}.attention_factor", attention))
