@@ -9,7 +9,8 @@ What is checked, per rope type:
 2. the rope pair by float64 finite differences (the gradcheck registry's rope_linear,
    rope_dynamic, rope_yarn, rope_llama3) and the numba kernel against its functional twin,
    forward and backward, including the kernel's table cache (keyed on the scaling);
-3. whole models: a random-weight LlamaForCausalLM and GPTNeoXForCausalLM per type, written
+3. whole models: a random-weight LlamaForCausalLM, GPTNeoXForCausalLM and CohereForCausalLM
+   per type, written
    with save_pretrained and compared by compare_hf_dir (logits, loss, every gradient) in
    float64 at 1e-10 and float32 at 1e-4 with sequences longer than the original length (the
    scaled logits are asserted to differ from the unscaled ones, so the test sees the
@@ -31,7 +32,8 @@ import torch
 import transformers
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from helpers import assert_close, assert_gradcheck_passes, assert_hf_round_trip, max_errors
+from helpers import (assert_close, assert_gradcheck_passes, assert_hf_round_trip, max_errors,
+                     assert_subset_passes_without_jit)
 from npformer.config import ModelConfig
 from npformer.functional import rope as rope_functional
 from npformer.functional.rope import RopeScaling, rope_angles, rope_frequencies
@@ -62,13 +64,18 @@ ROPE = {
                     original_max_position_embeddings=ORIGINAL), 64),
 }
 SCALED = [t for t in ROPE if t != "default"]
-# Llama: GQA 2:1, D = 8 rotated whole; GPT-NeoX: D = 16, half of it rotated (rotary_dim 8)
+# Llama: GQA 2:1, D = 8 rotated whole; GPT-NeoX: D = 16, half of it rotated (rotary_dim 8);
+# Cohere: D = 8, interleaved
 FAMILIES = {
     "llama": dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                   num_hidden_layers=2, intermediate_size=24, rms_norm_eps=1e-5,
                   tie_word_embeddings=False),
     "gpt_neox": dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=2,
                      intermediate_size=40, use_parallel_residual=True, hidden_act="gelu"),
+    # Cohere: interleaved pairs (its float64 patch is float64_rotary_forward(interleaved=True))
+    "cohere": dict(hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+                   num_hidden_layers=2, intermediate_size=24, logit_scale=0.5, use_qk_norm=False,
+                   tie_word_embeddings=True),
 }
 
 
@@ -232,6 +239,13 @@ def test_kernel_table_cache_is_keyed_on_the_scaling():
         assert_close(y, y_ref, np.float64, str(scaling), rtol=1e-12, atol=0.0)
         assert previous is None or max_errors(y, previous)[1] > 1e-3
         previous = y
+
+
+def test_kernel_tests_pass_as_plain_python_under_numba_disable_jit():
+    """The kernel-vs-twin and table-cache tests (4 types × 2 layouts × 2 dtypes + 1) in a
+    child process with NUMBA_DISABLE_JIT=1."""
+    assert_subset_passes_without_jit(__file__, "test_kernel_equals or test_kernel_table_cache",
+                                     17, "npformer.kernels.rope:_rotate_kernel")
 
 
 @pytest.mark.parametrize("pair", [rope_functional, rope_kernel], ids=["functional", "kernel"])
