@@ -390,6 +390,38 @@ def test_dynamic_kv_cache_decode_is_what_transformers_decodes(tmp_path):
                  "dynamic past L0: decode vs transformers' cached decode")
 
 
+NATIVE = {  # every field each type reads, away from its default where it can be
+    "linear": dict(rope_factor=1.5),
+    "dynamic": dict(rope_factor=2.0, rope_original_max_seq_len=24),
+    "yarn": dict(rope_factor=3.0, rope_original_max_seq_len=24, rope_beta_fast=16.0,
+                 rope_beta_slow=2.0, rope_truncate=False, rope_attention_factor=1.2),
+    "llama3": dict(rope_factor=4.0, rope_original_max_seq_len=24, rope_low_freq_factor=2.0,
+                   rope_high_freq_factor=6.0),
+}
+
+
+@pytest.mark.parametrize("rope_type", sorted(NATIVE))
+def test_an_npformer_model_saved_with_scaling_is_what_transformers_loads(tmp_path, rope_type):
+    """A scaled npformer model (llama3 preset shape, not read from a checkpoint) → save_hf →
+    compare_hf_dir: transformers rebuilds the same RoPE from the written rope_parameters
+    (yarn's truncate=false, betas and explicit attention_factor included), and load_hf
+    reads back the same config (dynamic: max_seq_len becomes int(factor · original))."""
+    from npformer.interop import save_hf
+    from npformer.presets import tiny_config
+
+    config = tiny_config("llama3").replace(
+        document_mask=False, rope_theta=THETA, rope_type=rope_type, max_seq_len=64,
+        **NATIVE[rope_type])
+    save_hf(DecoderLM(config), str(tmp_path))
+    reports = compare_hf_dir(str(tmp_path), "float64", seq_len=T)
+    assert all(r.passed for r in reports), [(r.tensor, r.max_rel_err) for r in reports]
+    back = load_hf(str(tmp_path)).config
+    rope_fields = [f.name for f in dataclasses.fields(ModelConfig) if f.name.startswith("rope_")]
+    assert {name: getattr(back, name) for name in rope_fields} == {
+        name: getattr(config, name) for name in rope_fields}
+    assert back.max_seq_len == (48 if rope_type == "dynamic" else 64)
+
+
 # ---- 5. what is refused, by name -------------------------------------------------------------------
 
 

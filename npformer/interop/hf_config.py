@@ -161,7 +161,8 @@ def _llama_like_fields(defaults: dict, head_dim_how: str):
         use("head_dim", None, head_dim_how, nullable=True),
         use("hidden_act", "silu", f"the gated MLP's activation: {GLU_ACTIVATIONS}"),
         use("max_position_embeddings", defaults["max_position_embeddings"],
-            "max_seq_len (longer sequences are refused)"),
+            "max_seq_len (longer sequences are refused); dynamic RoPE: the original length, "
+            "max_seq_len = int(factor · it)"),
         use("attention_bias", False, "qkv_bias and out_bias (q, k, v and o projections)"),
         use("pad_token_id", defaults["pad_token_id"], "padding_idx: nn.Embedding(padding_idx=pad) gives "
             "that row no gradient (null or ids outside the vocabulary: none)", nullable=True),
@@ -587,7 +588,8 @@ FAMILIES: Dict[str, Family] = {
         use("num_attention_heads", 64, "n_heads"),
         use("intermediate_size", 24576, "d_ff"),
         use("hidden_act", "gelu", f"ffn: {PLAIN_ACTIVATIONS}"),
-        use("max_position_embeddings", 2048, "max_seq_len (longer sequences are refused)"),
+        use("max_position_embeddings", 2048, "max_seq_len (longer sequences are refused); "
+            "dynamic RoPE: the original length, max_seq_len = int(factor · it)"),
         use("layer_norm_eps", 1e-5, "norm_eps"),
         use("use_parallel_residual", True, "block: parallel (two norms) or sequential"),
         use("attention_bias", True, "qkv_bias and out_bias (query_key_value and dense)"),
