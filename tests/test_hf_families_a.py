@@ -39,7 +39,7 @@ from helpers import assert_close, assert_hf_round_trip, max_errors
 from npformer.config import ModelConfig
 from npformer.interop import load_hf, save_hf
 from npformer.interop.compare import compare_hf_dir
-from npformer.interop.hf_config import GLU_ACTIVATIONS, PLAIN_ACTIVATIONS
+from npformer.interop.hf_config import GLU_ACTIVATIONS, PLAIN_ACTIVATIONS, _architecture
 from npformer.interop.hf_float64 import exact_float64, float64_patches
 from npformer.models import DecoderLM
 
@@ -273,3 +273,218 @@ def test_mistral_absent_num_key_value_heads_is_8(tmp_path):
     _edit(directory, drop=("num_key_value_heads",))
     assert load_hf(directory).config.kv_heads == 8
     _assert_reports_pass(compare_hf_dir(directory, "float64"), "mistral default kv heads")
+
+
+# ---- what the loader refuses -------------------------------------------------------------------
+
+_LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.0],
+                 long_factor=[2.0, 2.0])
+
+
+@pytest.mark.parametrize("case, values, field", [
+    # activations: none of these is a gated MLP npformer has (quick_gelu is x σ(1.702 x))
+    ("mistral-window", dict(hidden_act="quick_gelu"), "hidden_act='quick_gelu'"),
+    ("qwen2-window", dict(hidden_act="relu"), "hidden_act='relu'"),
+    ("phi3-dense", dict(hidden_act="gelu_10"), "hidden_act='gelu_10'"),
+    # inconsistent head sizes: 3 query heads cannot share 2 key/value heads (repeat_kv)
+    ("mistral-window", dict(num_key_value_heads=2), "num_key_value_heads=2"),
+    ("qwen2-window", dict(num_key_value_heads=3), "num_key_value_heads=3"),
+    ("phi3-partial", dict(num_key_value_heads=3), "num_key_value_heads=3"),
+    # Phi-3's LongRoPE, and its config's legacy spellings of it
+    ("phi3-partial", dict(rope_parameters=_LONGROPE), "rope_type='longrope'"),
+    ("phi3-partial", dict(rope_scaling=dict(type="su", short_factor=[1.0, 1.0],
+                                            long_factor=[2.0, 2.0])), "rope_type='su'"),
+    ("phi3-partial", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0,
+                                               factor=2.0)), "rope_type='yarn'"),
+    # int(6 · 0.5) = 3 rotary channels: RoPE rotates pairs
+    ("phi3-partial", dict(rope_parameters=_rope(10000.0, partial_rotary_factor=0.5)),
+     "partial_rotary_factor=0.5"),
+    # Mistral and Qwen2 rotate the whole head whatever partial_rotary_factor says
+    ("mistral-window", dict(rope_parameters=_rope(10000.0, partial_rotary_factor=0.5)),
+     "partial_rotary_factor=0.5"),
+    # layer types npformer has no attention for, or a sliding layer without a window
+    ("qwen2-layer-types", dict(layer_types=["full_attention", "chunked_attention"]),
+     "layer_types holds 'chunked_attention'"),
+    ("qwen2-layer-types", dict(layer_types=["full_attention"]), "layer_types="),
+    ("qwen2-layer-types", dict(use_sliding_window=False), "use_sliding_window"),
+    ("mistral-window", dict(sliding_window=0), "sliding_window=0"),
+    ("qwen2-window", dict(sliding_window=2.5), "sliding_window=2.5"),
+    ("phi3-dense", dict(quantization_config=dict(quant_method="gptq")), "quantization_config"),
+])
+def test_unsupported_configs_are_clear_errors(tmp_path, case, values, field):
+    """A config.json we cannot reproduce is refused with a ValueError naming the field and
+    the value (and the file), never loaded into a model that computes something else."""
+    _, directory = _checkpoint(case, tmp_path)
+    _edit(directory, **values)
+    with pytest.raises(ValueError, match=rf"{directory}/config.json: .*{_escaped(field)}"):
+        load_hf(directory)
+
+
+def _escaped(text):
+    import re
+
+    return re.escape(text)
+
+
+def test_phi3_rope_types_outside_default_and_longrope_are_refused(tmp_path):
+    """Phi3Config.validate_rope accepts only 'default' and 'longrope': a 'linear' Phi-3 is no
+    model transformers builds, so load_hf refuses it by name too."""
+    _, directory = _checkpoint("phi3-dense", tmp_path)
+    _edit(directory, rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=2.0))
+    with pytest.raises(ValueError, match="rope_type='linear' is not accepted for phi3"):
+        load_hf(directory)
+
+
+# ---- activation names --------------------------------------------------------------------------
+
+# Every ACT2FN name (transformers 5.24) that has no npformer counterpart in a plain MLP
+# act(x W₁) W₂, and in a gated one down(act(gate x) ⊙ up x). Listing them makes a new ACT2FN
+# name fail test_every_act2fn_name_is_accepted_or_refused until someone decides about it.
+_NOT_PLAIN = {"gelu_10", "hardswish", "laplace", "leaky_relu", "linear", "mish", "quick_gelu",
+              "relu2", "relu6", "sigmoid", "silu", "swish", "sqrtsoftplus", "tanh", "prelu",
+              "xielu"}
+_NOT_GATED = _NOT_PLAIN - {"silu", "swish"} | {"relu"} | (
+    {"gelu_new", "gelu_fast", "gelu_pytorch_tanh", "gelu_python_tanh", "gelu_accurate"}
+    - set(GLU_ACTIVATIONS))
+
+
+def test_every_act2fn_name_is_accepted_or_refused():
+    """Each ACT2FN name is either mapped to the npformer FFN computing the same function or
+    in the refused list — none is forgotten, and no accepted name is a typo."""
+    from transformers.activations import ACT2FN
+
+    assert set(PLAIN_ACTIVATIONS) | _NOT_PLAIN == set(ACT2FN)
+    assert not set(PLAIN_ACTIVATIONS) & _NOT_PLAIN
+    assert set(GLU_ACTIVATIONS) | _NOT_GATED == set(ACT2FN)
+    assert not set(GLU_ACTIVATIONS) & _NOT_GATED
+
+
+@pytest.mark.parametrize("name", sorted(_NOT_GATED))
+def test_gated_activations_without_a_counterpart_are_refused_by_name(tmp_path, name):
+    _, directory = _checkpoint("qwen2-layer-types", tmp_path)
+    _edit(directory, hidden_act=name)
+    with pytest.raises(ValueError, match=rf"hidden_act={name!r} is not supported for model_type "
+                                         r"'qwen2'; supported: \["):
+        load_hf(directory)
+
+
+@pytest.mark.parametrize("name", sorted(_NOT_PLAIN))
+def test_plain_activations_without_a_counterpart_are_refused_by_name(tmp_path, name):
+    directory = _neox_checkpoint(tmp_path, "gelu")
+    _edit(directory, hidden_act=name)
+    with pytest.raises(ValueError, match=rf"hidden_act={name!r} is not supported for model_type "
+                                         r"'gpt_neox'; supported: \["):
+        load_hf(directory)
+
+
+@pytest.mark.parametrize("name", sorted(GLU_ACTIVATIONS))
+def test_gated_activation_names_reproduce_the_model(tmp_path, name):
+    """Each accepted gated name, written by transformers itself, matches at 1e-10."""
+    _, directory = _checkpoint("mistral-window", tmp_path, hidden_act=name)
+    assert json.load(open(f"{directory}/config.json")).get("hidden_act", "silu") == name
+    _assert_reports_pass(compare_hf_dir(directory, "float64"), f"mistral {name}")
+
+
+def _neox_checkpoint(path, hidden_act):
+    config = transformers.AutoConfig.for_model(
+        "gpt_neox", vocab_size=V, bos_token_id=0, eos_token_id=2, hidden_size=16,
+        num_attention_heads=2, num_hidden_layers=2, intermediate_size=20,
+        max_position_embeddings=16, hidden_act=hidden_act)
+    hf = transformers.AutoModelForCausalLM.from_config(config).to(torch.float64)
+    rng = np.random.default_rng(0)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.from_numpy(0.35 * rng.standard_normal(tuple(p.shape)) + 0.05))
+    hf.save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_gpt_neox_gelu_fast_from_a_transformers_config(tmp_path, dtype):
+    """Issue 16: a GPT-NeoX whose config.json says hidden_act "gelu_fast" (transformers'
+    0.5 x (1 + tanh(0.7978845608 x (1 + 0.044715 x²))), the tanh GeLU with √(2/π) rounded to
+    10 digits, 3.6e-12 relative) loads as ffn="gelu_tanh" and matches in both dtypes."""
+    directory = _neox_checkpoint(tmp_path, "gelu_fast")
+    assert json.load(open(f"{directory}/config.json"))["hidden_act"] == "gelu_fast"
+    assert load_hf(directory).config.ffn == "gelu_tanh"
+    _assert_reports_pass(compare_hf_dir(directory, dtype), f"gpt_neox gelu_fast {dtype}")
+
+
+# ---- writing our own configs, float64 patches, the CLI -------------------------------------
+
+
+def _our_model(**fields):
+    base = dict(vocab_size=V, d_model=24, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=16,
+                positions="rope", norm="rmsnorm", norm_bias=False, ffn="swiglu", ffn_bias=False,
+                d_ff=20, qkv_bias=False, out_bias=False, tie_embeddings=False)
+    model = DecoderLM(ModelConfig(**{**base, **fields}), seed=5).eval()
+    rng = np.random.default_rng(6)
+    for name, p in model.parameters().items():
+        p[...] = (1.0 if "norm" in name else 0.05) + 0.3 * rng.standard_normal(p.shape)
+    return model
+
+
+@pytest.mark.parametrize("fields, model_type", [
+    (dict(attention_pattern=("local",), window=3), "mistral"),
+    (dict(attention_pattern=("dense", "local"), window=3, qkv_bias=True), "qwen2"),
+    (dict(qkv_bias=True), "qwen2"),
+    (dict(rotary_dim=4), "phi3"),
+    (dict(rotary_dim=4, attention_pattern=("local",), window=2, tie_embeddings=True), "phi3"),
+])
+def test_save_hf_writes_the_family_that_reproduces_the_model(tmp_path, fields, model_type):
+    """A model no earlier family expresses (a window on every layer, per-layer windows, q/k/v
+    biases without an o bias, partial rotary with an RMSNorm) is written under the one that
+    does, and transformers computes the same logits and gradients from it."""
+    model = _our_model(**fields)
+    assert save_hf(model, str(tmp_path)) == model_type
+    assert json.load(open(tmp_path / "config.json"))["model_type"] == model_type
+    loaded = load_hf(str(tmp_path))
+    assert _architecture(loaded.config) == _architecture(model.config)
+    _assert_reports_pass(compare_hf_dir(str(tmp_path), "float64"), f"save_hf {fields}")
+
+
+@pytest.mark.parametrize("fields", [
+    dict(attention_pattern=("local", "dense"), window=3),  # per-layer windows need q/k/v biases
+    dict(qkv_bias=True, out_bias=True, attention_pattern=("local",), window=3),
+    dict(rotary_dim=4, qkv_bias=True, out_bias=False),
+])
+def test_save_hf_refuses_what_no_family_reproduces(tmp_path, fields):
+    with pytest.raises(ValueError, match="no Hugging Face model_type reproduces this config"):
+        save_hf(_our_model(**fields), str(tmp_path))
+
+
+def test_float64_patches_change_precision_only():
+    """Stock transformers (float32 RoPE tables and RMSNorms inside a float64 model) and the
+    exact_float64 reference differ by a float32-sized amount for every case: the patches
+    change precision, not formulas; and they are needed (stock float64 misses 1e-10)."""
+    ids = _ids(1)
+    for case in CASES:
+        hf = _hf_model(case)
+        with torch.no_grad():
+            stock = hf(torch.from_numpy(ids)).logits.numpy()
+            with exact_float64():
+                patched = hf(torch.from_numpy(ids)).logits.numpy()
+        difference = max_errors(stock, patched)[1]
+        assert 1e-10 < difference < 1e-5, f"{case}: stock vs patched {difference:.3e}"
+
+
+@pytest.mark.parametrize("model_type, prefix", [("mistral", "Mistral"), ("qwen2", "Qwen2"),
+                                                ("phi3", "Phi3")])
+def test_compare_prints_the_float64_patches_of_the_family(tmp_path, capsys, model_type, prefix):
+    """``npformer compare --hf DIR`` names the pieces of transformers it recomputed in
+    float64 for the checkpoint's family (its rotary tables and RMSNorm)."""
+    from npformer.cli import main
+
+    case = next(c for c in CASES if CASES[c][0] == model_type)
+    _, directory = _checkpoint(case, tmp_path)
+    assert float64_patches(model_type) == [
+        f"modeling_{model_type}.{prefix}RotaryEmbedding.forward",
+        f"modeling_{model_type}.{prefix}RMSNorm.forward"]
+    assert main(["compare", "--hf", directory]) == 0
+    out = capsys.readouterr().out
+    line = next(line for line in out.splitlines() if line.startswith("float64 reference:"))
+    assert f"transformers' {model_type} code" in line
+    for name in float64_patches(model_type):
+        assert name in line
+    assert main(["compare", "--hf", directory, "--dtype", "float32"]) == 0
+    assert "float64 reference" not in capsys.readouterr().out
