@@ -90,6 +90,23 @@ CASES = {
         rope_parameters=_rope(10000.0)),
         dict(attention_pattern=("local", "dense"), window=2, qkv_bias=True, out_bias=False,
              tie_embeddings=False)),
+    # Qwen3: q/k RMSNorms per head, layers ≥ 2 slide (window 3), biases on q, k, v and o
+    # (attention_bias), the tanh-GeLU gate (geglu_tanh) under one of its ACT2FN names
+    "qwen3-window": ("qwen3", dict(
+        hidden_size=18, num_attention_heads=3, num_key_value_heads=1, head_dim=6,
+        num_hidden_layers=3, intermediate_size=22, max_position_embeddings=16,
+        use_sliding_window=True, sliding_window=3, max_window_layers=2, attention_bias=True,
+        hidden_act="gelu_pytorch_tanh", tie_word_embeddings=False,
+        rope_parameters=_rope(1000000.0)),
+        dict(attention_pattern=("dense", "dense", "local"), window=3, qk_norm=True,
+             qkv_bias=True, out_bias=True, ffn="geglu_tanh", tie_embeddings=False)),
+    # Qwen3 0.6B's shape in small: dense, no biases, head_dim 8 with H·D = 32 ≠ C = 24, tied
+    "qwen3-dense": ("qwen3", dict(
+        hidden_size=24, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_hidden_layers=2, intermediate_size=20, max_position_embeddings=16,
+        tie_word_embeddings=True, rope_parameters=_rope(1000000.0)),
+        dict(attention_pattern=("dense",) * 2, window=None, qk_norm=True, head_dim=8,
+             qkv_bias=False, out_bias=False, tie_embeddings=True)),
     # Phi-3: fused weights, 4 of 6 channels rotated, window 5, GQA, residual dropout 0.1
     "phi3-partial": ("phi3", dict(
         hidden_size=24, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
@@ -310,6 +327,10 @@ _LONGROPE = dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.
     ("mistral-window", dict(sliding_window=0), "sliding_window=0"),
     ("qwen2-window", dict(sliding_window=2.5), "sliding_window=2.5"),
     ("phi3-dense", dict(quantization_config=dict(quant_method="gptq")), "quantization_config"),
+    # Qwen3Attention reads head_dim without a fallback: null builds nothing
+    ("qwen3-dense", dict(head_dim=None), "head_dim is null"),
+    ("qwen3-window", dict(layer_types=["full_attention", "mamba", "sliding_attention"]),
+     "layer_types holds 'mamba'"),
 ])
 def test_unsupported_configs_are_clear_errors(tmp_path, case, values, field):
     """A config.json we cannot reproduce is refused with a ValueError naming the field and
@@ -429,6 +450,8 @@ def _our_model(**fields):
     (dict(attention_pattern=("dense", "local"), window=3, qkv_bias=True), "qwen2"),
     (dict(qkv_bias=True), "qwen2"),
     (dict(rotary_dim=4), "phi3"),
+    (dict(qk_norm=True, attention_pattern=("local", "dense"), window=2), "qwen3"),
+    (dict(qk_norm=True, qkv_bias=True, out_bias=True, ffn="geglu_tanh", head_dim=8), "qwen3"),
     (dict(rotary_dim=4, attention_pattern=("local",), window=2, tie_embeddings=True), "phi3"),
 ])
 def test_save_hf_writes_the_family_that_reproduces_the_model(tmp_path, fields, model_type):
@@ -469,7 +492,7 @@ def test_float64_patches_change_precision_only():
 
 
 @pytest.mark.parametrize("model_type, prefix", [("mistral", "Mistral"), ("qwen2", "Qwen2"),
-                                                ("phi3", "Phi3")])
+                                                ("qwen3", "Qwen3"), ("phi3", "Phi3")])
 def test_compare_prints_the_float64_patches_of_the_family(tmp_path, capsys, model_type, prefix):
     """``npformer compare --hf DIR`` names the pieces of transformers it recomputed in
     float64 for the checkpoint's family (its rotary tables and RMSNorm)."""
@@ -488,3 +511,12 @@ def test_compare_prints_the_float64_patches_of_the_family(tmp_path, capsys, mode
         assert name in line
     assert main(["compare", "--hf", directory, "--dtype", "float32"]) == 0
     assert "float64 reference" not in capsys.readouterr().out
+
+
+def test_each_family_table_declares_a_field_once():
+    """A field declared twice would let the second verdict hide the first."""
+    from npformer.interop.hf_config import FAMILIES
+
+    for model_type, family in FAMILIES.items():
+        names = [field.name for field in family.fields]
+        assert sorted(names) == sorted(set(names)), model_type

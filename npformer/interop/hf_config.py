@@ -81,12 +81,17 @@ PLAIN_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_ta
                      "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
                      "gelu_accurate": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
 # Gated MLP down(act(gate x) ⊙ up x) of Llama and Cohere: SiLU ("silu" and "swish" are one
-# function in ACT2FN) is SwiGLU; the exact erf GeLU is GeGLU (ours is the erf form).
-GLU_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_python": "geglu"}
+# function in ACT2FN) is SwiGLU; the exact erf GeLU is GeGLU (ours is the erf form); the tanh
+# GeLU under any of its five ACT2FN names (gelu_fast's rounded √(2/π) as above) is
+# geglu_tanh. Every other ACT2FN name (relu, quick_gelu, …) has no gated counterpart here.
+GLU_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_python": "geglu",
+                   **{name: "geglu_tanh" for name in ("gelu_new", "gelu_pytorch_tanh",
+                                                      "gelu_python_tanh", "gelu_accurate",
+                                                      "gelu_fast")}}
 # openai-gpt's own ACT_FNS (not ACT2FN): its "gelu" is the tanh form; silu/swish are refused
 OPENAI_GPT_ACTIVATIONS = {"gelu": "gelu_tanh", "relu": "relu"}
 _FFN_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
-_GLU_TO_HF = {"swiglu": "silu", "geglu": "gelu"}
+_GLU_TO_HF = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_pytorch_tanh"}
 
 # fields that do not change what a model computes in evaluation, so a round trip may differ
 _TRAINING_ONLY = ("dropout", "init_std", "scaled_residual_init", "document_mask", "max_seq_len")
@@ -501,6 +506,14 @@ def _build_qwen2(v: _Values) -> dict:
             **_qwen_layers(v)}
 
 
+def _build_qwen3(v: _Values) -> dict:
+    """Qwen2's layers and windows; biases on all four projections from attention_bias; an
+    RMSNorm over each head's D channels of q and of k (eps rms_norm_eps) before RoPE."""
+    _check_kv_heads(v)
+    return {**_rmsnorm_llama(v, _build_llama_like(v, 10000.0)), **_qwen_layers(v),
+            "qk_norm": True}
+
+
 _PHI3_LONGROPE = ("longrope", "su", "yarn")  # Phi3Config renames "su" and "yarn" to longrope
 
 
@@ -536,7 +549,9 @@ def _mistral_like_fields(defaults: dict, bias_how: str, head_dim_how: str, kv_de
         use("head_dim", None, head_dim_how, nullable=True),
         ignore("attention_bias", bias_how),
         use("rms_norm_eps", defaults["rms_norm_eps"], "norm_eps of the RMSNorms"),
-    ) + overrides
+    )
+    overridden = {f.name for f in overrides}
+    own = tuple(f for f in own if f.name not in overridden) + overrides
     replaced = {f.name for f in own}
     return tuple(f for f in _llama_like_fields(defaults, head_dim_how) if f.name not in replaced) + own
 
@@ -678,6 +693,17 @@ FAMILIES: Dict[str, Family] = {
         tie_word_embeddings=False, rms_norm_eps=1e-6),
         "Qwen2Attention has q/k/v biases and no o bias whatever it says (never read)",
         "head_dim (absent = C // H)", 32) + _QWEN_WINDOW_FIELDS, _build_qwen2),
+    # Qwen3Config / modeling_qwen3.py: Qwen2's windows, attention_bias on all four
+    # projections, per-head q/k RMSNorms (qk_norm), head_dim 128 unless given
+    "qwen3": Family(_COMMON + _mistral_like_fields(dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+        num_attention_heads=32, max_position_embeddings=32768, pad_token_id=None,
+        tie_word_embeddings=False, rms_norm_eps=1e-6),
+        "(replaced below)", "(replaced below)", 32,
+        use("head_dim", 128, "head_dim (default 128, not C // H; null is refused: "
+            "Qwen3Attention needs a number)"),
+        use("attention_bias", False, "qkv_bias and out_bias (q, k, v and o projections)")) +
+        _QWEN_WINDOW_FIELDS, _build_qwen3),
     # Phi3Config / modeling_phi3.py: fused qkv_proj and gate_up_proj (hf_weights.py), partial
     # rotary (half-split on the first int(D · factor) channels), one window on every layer
     "phi3": Family(_COMMON + _mistral_like_fields(dict(
@@ -799,7 +825,7 @@ def _write(config: ModelConfig, model_type: str) -> dict:
     if model_type == "cohere":
         return {**llama_like, "layer_norm_eps": config.norm_eps, "logit_scale": config.logit_scale,
                 "use_qk_norm": False}
-    if model_type in ("mistral", "qwen2", "phi3"):
+    if model_type in ("mistral", "qwen2", "qwen3", "phi3"):
         return _write_mistral_qwen_phi(config, model_type, llama_like)
     raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(READERS)}")
 
@@ -809,6 +835,8 @@ def _write_mistral_qwen_phi(config: ModelConfig, model_type: str, llama_like: di
     biases are fixed by the modeling code (hf_config_from_config refuses a config that does
     not have them, by reading the written dict back)."""
     hf = {key: value for key, value in llama_like.items() if key not in ("attention_bias", "mlp_bias")}
+    if model_type == "qwen3":  # biases on q, k, v and o alike
+        hf["attention_bias"] = config.qkv_bias
     hf["rms_norm_eps"] = config.norm_eps
     windows = [config.layer_window(layer) for layer in range(config.n_layers)]
     if model_type in ("mistral", "phi3"):  # one window for every layer, or none
@@ -818,7 +846,7 @@ def _write_mistral_qwen_phi(config: ModelConfig, model_type: str, llama_like: di
                                  "partial_rotary_factor": _rotary_factor(config)}
         hf.update(resid_pdrop=config.dropout, embd_pdrop=0.0,
                   original_max_position_embeddings=config.max_seq_len)
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         local = [window is not None for window in windows]
         hf.update(use_sliding_window=any(local), sliding_window=config.window if any(local) else None,
                   max_window_layers=local.index(True) if any(local) else config.n_layers,

@@ -115,10 +115,11 @@ def _mistral_qwen_phi_patches(rotary_forward, rmsnorm_forward):
     from transformers.models.mistral import modeling_mistral
     from transformers.models.phi3 import modeling_phi3
     from transformers.models.qwen2 import modeling_qwen2
+    from transformers.models.qwen3 import modeling_qwen3
 
     patches = []
     for module, prefix in ((modeling_mistral, "Mistral"), (modeling_qwen2, "Qwen2"),
-                           (modeling_phi3, "Phi3")):
+                           (modeling_qwen3, "Qwen3"), (modeling_phi3, "Phi3")):
         patches.append((getattr(module, f"{prefix}RotaryEmbedding"), "forward", rotary_forward))
         patches.append((getattr(module, f"{prefix}RMSNorm"), "forward", rmsnorm_forward))
     return patches

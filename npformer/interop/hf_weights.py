@@ -163,6 +163,9 @@ def _llama_rules(config: ModelConfig, params, model_type: str) -> List[Rule]:
             for p in ("gate", "up", "down"):
                 _linear(rules, f"{h}.mlp.{p}_proj", f"{ours}.ffn.{p}", params)
         _linear(rules, f"{h}.self_attn.o_proj", f"{ours}.attn.out_proj", params)
+        if f"{ours}.attn.q_norm.weight" in params:  # Qwen3's per-head q/k RMSNorms (D,)
+            _norm(rules, f"{h}.self_attn.q_norm", f"{ours}.attn.q_norm", params)
+            _norm(rules, f"{h}.self_attn.k_norm", f"{ours}.attn.k_norm", params)
     _norm(rules, "model.norm", "final_norm", params)
     if not config.tie_embeddings:
         _linear(rules, "lm_head", "lm_head", params)
@@ -175,7 +178,7 @@ def rules_for(config: ModelConfig, params: Dict[str, np.ndarray], model_type: st
         rules = _gpt_rules(config, params, model_type)
     elif model_type == "gpt_neox":
         rules = _neox_rules(config, params)
-    elif model_type in ("llama", "cohere", "mistral", "qwen2", "phi3"):
+    elif model_type in ("llama", "cohere", "mistral", "qwen2", "qwen3", "phi3"):
         rules = _llama_rules(config, params, model_type)
     else:
         raise ValueError(f"unsupported model_type {model_type!r}")
