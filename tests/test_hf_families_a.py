@@ -520,3 +520,32 @@ def test_each_family_table_declares_a_field_once():
     for model_type, family in FAMILIES.items():
         names = [field.name for field in family.fields]
         assert sorted(names) == sorted(set(names)), model_type
+
+
+def test_qwen3_absent_head_dim_is_128(tmp_path):
+    """Qwen3Config's head_dim default is 128, not hidden_size // heads (= 12 here)."""
+    _, directory = _checkpoint("qwen3-dense", tmp_path, head_dim=128)
+    hf = _edit(directory, drop=("head_dim",))
+    assert "head_dim" not in hf
+    assert load_hf(directory).config.head_size == 128
+    _assert_reports_pass(compare_hf_dir(directory, "float64"), "qwen3 default head_dim")
+
+
+@pytest.mark.parametrize("case, drop, values", [
+    # legacy top-level rope_theta (rope_parameters absent)
+    ("mistral-window", ("rope_parameters",), dict(rope_theta=1000000.0)),
+    ("qwen3-window", ("rope_parameters",), dict(rope_theta=1000000.0)),
+    # Phi-3's top-level partial_rotary_factor fills rope_parameters (Phi3Config: kwargs.get)
+    ("phi3-partial", (), dict(rope_parameters=_rope(10000.0), partial_rotary_factor=2 / 3)),
+    # legacy rope_scaling wins over rope_parameters, as in transformers
+    ("qwen2-window", (), dict(rope_scaling=dict(type="default", rope_theta=1000000.0),
+                              rope_parameters=_rope(77.0))),
+])
+def test_legacy_rope_spellings_reproduce_the_model(tmp_path, case, drop, values):
+    _, directory = _checkpoint(case, tmp_path)
+    _edit(directory, drop=drop, **values)
+    config = load_hf(directory).config
+    assert config.rope_theta == (10000.0 if case == "phi3-partial" else 1000000.0)
+    if case == "phi3-partial":
+        assert config.rotary_dim == 4
+    _assert_reports_pass(compare_hf_dir(directory, "float64"), f"{case} {values}")
