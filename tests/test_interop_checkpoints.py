@@ -474,12 +474,16 @@ _LLAMA3_SCALING = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
 
 
 @pytest.mark.parametrize("name, changes, message", [
-    ("llama2", dict(rope_parameters=_LLAMA3_SCALING), r"rope_type='llama3' is not supported"),
-    # transformers 4.x spelling: rope_scaling with "type", theta at the top level
+    ("llama2", dict(rope_parameters={**_LLAMA3_SCALING, "rope_type": "longrope"}),
+     r"rope_type='longrope' is not supported"),
+    # transformers 4.x spelling: rope_scaling with "type", theta at the top level; llama3
+    # without its low/high frequency factors (transformers raises KeyError)
     ("llama2", dict(rope_parameters=_DELETE, rope_theta=500000.0,
-                    rope_scaling={"type": "llama3", "factor": 8.0}), r"rope_type='llama3'"),
-    ("gpt-neox", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
-     r"rope_type='linear'"),
+                    rope_scaling={"type": "llama3", "factor": 8.0}),
+     r"rope_scaling lacks 'low_freq_factor', which rope_type='llama3' requires"),
+    ("gpt-neox", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4,
+                                       "mscale": 1.0, "mscale_all_dim": 0.5}),
+     r"key\(s\) \['mscale', 'mscale_all_dim'\] are not read by npformer for rope_type='yarn'"),
     ("gpt2", dict(scale_attn_by_inverse_layer_idx=True),
      r"field scale_attn_by_inverse_layer_idx=True is not supported \(a per-layer attention scale\)"),
     ("gpt2", dict(activation_function="quick_gelu"),
@@ -503,15 +507,17 @@ def test_load_hf_unsupported_config_fields_are_named(tmp_path, name, changes, me
         load_hf(str(path))
 
 
-def test_load_hf_refuses_a_config_json_written_by_transformers_with_llama3_scaling(tmp_path):
+def test_load_hf_reads_a_config_json_written_by_transformers_with_llama3_scaling(tmp_path):
     path, _, hf = _checkpoint(tmp_path, "llama2")
     config = transformers.LlamaConfig(**{k: hf[k] for k in (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "head_dim", "intermediate_size", "max_position_embeddings")}, rope_parameters=_LLAMA3_SCALING)
     config.save_pretrained(str(path))  # overwrites config.json, weights stay
     assert json.loads((path / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
-    with pytest.raises(ValueError, match=r"rope_type='llama3' is not supported \(only the default"):
-        load_hf(str(path))
+    config = load_hf(str(path)).config
+    assert (config.rope_type, config.rope_theta, config.rope_factor, config.rope_low_freq_factor,
+            config.rope_high_freq_factor, config.rope_original_max_seq_len) == (
+        "llama3", 500000.0, 8.0, 1.0, 4.0, 8)
 
 
 # ---- sharded and tied checkpoints ------------------------------------------------------------
