@@ -549,3 +549,45 @@ def test_legacy_rope_spellings_reproduce_the_model(tmp_path, case, drop, values)
     if case == "phi3-partial":
         assert config.rotary_dim == 4
     _assert_reports_pass(compare_hf_dir(directory, "float64"), f"{case} {values}")
+
+
+# ---- scaled RoPE (branch rope's reader, through every family) ----------------------------------
+
+_SCALED = {  # case: (base case, config changes, the rope_type npformer must load)
+    "mistral-llama3": ("mistral-window", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=500000.0, factor=4.0, original_max_position_embeddings=8,
+        low_freq_factor=1.0, high_freq_factor=4.0)), "llama3"),
+    "qwen2-linear": ("qwen2-window", dict(rope_parameters=dict(
+        rope_type="linear", rope_theta=10000.0, factor=3.0)), "linear"),
+    # dynamic NTK scales calls longer than max_position_embeddings = 4 (T = 7)
+    "qwen2-dynamic": ("qwen2-layer-types", dict(max_position_embeddings=4, rope_parameters=dict(
+        rope_type="dynamic", rope_theta=10000.0, factor=2.0)), "dynamic"),
+    "qwen3-yarn": ("qwen3-window", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=2.0, original_max_position_embeddings=8)),
+        "yarn"),
+}
+
+
+@pytest.mark.parametrize("scaled", _SCALED)
+def test_scaled_rope_per_family(tmp_path, scaled):
+    """Each family with a scaled RoPE: compare_hf_dir passes in float64 (transformers' own
+    init function in float64) and float32, and the scaling bites (the same weights with the
+    default RoPE miss transformers' logits)."""
+    case, changes, rope_type = _SCALED[scaled]
+    hf, directory = _checkpoint(case, tmp_path, **changes)
+    model = load_hf(directory)
+    assert model.config.rope_type == rope_type
+    for dtype in ("float64", "float32"):
+        worst = _assert_reports_pass(compare_hf_dir(directory, dtype), f"{scaled} {dtype}")
+        WORST[scaled, dtype] = worst
+        print(f"\n{scaled} {dtype}: worst relative error {worst:.2e}")
+    from npformer.config import ROPE_SCALING_DEFAULTS
+
+    ids = _ids(4)
+    with exact_float64(), torch.no_grad():
+        reference = hf(torch.from_numpy(ids)).logits.numpy()
+    unscaled = _variant(model, rope_type="default", **ROPE_SCALING_DEFAULTS)
+    assert max_errors(unscaled.forward(ids), reference)[1] > MISMATCH, f"{scaled}: scaling idle"
+    with exact_float64():  # and save_hf writes the scaling back
+        assert_hf_round_trip(hf, directory, str(tmp_path / "npformer"), CASES[case][0],
+                             np.float64, ids, attn_implementation="sdpa")
