@@ -107,6 +107,10 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if args.hf:
             tokens = None if args.prompt is None else _hf_prompt_ids(args.hf, args.prompt)
             reports = compare_hf_dir(args.hf, args.dtype, tokens=tokens)
+            if args.dtype == "float64":
+                from .interop.hf_float64 import float64_patches_line
+
+                print(float64_patches_line(args.hf), file=sys.stderr if args.json else sys.stdout)
         else:
             names = preset_names() if "all" in args.preset else args.preset
             for name in names:

@@ -121,7 +121,8 @@ def test_every_attribute_of_each_transformers_config_class_is_in_its_table():
 
 
 _MODELING = {"openai-gpt": "openai", "gpt2": "gpt2", "gpt_neo": "gpt_neo", "gptj": "gptj",
-             "gpt_neox": "gpt_neox", "llama": "llama", "cohere": "cohere"}
+             "gpt_neox": "gpt_neox", "llama": "llama", "cohere": "cohere",
+             "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}  # families-a (issue 16)
 
 
 def test_every_config_attribute_the_modeling_code_reads_is_in_its_table():
@@ -183,6 +184,7 @@ def test_the_same_field_spelled_twice_with_different_values_is_refused(tmp_path)
     ("openai-gpt", "afn", "relu"),
     ("llama", "hidden_act", "swish"),
     ("llama", "hidden_act", "gelu"),  # GeGLU, exact erf
+    ("llama", "hidden_act", "gelu_pytorch_tanh"),  # GeGLU with the tanh GeLU (geglu_tanh)
     ("cohere", "hidden_act", "gelu_python"),
 ])
 def test_accepted_activation_names_reproduce_the_model(tmp_path, model_type, field, name):
@@ -197,7 +199,7 @@ def test_accepted_activation_names_reproduce_the_model(tmp_path, model_type, fie
     ("gpt2", "activation_function", "silu"),
     ("gpt_neox", "hidden_act", "relu2"),
     ("openai-gpt", "afn", "swish"),
-    ("llama", "hidden_act", "gelu_pytorch_tanh"),
+    ("llama", "hidden_act", "quick_gelu"),  # (gelu_pytorch_tanh is geglu_tanh since issue 16)
     ("cohere", "hidden_act", "relu"),
 ])
 def test_other_activation_names_are_refused_by_name(tmp_path, model_type, field, name):

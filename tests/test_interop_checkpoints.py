@@ -31,6 +31,7 @@ never HF's built-in one: we backpropagate a fixed dlogits through both.
 import json
 import os
 import pickle
+import re
 import types
 
 import numpy as np
@@ -222,8 +223,12 @@ def test_save_hf_of_the_2017_encoder_decoder_raises(tmp_path):
     with pytest.raises(ValueError, match="no Hugging Face model_type reproduces this config") as error:
         hf_config_from_config(config)
     reasons = str(error.value).splitlines()[1:]
-    assert [r.split(":")[0].strip() for r in reasons] == ["openai-gpt", "gpt2", "gpt_neo", "gptj",
-                                                          "gpt_neox", "llama", "cohere"]
+    from npformer.interop.hf_config import READERS
+
+    # every family in order (issue 16 appended mistral, qwen2, qwen3, phi3, ...)
+    assert [r.split(":")[0].strip() for r in reasons] == list(READERS)
+    assert list(READERS)[:7] == ["openai-gpt", "gpt2", "gpt_neo", "gptj", "gpt_neox", "llama",
+                                 "cohere"]
     assert all("cannot express architecture='encoder-decoder'" in r for r in reasons), reasons
     assert not (tmp_path / "out").exists()
 
@@ -366,9 +371,12 @@ def test_load_hf_unknown_model_type_names_the_supported_ones(tmp_path, model_typ
     path, _, hf = _checkpoint(tmp_path)
     hf["model_type"] = model_type
     (path / "config.json").write_text(json.dumps(hf))
+    from npformer.interop.hf_config import FAMILIES
+
+    supported = re.escape(repr(sorted(FAMILIES)))  # the original 7 and issue 16's families
+    assert {"cohere", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "openai-gpt"} <= set(FAMILIES)
     with pytest.raises(ValueError, match=rf"unsupported model_type {model_type!r}; supported: "
-                                         r"\['cohere', 'gpt2', 'gpt_neo', 'gpt_neox', 'gptj', "
-                                         r"'llama', 'openai-gpt'\]"):
+                                         + supported):
         load_hf(str(path))
 
 
@@ -481,9 +489,10 @@ _LLAMA3_SCALING = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
     ("gpt2", dict(activation_function="quick_gelu"),
      r"activation_function='quick_gelu' is not supported for model_type 'gpt2'; supported: \["),
     ("llama1", dict(mlp_bias=True), r"field mlp_bias=True is not supported"),
-    ("llama1", dict(hidden_act="gelu_new"),
-     r"field hidden_act='gelu_new' is not supported for model_type 'llama'; supported: "
-     r"\['gelu', 'gelu_python', 'silu', 'swish'\]"),
+    ("llama1", dict(hidden_act="relu"),  # (gelu_new is geglu_tanh since issue 16)
+     r"field hidden_act='relu' is not supported for model_type 'llama'; supported: "
+     r"\['gelu', 'gelu_accurate', 'gelu_fast', 'gelu_new', 'gelu_python', 'gelu_python_tanh', "
+     r"'gelu_pytorch_tanh', 'silu', 'swish'\]"),
     # an absent field means transformers' default (LlamaConfig: hidden_size 4096), which the
     # weights then contradict
     ("llama1", dict(hidden_size=_DELETE), r"has shape \(\d+, 12\), but the config needs \(\d+, 4096\)"),

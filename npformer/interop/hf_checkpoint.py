@@ -29,6 +29,8 @@ ARCHITECTURES = {
     "openai-gpt": "OpenAIGPTLMHeadModel", "gpt2": "GPT2LMHeadModel",
     "gpt_neo": "GPTNeoForCausalLM", "gptj": "GPTJForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM",
+    "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
 }
 _DTYPE_NAMES = {np.dtype(np.float64): "float64", np.dtype(np.float32): "float32"}
 

@@ -81,12 +81,17 @@ PLAIN_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_ta
                      "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
                      "gelu_accurate": "gelu_tanh", "gelu_fast": "gelu_tanh", "relu": "relu"}
 # Gated MLP down(act(gate x) ⊙ up x) of Llama and Cohere: SiLU ("silu" and "swish" are one
-# function in ACT2FN) is SwiGLU; the exact erf GeLU is GeGLU (ours is the erf form).
-GLU_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_python": "geglu"}
+# function in ACT2FN) is SwiGLU; the exact erf GeLU is GeGLU (ours is the erf form); the tanh
+# GeLU under any of its five ACT2FN names (gelu_fast's rounded √(2/π) as above) is
+# geglu_tanh. Every other ACT2FN name (relu, quick_gelu, …) has no gated counterpart here.
+GLU_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_python": "geglu",
+                   **{name: "geglu_tanh" for name in ("gelu_new", "gelu_pytorch_tanh",
+                                                      "gelu_python_tanh", "gelu_accurate",
+                                                      "gelu_fast")}}
 # openai-gpt's own ACT_FNS (not ACT2FN): its "gelu" is the tanh form; silu/swish are refused
 OPENAI_GPT_ACTIVATIONS = {"gelu": "gelu_tanh", "relu": "relu"}
 _FFN_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
-_GLU_TO_HF = {"swiglu": "silu", "geglu": "gelu"}
+_GLU_TO_HF = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_pytorch_tanh"}
 
 # fields that do not change what a model computes in evaluation, so a round trip may differ
 _TRAINING_ONLY = ("dropout", "init_std", "scaled_residual_init", "document_mask", "max_seq_len")
@@ -361,7 +366,7 @@ def _rope_scaling(v: _Values, params: dict, where: str) -> dict:
     return fields
 
 
-def _rope(v: _Values, default_theta: float, neox: bool) -> dict:
+def _rope(v: _Values, default_theta: float, neox: bool, partial_rotary: bool = False) -> dict:
     """rope_theta, the rotated fraction and the scaling, with transformers 5's precedence:
     ``rope_scaling`` (legacy) over ``rope_parameters``; inside them ``rope_theta`` /
     ``partial_rotary_factor``, else (GPT-NeoX) ``rotary_emb_base`` / ``rotary_pct``, else
@@ -392,7 +397,7 @@ def _rope(v: _Values, default_theta: float, neox: bool) -> dict:
         factor = _number("partial_rotary_factor", params.get(
             "partial_rotary_factor", v["partial_rotary_factor"]
             if v["partial_rotary_factor"] is not None else 1.0))
-        if factor != 1.0:
+        if factor != 1.0 and not partial_rotary:  # (Phi-3 reads it: partial_rotary=True)
             # transformers' Llama and Cohere rotary embeddings ignore the field and rotate every
             # channel of the head (only gpt_neox reads it): refuse rather than guess
             raise ValueError(f"config.json partial_rotary_factor={factor!r} is not supported "
@@ -489,10 +494,14 @@ def _build_gpt_neox(v: _Values) -> dict:
                    dropout=v.number("hidden_dropout"))
 
 
-def _build_llama_like(v: _Values, default_theta: float) -> dict:
+def _build_llama_like(v: _Values, default_theta: float, biases: Optional[Tuple[bool, bool]] = None,
+                      partial_rotary: bool = False) -> dict:
+    """``biases``: (q/k/v, o) for the families whose attention hard-codes them (Mistral,
+    Qwen2, Phi-3), else both from ``attention_bias``; ``partial_rotary``: the family rotates
+    int(D · partial_rotary_factor) channels (Phi-3), else the whole head."""
     C, H = v.count("hidden_size"), v.count("num_attention_heads")
-    rope = _rope(v, default_theta, neox=False)
-    bias = v.flag("attention_bias")
+    rope = _rope(v, default_theta, neox=False, partial_rotary=partial_rotary)
+    qkv_bias, out_bias = biases if biases is not None else (v.flag("attention_bias"),) * 2
     pad, vocab = v["pad_token_id"], v["vocab_size"]
     kv_heads = v["num_key_value_heads"]
     return _common(v, vocab_size=vocab, d_model=C, n_layers=v["num_hidden_layers"],
@@ -500,7 +509,7 @@ def _build_llama_like(v: _Values, default_theta: float) -> dict:
                    head_dim=C // H if v["head_dim"] is None else v["head_dim"],
                    d_ff=v["intermediate_size"],
                    ffn=_activation(v, "hidden_act", GLU_ACTIVATIONS), ffn_bias=False,
-                   positions="rope", **rope["fields"], qkv_bias=bias, out_bias=bias,
+                   positions="rope", **rope["fields"], qkv_bias=qkv_bias, out_bias=out_bias,
                    # the Llama trap: HF builds nn.Embedding(padding_idx=pad_token_id), and that
                    # row then gets no gradient; we reproduce it
                    padding_idx=pad if type(pad) is int and 0 <= pad < vocab else None,
@@ -516,6 +525,152 @@ def _build_cohere(v: _Values) -> dict:
     return {**_build_llama_like(v, 500000.0), "norm": "layernorm", "norm_bias": False,
             "norm_eps": v.number("layer_norm_eps"), "block": "parallel", "parallel_norms": 1,
             "rope_layout": "interleaved", "logit_scale": v.number("logit_scale")}
+
+
+# ---- Mistral, Qwen2, Qwen3, Phi-3 (issue 16) ------------------------------------------------
+# Llama's layout (pre-norm RMSNorm, SwiGLU, half-split RoPE, no MLP biases) with: Mistral a
+# sliding window on every layer; Qwen2 q/k/v biases without an o bias and per-layer
+# windows; Qwen3 per-head q/k RMSNorms; Phi-3 fused q/k/v and gate/up matrices (a weight
+# layout only, hf_weights.py) and a partial rotary factor. transformers' sliding window keeps
+# keys i − w < j ≤ i (masking_utils.sliding_window_overlay: kv_idx > q_idx − w), our window.
+
+
+def _check_kv_heads(v: _Values) -> None:
+    """transformers repeats each key/value head H // K times: K must divide H."""
+    H, K = v.count("num_attention_heads"), v["num_key_value_heads"]
+    if K is not None and (isinstance(K, bool) or not isinstance(K, int) or K < 1 or H % K):
+        raise ValueError(f"config.json field num_key_value_heads={K!r} must be an integer ≥ 1 "
+                         f"dividing num_attention_heads={H} (each key/value head serves H / K "
+                         "query heads)")
+
+
+def _window(v: _Values, field: str = "sliding_window") -> int:
+    window = v[field]
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"config.json field {field}={window!r} must be an integer ≥ 1 (the keys "
+                         "each query sees) or null (dense attention)")
+    return window
+
+
+def _rmsnorm_llama(v: _Values, built: dict) -> dict:
+    """The Llama-shaped model of ``built`` with the RMSNorms of these families."""
+    return {**built, "norm": "rmsnorm", "norm_bias": False, "norm_eps": v.number("rms_norm_eps"),
+            "rope_layout": "half"}
+
+
+def _every_layer_local(v: _Values) -> dict:
+    """Mistral, Phi-3: ``sliding_window`` null = dense, else every layer keeps its last w keys
+    (the model builds one sliding-window mask for all layers)."""
+    if v["sliding_window"] is None:
+        return dict(attention_pattern=("dense",), window=None)
+    return dict(attention_pattern=("local",), window=_window(v))
+
+
+_QWEN_LAYER_TYPES = {"full_attention": "dense", "attention": "dense",  # legacy spelling, remapped
+                     "sliding_attention": "local"}
+
+
+def _qwen_layers(v: _Values) -> dict:
+    """Qwen2 / Qwen3: transformers keeps ``sliding_window`` only if ``use_sliding_window``; an
+    absent ``layer_types`` becomes sliding for layers ≥ ``max_window_layers`` (when a window is
+    kept), else full; a given list wins. Each layer's mask follows its type."""
+    L = v.count("num_hidden_layers")
+    window = v["sliding_window"] if v.flag("use_sliding_window") else None
+    types = v["layer_types"]
+    if types is None:
+        first = v["max_window_layers"]
+        if isinstance(first, bool) or not isinstance(first, int):
+            raise ValueError(f"config.json field max_window_layers={first!r} must be an integer")
+        types = ["sliding_attention" if window is not None and layer >= first else "full_attention"
+                 for layer in range(L)]
+    if not isinstance(types, list) or len(types) != L:
+        raise ValueError(f"config.json field layer_types={types!r} must list one type per layer "
+                         f"(num_hidden_layers={L})")
+    unknown = sorted({repr(kind) for kind in types if kind not in _QWEN_LAYER_TYPES})
+    if unknown:
+        raise ValueError(f"config.json field layer_types holds {', '.join(unknown)}; supported: "
+                         f"{sorted(_QWEN_LAYER_TYPES)}")
+    pattern = tuple(_QWEN_LAYER_TYPES[kind] for kind in types)
+    if "local" not in pattern:
+        return dict(attention_pattern=pattern, window=None)
+    if window is None:  # transformers would build a sliding mask without a window and fail
+        raise ValueError(f"config.json field layer_types has 'sliding_attention' layers but "
+                         f"sliding_window={v['sliding_window']!r} with use_sliding_window="
+                         f"{v['use_sliding_window']!r} gives them no window; set "
+                         "use_sliding_window true and sliding_window to an integer")
+    return dict(attention_pattern=pattern, window=_window(v))
+
+
+def _build_mistral(v: _Values) -> dict:
+    _check_kv_heads(v)
+    return {**_rmsnorm_llama(v, _build_llama_like(v, 10000.0, biases=(False, False))),
+            **_every_layer_local(v)}
+
+
+def _build_qwen2(v: _Values) -> dict:
+    _check_kv_heads(v)
+    return {**_rmsnorm_llama(v, _build_llama_like(v, 10000.0, biases=(True, False))),
+            **_qwen_layers(v)}
+
+
+def _build_qwen3(v: _Values) -> dict:
+    """Qwen2's layers and windows; biases on all four projections from attention_bias; an
+    RMSNorm over each head's D channels of q and of k (eps rms_norm_eps) before RoPE."""
+    _check_kv_heads(v)
+    return {**_rmsnorm_llama(v, _build_llama_like(v, 10000.0)), **_qwen_layers(v),
+            "qk_norm": True}
+
+
+_PHI3_LONGROPE = ("longrope", "su", "yarn")  # Phi3Config renames "su" and "yarn" to longrope
+
+
+def _build_phi3(v: _Values) -> dict:
+    _check_kv_heads(v)
+    params = v["rope_scaling"] or v["rope_parameters"] or {}
+    rope_type = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else None
+    if rope_type in _PHI3_LONGROPE:
+        raise ValueError(f"config.json rope_type={rope_type!r} is Phi-3's LongRoPE (Phi3Config "
+                         "reads 'su' and 'yarn' as 'longrope': per-channel short/long factors), "
+                         "which npformer does not implement; only the default RoPE for phi3")
+    if rope_type not in (None, "default"):
+        raise ValueError(f"config.json rope_type={rope_type!r} is not accepted for phi3 "
+                         "(transformers' Phi3Config allows 'default' and 'longrope' only)")
+    built = _rmsnorm_llama(v, _build_llama_like(v, 10000.0, biases=(False, False),
+                                                 partial_rotary=True))
+    D, factor = built["head_dim"], _rope(v, 10000.0, neox=False, partial_rotary=True)["factor"]
+    rotary = int(D * factor)  # Phi3RotaryEmbedding: dim = int(head_dim · partial_rotary_factor)
+    if not 2 <= rotary <= D or rotary % 2:
+        raise ValueError(f"config.json partial_rotary_factor={factor!r} gives int({D} · {factor}) "
+                         f"= {rotary} rotary channels; RoPE needs an even number in [2, head_dim={D}]")
+    return {**built, **_every_layer_local(v), "rotary_dim": None if rotary == D else rotary,
+            "dropout": v.number("resid_pdrop")}
+
+
+def _mistral_like_fields(defaults: dict, bias_how: str, head_dim_how: str, kv_default,
+                         *overrides: Field):
+    """Llama's fields with these families' defaults; ``attention_bias`` is not read (their
+    biases are fixed in the modeling code); ``overrides`` replace fields of the same name."""
+    own = (
+        use("num_key_value_heads", kv_default, "n_kv_heads (null = n_heads); must divide "
+            "num_attention_heads", nullable=True),
+        use("head_dim", None, head_dim_how, nullable=True),
+        ignore("attention_bias", bias_how),
+        use("rms_norm_eps", defaults["rms_norm_eps"], "norm_eps of the RMSNorms"),
+    )
+    overridden = {f.name for f in overrides}
+    own = tuple(f for f in own if f.name not in overridden) + overrides
+    replaced = {f.name for f in own}
+    return tuple(f for f in _llama_like_fields(defaults, head_dim_how) if f.name not in replaced) + own
+
+
+_QWEN_WINDOW_FIELDS = (
+    use("use_sliding_window", False, "false: sliding_window is dropped (Qwen2Config.__post_init__)"),
+    use("sliding_window", 4096, "window of the sliding_attention layers (keys i − w < j ≤ i)",
+        nullable=True),
+    use("max_window_layers", 28, "absent layer_types: layers ≥ this are sliding (if a window is kept)"),
+    use("layer_types", None, "attention_pattern per layer: full_attention (or legacy 'attention') "
+        "→ dense, sliding_attention → local; other types are refused", nullable=True),
+)
 
 
 FAMILIES: Dict[str, Family] = {
@@ -629,6 +784,57 @@ FAMILIES: Dict[str, Family] = {
         use("layer_norm_eps", 1e-5, "norm_eps of the bias-free LayerNorms"),
         only("use_qk_norm", (False,), "per-head q/k LayerNorms"),
     ), _build_cohere),
+    # ---- Mistral, Qwen2, Phi-3 (issue 16) ----
+    # MistralConfig / modeling_mistral.py: Llama with one sliding window on every layer
+    "mistral": Family(_COMMON + _mistral_like_fields(dict(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, max_position_embeddings=4096 * 32, pad_token_id=None,
+        tie_word_embeddings=False, rms_norm_eps=1e-6),
+        "MistralAttention has no biases whatever it says (never read)",
+        "head_dim (null = C // H)", 8) + (
+        use("sliding_window", 4096, "null: dense; else attention_pattern ('local',) on every "
+            "layer with this window (keys i − w < j ≤ i)", nullable=True),
+        ignore("layer_types", "MistralModel never reads it (it warns; Ministral does)"),
+    ), _build_mistral),
+    # Qwen2Config / modeling_qwen2.py: q/k/v biased, o not; head_dim is no Qwen2Config field,
+    # but its attention reads getattr(config, "head_dim", C // H)
+    "qwen2": Family(_COMMON + _mistral_like_fields(dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+        num_attention_heads=32, max_position_embeddings=32768, pad_token_id=None,
+        tie_word_embeddings=False, rms_norm_eps=1e-6),
+        "Qwen2Attention has q/k/v biases and no o bias whatever it says (never read)",
+        "head_dim (absent = C // H)", 32) + _QWEN_WINDOW_FIELDS, _build_qwen2),
+    # Qwen3Config / modeling_qwen3.py: Qwen2's windows, attention_bias on all four
+    # projections, per-head q/k RMSNorms (qk_norm), head_dim 128 unless given
+    "qwen3": Family(_COMMON + _mistral_like_fields(dict(
+        vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+        num_attention_heads=32, max_position_embeddings=32768, pad_token_id=None,
+        tie_word_embeddings=False, rms_norm_eps=1e-6),
+        "(replaced below)", "(replaced below)", 32,
+        use("head_dim", 128, "head_dim (default 128, not C // H; null is refused: "
+            "Qwen3Attention needs a number)"),
+        use("attention_bias", False, "qkv_bias and out_bias (q, k, v and o projections)")) +
+        _QWEN_WINDOW_FIELDS, _build_qwen3),
+    # Phi3Config / modeling_phi3.py: fused qkv_proj and gate_up_proj (hf_weights.py), partial
+    # rotary (half-split on the first int(D · factor) channels), one window on every layer
+    "phi3": Family(_COMMON + _mistral_like_fields(dict(
+        vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
+        num_attention_heads=32, max_position_embeddings=4096, pad_token_id=32000,
+        tie_word_embeddings=False, rms_norm_eps=1e-5),
+        "Phi3Attention has no biases whatever it says (never read)",
+        "head_dim (absent = C // H)", None,
+        use("partial_rotary_factor", None, "legacy top-level factor, used when rope_parameters "
+            "lacks one (Phi3Config: kwargs.get)"),
+        use("rope_parameters", None, "rope_type 'default' only (LongRoPE — 'longrope', 'su', "
+            "'yarn' — is refused); rope_theta; partial_rotary_factor → rotary_dim = int(D · factor)"),
+        ignore("original_max_position_embeddings", "read only by LongRoPE (refused) and by "
+               "generation, which drops the key/value cache once at that length and recomputes "
+               "the same values (the default RoPE does not depend on it)")) + (
+        use("sliding_window", None, "null: dense; else attention_pattern ('local',) on every "
+            "layer with this window (keys i − w < j ≤ i)", nullable=True),
+        use("resid_pdrop", 0.0, "dropout; " + _TRAINING_DROPOUT),
+        ignore("embd_pdrop", "Phi3Model never reads it"),
+    ), _build_phi3),
 }
 READERS = {model_type: family.build for model_type, family in FAMILIES.items()}
 
@@ -736,7 +942,7 @@ def _write(config: ModelConfig, model_type: str) -> dict:
                                     "partial_rotary_factor": _rotary_factor(config)},
                 "attention_bias": config.qkv_bias, "hidden_dropout": config.dropout,
                 "attention_dropout": 0.0}
-    if config.rotary_dim not in (None, config.head_size):
+    if config.rotary_dim not in (None, config.head_size) and model_type != "phi3":
         raise ValueError(f"rotary_dim={config.rotary_dim} < head_dim={config.head_size} cannot be "
                          f"saved as model_type {model_type!r}: transformers rotates the whole head "
                          "there (partial rotary exists as gpt_neox or gptj)")
@@ -752,7 +958,34 @@ def _write(config: ModelConfig, model_type: str) -> dict:
     if model_type == "cohere":
         return {**llama_like, "layer_norm_eps": config.norm_eps, "logit_scale": config.logit_scale,
                 "use_qk_norm": False}
+    if model_type in ("mistral", "qwen2", "qwen3", "phi3"):
+        return _write_mistral_qwen_phi(config, model_type, llama_like)
     raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(READERS)}")
+
+
+def _write_mistral_qwen_phi(config: ModelConfig, model_type: str, llama_like: dict) -> dict:
+    """Mistral, Qwen2, Phi-3 (and Qwen3): what these families add to Llama's keys. Their
+    biases are fixed by the modeling code (hf_config_from_config refuses a config that does
+    not have them, by reading the written dict back)."""
+    hf = {key: value for key, value in llama_like.items() if key not in ("attention_bias", "mlp_bias")}
+    if model_type == "qwen3":  # biases on q, k, v and o alike
+        hf["attention_bias"] = config.qkv_bias
+    hf["rms_norm_eps"] = config.norm_eps
+    windows = [config.layer_window(layer) for layer in range(config.n_layers)]
+    if model_type in ("mistral", "phi3"):  # one window for every layer, or none
+        hf["sliding_window"] = windows[0]
+    if model_type == "phi3":
+        hf["rope_parameters"] = {**_rope_parameters(config),
+                                 "partial_rotary_factor": _rotary_factor(config)}
+        hf.update(resid_pdrop=config.dropout, embd_pdrop=0.0,
+                  original_max_position_embeddings=config.max_seq_len)
+    if model_type in ("qwen2", "qwen3"):
+        local = [window is not None for window in windows]
+        hf.update(use_sliding_window=any(local), sliding_window=config.window if any(local) else None,
+                  max_window_layers=local.index(True) if any(local) else config.n_layers,
+                  layer_types=["sliding_attention" if is_local else "full_attention"
+                               for is_local in local])
+    return hf
 
 
 def _architecture(config: ModelConfig) -> dict:

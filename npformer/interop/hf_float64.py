@@ -21,6 +21,13 @@ outputs agree to float32 precision, so no patch changes the maths):
 6. ``CohereLayerNorm`` upcasts to float32 and back: computed in the input's dtype.
 7. Cohere's ``apply_rotary_pos_emb`` rotates q and k in float32 (``q.float()``): rotated in
    their own dtype.
+8. Mistral, Qwen2, Qwen3 and Phi-3 have their own copies of Llama's rotary embedding (float32
+   ``inv_freq``, scaling and tables; Phi-3's for its first int(D · partial_rotary_factor)
+   channels) and of ``LlamaRMSNorm`` (float32 upcast; Qwen3's q/k norms are the same class):
+   patches 4 (half-split) and 5 on each family's classes (:func:`_mistral_qwen_phi_patches`).
+
+:func:`float64_patches` lists the patches that touch one ``model_type``'s modeling code
+(``npformer compare --hf DIR`` prints them).
 
 Use ``with exact_float64(): hf = AutoModelForCausalLM.from_pretrained(...); hf(ids)`` —
 building and running inside. The eager softmax of some families also runs in float32; use
@@ -139,7 +146,7 @@ def _patches():
         rotate = modeling_cohere.rotate_half
         return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
-    return [
+    return _mistral_qwen_phi_patches(float64_rotary_forward(), rmsnorm) + [
         (modeling_cohere, "apply_rotary_pos_emb", cohere_rotary),
         (modeling_gpt_neo.GPTNeoSelfAttention, "_attn",
          in_model_dtype(modeling_gpt_neo.GPTNeoSelfAttention._attn, torch)),
@@ -152,6 +159,55 @@ def _patches():
         (modeling_llama.LlamaRMSNorm, "forward", rmsnorm),
         (modeling_cohere.CohereLayerNorm, "forward", cohere_layernorm),
     ]
+
+
+def _mistral_qwen_phi_patches(rotary_forward, rmsnorm_forward):
+    """Patch 8: Llama's rotary-table and RMSNorm patches on the families' own classes."""
+    from transformers.models.mistral import modeling_mistral
+    from transformers.models.phi3 import modeling_phi3
+    from transformers.models.qwen2 import modeling_qwen2
+    from transformers.models.qwen3 import modeling_qwen3
+
+    patches = []
+    for module, prefix in ((modeling_mistral, "Mistral"), (modeling_qwen2, "Qwen2"),
+                           (modeling_qwen3, "Qwen3"), (modeling_phi3, "Phi3")):
+        patches.append((getattr(module, f"{prefix}RotaryEmbedding"), "forward", rotary_forward))
+        patches.append((getattr(module, f"{prefix}RMSNorm"), "forward", rmsnorm_forward))
+    return patches
+
+
+def float64_patches(model_type: str) -> list:
+    """The patched pieces of ``model_type``'s transformers modeling code, as
+    ``module.Owner.attribute`` strings (empty for an unknown model_type)."""
+    import transformers
+
+    from .hf_checkpoint import ARCHITECTURES
+
+    if model_type not in ARCHITECTURES:
+        return []
+    modeling = getattr(transformers, ARCHITECTURES[model_type]).__module__
+    names = []
+    for owner, attribute, _ in _patches():
+        module = owner.__name__ if isinstance(owner, types.ModuleType) else owner.__module__
+        if module == modeling:
+            where = "" if isinstance(owner, types.ModuleType) else f"{owner.__name__}."
+            names.append(f"{module.rsplit('.', 1)[-1]}.{where}{attribute}")
+    return names
+
+
+def float64_patches_line(path: str) -> str:
+    """One line for ``npformer compare --hf path``: which float32 pieces of transformers were
+    recomputed in float64 for the checkpoint's model_type."""
+    import os
+
+    from .hf_checkpoint import _read_json
+
+    model_type = _read_json(os.path.join(path, "config.json")).get("model_type")
+    names = float64_patches(model_type)
+    if not names:
+        return f"float64 reference: transformers' {model_type} code ran unpatched"
+    return (f"float64 reference: transformers' {model_type} code with its float32 pieces "
+            f"recomputed in float64 (same formulas): {', '.join(names)}")
 
 
 @contextlib.contextmanager

@@ -7,6 +7,10 @@ parameters (``join``) and split back into them (``split``). The layouts that dif
   (out, in) — and fuse q, k, v into ``c_attn`` with columns [q | k | v].
 - GPT-NeoX fuses q, k, v into ``query_key_value`` with rows grouped by head:
   rows h·3D … h·3D+D−1 are q of head h, the next D its k, the next D its v.
+- Phi-3 fuses q, k, v into ``qkv_proj`` with rows [q (H·D); k (K·D); v (K·D)] and the GLU's
+  gate and up into ``gate_up_proj`` with rows [gate (F); up (F)] (its MLP chunks the output in
+  two, gate first): a concatenation of our matrices along the rows, split back at the same
+  offsets.
 - Tied models store the token table once (the head reads the same tensor).
 
 Because every rule is linear in the tensors (a transpose, a concatenation, a reordering of
@@ -60,6 +64,13 @@ def _neox_qkv(hf_name: str, ours: Tuple[str, str, str], n_heads: int) -> Rule:
         return tuple(part.reshape(-1, *rest) for part in grouped)
 
     return Rule(hf_name, ours, join, split)
+
+
+def _stacked_rows(hf_name: str, ours: Tuple[str, ...], rows: Sequence[int]) -> Rule:
+    """Phi-3's fused Linear weights: ours (rows[i], C) stacked along the rows ↔ (sum(rows), C)."""
+    offsets = np.cumsum(rows)[:-1]  # where each of ours starts, after the first
+    return Rule(hf_name, ours, lambda t: np.concatenate(t, axis=0),
+                lambda a: tuple(np.split(a, offsets, axis=0)))
 
 
 def _norm(rules: List[Rule], hf_prefix: str, ours: str, params: Dict[str, np.ndarray]) -> None:
@@ -137,13 +148,24 @@ def _llama_rules(config: ModelConfig, params, model_type: str) -> List[Rule]:
     for l in range(config.n_layers):
         h, ours = f"model.layers.{l}", f"layers.{l}"
         _norm(rules, f"{h}.input_layernorm", f"{ours}.attn_norm", params)
-        if model_type == "llama":
+        if model_type != "cohere":  # Cohere's parallel block has one norm
             _norm(rules, f"{h}.post_attention_layernorm", f"{ours}.ffn_norm", params)
-        for p in "qkv":
-            _linear(rules, f"{h}.self_attn.{p}_proj", f"{ours}.attn.{p}_proj", params)
+        if model_type == "phi3":  # rows [q; k; v] and [gate; up]
+            D, F = config.head_size, config.ffn_width
+            rules.append(_stacked_rows(f"{h}.self_attn.qkv_proj.weight", _qkv_names(l, "weight"),
+                                       (config.n_heads * D, config.kv_heads * D, config.kv_heads * D)))
+            rules.append(_stacked_rows(f"{h}.mlp.gate_up_proj.weight",
+                                       (f"{ours}.ffn.gate.weight", f"{ours}.ffn.up.weight"), (F, F)))
+            _linear(rules, f"{h}.mlp.down_proj", f"{ours}.ffn.down", params)
+        else:
+            for p in "qkv":
+                _linear(rules, f"{h}.self_attn.{p}_proj", f"{ours}.attn.{p}_proj", params)
+            for p in ("gate", "up", "down"):
+                _linear(rules, f"{h}.mlp.{p}_proj", f"{ours}.ffn.{p}", params)
         _linear(rules, f"{h}.self_attn.o_proj", f"{ours}.attn.out_proj", params)
-        for p in ("gate", "up", "down"):
-            _linear(rules, f"{h}.mlp.{p}_proj", f"{ours}.ffn.{p}", params)
+        if f"{ours}.attn.q_norm.weight" in params:  # Qwen3's per-head q/k RMSNorms (D,)
+            _norm(rules, f"{h}.self_attn.q_norm", f"{ours}.attn.q_norm", params)
+            _norm(rules, f"{h}.self_attn.k_norm", f"{ours}.attn.k_norm", params)
     _norm(rules, "model.norm", "final_norm", params)
     if not config.tie_embeddings:
         _linear(rules, "lm_head", "lm_head", params)
@@ -156,7 +178,7 @@ def rules_for(config: ModelConfig, params: Dict[str, np.ndarray], model_type: st
         rules = _gpt_rules(config, params, model_type)
     elif model_type == "gpt_neox":
         rules = _neox_rules(config, params)
-    elif model_type in ("llama", "cohere"):
+    elif model_type in ("llama", "cohere", "mistral", "qwen2", "qwen3", "phi3"):
         rules = _llama_rules(config, params, model_type)
     else:
         raise ValueError(f"unsupported model_type {model_type!r}")
