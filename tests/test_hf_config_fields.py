@@ -122,6 +122,7 @@ def test_every_attribute_of_each_transformers_config_class_is_in_its_table():
 
 _MODELING = {"openai-gpt": "openai", "gpt2": "gpt2", "gpt_neo": "gpt_neo", "gptj": "gptj",
              "gpt_neox": "gpt_neox", "llama": "llama", "cohere": "cohere"}
+_MODELING.update(gemma="gemma", gemma2="gemma2")  # issue 16
 
 
 def test_every_config_attribute_the_modeling_code_reads_is_in_its_table():

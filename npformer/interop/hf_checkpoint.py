@@ -29,6 +29,7 @@ ARCHITECTURES = {
     "openai-gpt": "OpenAIGPTLMHeadModel", "gpt2": "GPT2LMHeadModel",
     "gpt_neo": "GPTNeoForCausalLM", "gptj": "GPTJForCausalLM",
     "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM",
+    "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",  # issue 16
 }
 _DTYPE_NAMES = {np.dtype(np.float64): "float64", np.dtype(np.float32): "float32"}
 

@@ -16,10 +16,20 @@ outputs agree to float32 precision, so no patch changes the maths):
 6. ``CohereLayerNorm`` upcasts to float32 and back: computed in the input's dtype.
 7. Cohere's ``apply_rotary_pos_emb`` rotates q and k in float32 (``q.float()``): rotated in
    their own dtype.
+8. ``GemmaRMSNorm`` / ``Gemma2RMSNorm`` compute x / √(mean(x²) + eps) · (1 + w) in float32
+   (``x.float()``, ``weight.float()``) and cast back: computed in the input's dtype.
+9. Gemma / Gemma 2 rotary embeddings: as 4 (half-split tables).
+10. Gemma / Gemma 2 ``*TextScaledWordEmbedding`` multiply by the ``embed_scale`` buffer, made
+    by ``torch.tensor(√C)`` in the default dtype: a model built in float32 and moved to float64
+    keeps √C rounded to float32 (6e-8 off). Multiplied by √C in the weights' dtype instead
+    (``from_pretrained(dtype=float64)`` already builds it so).
+11. Gemma 2's ``eager_attention_forward`` (the only attention it supports with soft-capping;
+    ``from_pretrained`` picks it) takes its softmax in float32: as 1, 2.
 
 Use ``with exact_float64(): hf = AutoModelForCausalLM.from_pretrained(...); hf(ids)`` —
 building and running inside. The eager softmax of some families also runs in float32; use
-the ``sdpa`` attention implementation (the default of ``from_pretrained``) for those.
+the ``sdpa`` attention implementation (the default of ``from_pretrained``) for those (Gemma 2
+has no sdpa: its eager attention is patched, 11).
 """
 
 from __future__ import annotations
@@ -50,6 +60,8 @@ def _patches():
     """(owner, attribute, replacement) for every patch of the module docstring."""
     import torch
     from transformers.models.cohere import modeling_cohere
+    from transformers.models.gemma import modeling_gemma
+    from transformers.models.gemma2 import modeling_gemma2
     from transformers.models.gpt_neo import modeling_gpt_neo
     from transformers.models.gpt_neox import modeling_gpt_neox
     from transformers.models.gptj import modeling_gptj
@@ -88,7 +100,24 @@ def _patches():
         rotate = modeling_cohere.rotate_half
         return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
-    return [
+    def gemma_rmsnorm(self, x):  # 8: x / √(mean(x²) + eps) · (1 + w)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+    def gemma_scaled_embedding(self, input_ids):  # 10: lookup · √C in the weights' dtype
+        scale = torch.tensor(self.scalar_embed_scale, dtype=self.weight.dtype)
+        return torch.nn.Embedding.forward(self, input_ids) * scale
+
+    gemma = [  # issue 16
+        (modeling_gemma.GemmaRMSNorm, "forward", gemma_rmsnorm),
+        (modeling_gemma2.Gemma2RMSNorm, "forward", gemma_rmsnorm),
+        (modeling_gemma.GemmaRotaryEmbedding, "forward", rotary_tables(False)),
+        (modeling_gemma2.Gemma2RotaryEmbedding, "forward", rotary_tables(False)),
+        (modeling_gemma.GemmaTextScaledWordEmbedding, "forward", gemma_scaled_embedding),
+        (modeling_gemma2.Gemma2TextScaledWordEmbedding, "forward", gemma_scaled_embedding),
+        (modeling_gemma2, "eager_attention_forward",
+         in_model_dtype(modeling_gemma2.eager_attention_forward, torch)),
+    ]
+    return gemma + [
         (modeling_cohere, "apply_rotary_pos_emb", cohere_rotary),
         (modeling_gpt_neo.GPTNeoSelfAttention, "_attn",
          in_model_dtype(modeling_gpt_neo.GPTNeoSelfAttention._attn, torch)),
