@@ -18,8 +18,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-FFN_TYPES = ("relu", "gelu", "gelu_tanh", "swiglu", "geglu")
-GLU_TYPES = ("swiglu", "geglu")
+FFN_TYPES = ("relu", "gelu", "gelu_tanh", "swiglu", "geglu", "geglu_tanh")
+GLU_TYPES = ("swiglu", "geglu", "geglu_tanh")
 NORM_TYPES = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("post", "pre")
 BLOCK_LAYOUTS = ("sequential", "parallel")
@@ -112,6 +112,7 @@ class ModelConfig:
 
     # --- feed-forward -------------------------------------------------------------------
     ffn: str = "gelu"  # "relu" (2017), "gelu" exact (NeoX), "gelu_tanh" (GPT-1/2), "swiglu", "geglu"
+    # (exact GeLU gate), "geglu_tanh" (tanh-GeLU gate: Gemma's gelu_pytorch_tanh)
     d_ff: Optional[int] = None  # F: None = ffn_multiplier · C rounded up to ffn_multiple_of
     ffn_multiplier: Optional[float] = None  # None: 4 (plain FFN), 8/3 (GLU, Llama); PaLM: 4
     ffn_multiple_of: int = 1  # GLU width rounding (Llama rounds up to a multiple of 256)
@@ -124,6 +125,17 @@ class ModelConfig:
     block: str = "sequential"  # "sequential" or "parallel": x + attn(n(x)) + ffn(n(x)) (GPT-J)
     parallel_norms: int = 1  # parallel block: 1 shared norm (GPT-J, PaLM) or 2 (GPT-NeoX)
     final_norm: bool = True  # a norm before the head (GPT-2 onward; not 2017 or GPT-1)
+    # Gemma: every RMSNorm of the model (the q/k norms included) scales by (1 + w), w
+    # initialised to 0, instead of by w initialised to 1. Needs norm="rmsnorm".
+    norm_unit_offset: bool = False
+    # Gemma 2: each branch output is normalised before its residual add,
+    # x + n_post(branch(n_pre(x))) (parameters attn_post_norm, ffn_post_norm). Needs
+    # norm_placement="pre", block="sequential", architecture="decoder".
+    sandwich_norm: bool = False
+    # Qwen3, Gemma 3: an RMSNorm (eps = norm_eps) over each head's D channels of q and of k,
+    # one weight (D,) each shared by all heads (q_norm, k_norm), after the projections and
+    # before RoPE. Decoder only.
+    qk_norm: bool = False
 
     # --- biases, embeddings, head -------------------------------------------------------
     qkv_bias: bool = True  # GPT-2, NeoX: yes; GPT-Neo, GPT-J, PaLM, Llama: no
@@ -133,6 +145,8 @@ class ModelConfig:
     tie_embeddings: bool = True  # head weight = token embedding (GPT-1/2, PaLM; not GPT-J/NeoX/Llama)
     scale_embeddings: bool = False  # multiply token embeddings by √C (2017)
     logit_scale: float = 1.0  # logits multiplied by this (Cohere's logit_scale)
+    # Gemma 2: logits = cap · tanh(z / cap), z the head's output after logit_scale; None = off
+    final_logit_softcap: Optional[float] = None
     padding_idx: Optional[int] = None  # a token whose embedding row gets no gradient
 
     # --- training-time ------------------------------------------------------------------
@@ -258,7 +272,7 @@ class ModelConfig:
                 _fail(name, value, f"choose one of {list(valid)}")
         for name in ("qkv_bias", "out_bias", "ffn_bias", "lm_head_bias", "norm_bias",
                      "tie_embeddings", "scale_embeddings", "final_norm", "document_mask",
-                     "scaled_residual_init"):
+                     "scaled_residual_init", "norm_unit_offset", "sandwich_norm", "qk_norm"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 _fail(name, getattr(self, name), "must be True or False")
 
@@ -311,9 +325,11 @@ class ModelConfig:
                 isinstance(self.attention_scale, (int, float)) and np.isfinite(self.attention_scale)
                 and self.attention_scale > 0):
             _fail("attention_scale", self.attention_scale, "must be None (1/√D) or a number > 0")
-        if self.attention_softcap is not None and not (
-                isinstance(self.attention_softcap, (int, float)) and self.attention_softcap > 0):
-            _fail("attention_softcap", self.attention_softcap, "must be None or a number > 0")
+        for name in ("attention_softcap", "final_logit_softcap"):
+            cap = getattr(self, name)
+            if cap is not None and not (isinstance(cap, (int, float)) and not isinstance(cap, bool)
+                                        and cap > 0):
+                _fail(name, cap, "must be None (no cap) or a number > 0")
         if self.softmax == "clipped":
             from .functional.softmax_variants import check_clip_range
 
@@ -342,6 +358,20 @@ class ModelConfig:
                   "set ffn_bias=False")
         if self.norm == "rmsnorm" and self.norm_bias:
             _fail("norm_bias", self.norm_bias, "RMSNorm has no bias; set norm_bias=False")
+        if self.norm_unit_offset and self.norm != "rmsnorm":
+            _fail("norm_unit_offset", self.norm_unit_offset,
+                  f"the (1 + w) scale is Gemma's RMSNorm; it needs norm='rmsnorm' "
+                  f"(norm={self.norm!r})")
+        if self.sandwich_norm:
+            for name, needed in (("norm_placement", "pre"), ("block", "sequential"),
+                                 ("architecture", "decoder")):
+                if getattr(self, name) != needed:
+                    _fail("sandwich_norm", self.sandwich_norm,
+                          f"the sandwich block (Gemma 2) needs {name}={needed!r}, "
+                          f"got {name}={getattr(self, name)!r}")
+        if self.qk_norm and self.architecture != "decoder":
+            _fail("qk_norm", self.qk_norm, "decoder only (Qwen3, Gemma 3); architecture="
+                  f"{self.architecture!r}")
         if self.block == "parallel":
             if self.norm_placement != "pre":
                 _fail("block", self.block, "the parallel block (GPT-J, NeoX, PaLM) is pre-norm; "

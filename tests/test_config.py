@@ -317,7 +317,7 @@ def test_every_float_field_is_covered():
     # the list the config checks is read from the annotations; make sure it is the real one
     assert set(_FLOAT_FIELDS) == {"attention_scale", "clip_gamma", "clip_zeta", "attention_softcap",
                                   "rope_theta", "ffn_multiplier", "norm_eps", "dropout",
-                                  "init_std", "logit_scale"}
+                                  "init_std", "logit_scale", "final_logit_softcap"}
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
