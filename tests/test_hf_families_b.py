@@ -29,6 +29,8 @@ test_float64_patches_change_precision_only checks each patch alone and all toget
 stock transformers: a float32-sized difference, never more.
 """
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -113,8 +115,15 @@ def _hf_model(case, dtype, seed=0, **changes):
 
 
 def _checkpoint(case, dtype, path, seed=0, **changes):
+    """(HF model, its save_pretrained directory). GemmaConfig stores hidden_act "gelu" as
+    "gelu_pytorch_tanh"; config.json then says "gelu" again, as the released configs do."""
     hf = _hf_model(case, dtype, seed, **changes)
     hf.save_pretrained(str(path))
+    if CASES[case][1].get("hidden_act") == "gelu" and CASES[case][0] == "gemma":
+        file = path / "config.json"
+        hf_config = json.loads(file.read_text())
+        assert hf_config["hidden_act"] == "gelu_pytorch_tanh"
+        file.write_text(json.dumps({**hf_config, "hidden_act": "gelu"}))
     return hf, str(path)
 
 
@@ -154,6 +163,24 @@ def test_compare_hf_dir_passes(tmp_path, case, dtype):
     assert len(reports) > 10
     worst = max(reports, key=lambda r: r.max_rel_err)
     print(f"{case} {dtype}: worst relative error {worst.max_rel_err:.2e} ({worst.tensor})")
+
+
+@pytest.mark.parametrize("edit", [
+    dict(drop="layer_types"),  # absent: Gemma2Config's default, sliding on even layers
+    dict(layer_types=["sliding_attention", "attention"] * 2),  # the legacy name of full
+])
+def test_gemma2_layer_types_spellings(tmp_path, edit):
+    """config.json without layer_types, or with the legacy "attention" that transformers
+    remaps to "full_attention", loads the model transformers runs (the "gemma2" case's
+    layers are sliding, full, sliding, full)."""
+    _, directory = _checkpoint("gemma2", np.float64, tmp_path)
+    file = tmp_path / "config.json"
+    hf_config = json.loads(file.read_text())
+    hf_config.pop(edit.pop("drop", None), None)
+    file.write_text(json.dumps({**hf_config, **edit}))
+    assert load_hf(directory).config.attention_pattern == ("local", "dense") * 2
+    failing = [r.tensor for r in compare_hf_dir(directory, "float64") if not r.passed]
+    assert not failing, failing
 
 
 def test_from_pretrained_picks_eager_for_gemma2(tmp_path):
