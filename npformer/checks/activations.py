@@ -1,9 +1,13 @@
-"""Gradient checks: ``relu``, ``gelu``, ``gelu_tanh``, ``silu``, ``swiglu`` and ``geglu``."""
+"""Gradient checks: ``relu``, ``gelu``, ``gelu_tanh``, ``silu``, ``swiglu``, ``geglu`` and
+``geglu_tanh``."""
+
+import dataclasses
 
 import numpy as np
 
 from ..functional.gelu import gelu_backward, gelu_forward
-from ..functional.glu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
+from ..functional.glu import (geglu_backward, geglu_forward, geglu_tanh_backward,
+                              geglu_tanh_forward, swiglu_backward, swiglu_forward)
 from ..functional.relu import relu_backward, relu_forward
 from ..functional.silu import silu_backward, silu_forward
 from ..gradcheck import check_pair, register_check
@@ -63,3 +67,20 @@ def check_geglu():
     return check_pair(
         "geglu", geglu_forward, geglu_backward, inputs, ("x", "w_gate", "w_up", "w_down")
     )
+
+
+@register_check("geglu_tanh")
+def check_geglu_tanh():
+    """The whole tanh-GeGLU FFN pair, and the fused middle h = gelu_tanh(g) ⊙ u of
+    ``layer_impl="numba"`` (kernels/activations.py) on the pre-activations it would see."""
+    from ..kernels import activations as activation_kernels
+
+    inputs = _glu_inputs(np.random.default_rng(17))
+    reports = check_pair("geglu_tanh", geglu_tanh_forward, geglu_tanh_backward, inputs,
+                         ("x", "w_gate", "w_up", "w_down"))
+    middle = {"g": inputs["x"] @ inputs["w_gate"].T * 2.0, "u": inputs["x"] @ inputs["w_up"].T,
+              "activation": "gelu", "approximate": "tanh"}  # g spread over the curved part
+    reports += [dataclasses.replace(r, tensor=f"{r.tensor} (fused middle)") for r in
+                check_pair("geglu_tanh", activation_kernels.glu_forward,
+                           activation_kernels.glu_backward, middle, ("g", "u"))]
+    return reports

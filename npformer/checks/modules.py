@@ -1,4 +1,5 @@
-"""Gradient checks of modules (every parameter and the input): ``mha_module``."""
+"""Gradient checks of modules (every parameter and the input): ``mha_module``, ``qk_norm``
+(attention with Qwen3 / Gemma 3 q/k norms) and ``sandwich_block`` (Gemma 2's block)."""
 
 import numpy as np
 
@@ -50,4 +51,72 @@ def check_mha_module():
     for r in check_module("mha_module", cross, lambda x, memory: cross.forward(x, memory=memory), inputs):
         r.tensor = "cross/" + r.tensor
         reports.append(r)
+    return reports
+
+
+def _renamed(reports, prefix: str):
+    for r in reports:
+        r.tensor = prefix + r.tensor
+    return reports
+
+
+@register_check("qk_norm")
+def check_qk_norm():
+    """q/k norms inside grouped-query attention with partial RoPE after them, plain (Qwen3)
+    and with the unit offset (Gemma 3), through the reference and the fused layer paths. The
+    norm weights are drawn unusual, so a gradient summed over the wrong axes would fail."""
+    reports = []
+    for seed, unit_offset, impl in ((12, False, "numpy"), (13, True, "numpy"), (14, True, "numba")):
+        rng = np.random.default_rng(seed)
+        # H=4, K=2, head size D=6 ≠ C/H, RoPE on 4 of the 6, causal window 3, biases on q/k/v
+        mha = MultiHeadAttention(10, 4, 2, head_dim=6, rope=True, rotary_dim=4, window=3,
+                                 qk_norm=True, qk_norm_eps=1e-6, norm_unit_offset=unit_offset,
+                                 layer_impl=impl, attention_impl=impl, out_bias=False, rng=rng)
+        randomize_parameters(mha, rng)
+        for norm in (mha.q_norm, mha.k_norm):
+            norm.params["weight"][...] = rng.standard_normal(6) * 0.3 + (0.0 if unit_offset else 1.0)
+        x = rng.standard_normal((2, 5, 10)) * 0.8 + 0.1
+        label = f"{'unit offset' if unit_offset else 'plain'}, {impl}/"
+        reports += _renamed(check_module("qk_norm", mha, lambda x: mha.forward(x), {"x": x},
+                                         seed=seed), label)
+    return reports
+
+
+@register_check("sandwich_block")
+def check_sandwich_block():
+    """Gemma 2's block x + drop(m(branch(n(x)))) with dropout on (the same masks in every
+    evaluation: a fresh generator per forward), for a LayerNorm GeLU model and for Gemma's
+    RMSNorm (1 + w) with q/k norms and the tanh GeGLU, on both layer paths."""
+    from ..config import ModelConfig
+    from ..models.blocks import Dropout, SequentialBlock
+
+    reports = []
+    variants = (
+        ("layernorm", dict(norm="layernorm", ffn="gelu", layer_impl="numpy", attention_impl="numpy")),
+        ("gemma, numpy", dict(norm="rmsnorm", norm_bias=False, norm_unit_offset=True, qk_norm=True,
+                              ffn="geglu_tanh", ffn_bias=False, layer_impl="numpy",
+                              attention_impl="numpy")),
+        ("gemma, numba", dict(norm="rmsnorm", norm_bias=False, norm_unit_offset=True, qk_norm=True,
+                              ffn="geglu_tanh", ffn_bias=False)),
+    )
+    for seed, (label, fields) in enumerate(variants, start=21):
+        config = ModelConfig(vocab_size=7, d_model=8, n_heads=2, head_dim=6, d_ff=12, n_layers=1,
+                             max_seq_len=8, positions="rope", sandwich_norm=True, dropout=0.2,
+                             **fields)
+        rng = np.random.default_rng(seed)
+        block = SequentialBlock(config, 0, rng)
+        randomize_parameters(block, rng)
+        for name, value in block.named_parameters():
+            if name.endswith("norm.weight"):
+                offset = 0.0 if config.norm_unit_offset else 1.0
+                value[...] = rng.standard_normal(value.shape) * 0.3 + offset
+        x = rng.standard_normal((2, 5, 8)) * 0.9 - 0.2
+
+        def forward(x, block=block, config=config):
+            dropout = Dropout(config.dropout, np.random.default_rng(99), True,
+                              fused=config.layer_impl == "numba")
+            return block.forward(x, dropout)
+
+        reports += _renamed(check_module("sandwich_block", block, forward, {"x": x}, seed=seed),
+                            f"{label}/")
     return reports

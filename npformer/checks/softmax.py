@@ -1,4 +1,5 @@
-"""Gradient checks: ``softmax``, ``log_softmax``, ``cross_entropy``, ``cross_entropy_smoothing``."""
+"""Gradient checks: ``softmax``, ``log_softmax``, ``cross_entropy``, ``cross_entropy_smoothing``,
+``final_softcap`` (Gemma 2's soft-capped logits at the language-model head)."""
 
 import dataclasses
 
@@ -85,3 +86,37 @@ def check_cross_entropy_smoothing():
     }
     return check_pair("cross_entropy_smoothing", cross_entropy_forward, cross_entropy_backward,
                       inputs, ("logits",))
+
+
+@register_check("final_softcap")
+def check_final_softcap():
+    """The head ``logits = c · tanh(s · (x W_tokᵀ + b) / c)`` of a tiny decoder (tied table,
+    logit_scale s = 0.7, a head bias, cap c = 2): x, the table and the bias, with logits
+    spread from the linear part of tanh into its saturation (|z| up to ~3c)."""
+    from ..config import ModelConfig
+    from ..gradcheck import check_gradients
+    from ..models import build_model
+
+    config = ModelConfig(vocab_size=9, d_model=6, n_heads=2, n_layers=1, max_seq_len=8,
+                         logit_scale=0.7, lm_head_bias=True, final_logit_softcap=2.0)
+    model = build_model(config, seed=5)
+    rng = np.random.default_rng(61)
+    table = model.parameters()["embed.tokens.weight"]
+    table[...] = rng.standard_normal(table.shape) * 0.9 + 0.1
+    bias = model.parameters()["lm_head_bias"]
+    bias[...] = rng.standard_normal(bias.shape) * 0.8
+    x = rng.standard_normal((2, 3, 6)) * 1.2 - 0.3  # (B, T, C)
+    probe = rng.standard_normal((2, 3, 9))  # L = Σ logits ⊙ probe
+
+    logits, cache = model._head_forward(x)
+    model.zero_grad()
+    dx = model._head_backward(probe, cache)
+    grads = model.gradients()
+
+    def loss():
+        return float(np.sum(model._head_forward(x)[0] * probe))
+
+    return check_gradients("final_softcap", loss,
+                           {"x": x, "embed.tokens.weight": table, "lm_head_bias": bias},
+                           {"x": dx, "embed.tokens.weight": grads["embed.tokens.weight"],
+                            "lm_head_bias": grads["lm_head_bias"]}, seed=61)

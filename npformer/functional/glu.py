@@ -1,4 +1,4 @@
-"""Gated feed-forward blocks: SwiGLU and GeGLU.
+"""Gated feed-forward blocks: SwiGLU and GeGLU (exact or tanh GeLU).
 
 Shazeer (2020), "GLU Variants Improve Transformer", replaces the FFN ``act(x W₁) W₂`` by a
 gated one: one projection goes through the activation, a second (the "up" projection)
@@ -11,7 +11,12 @@ multiplies it elementwise, and a third projects back down to the model width:
     y = h W_downᵀ                 (..., C)
 
 SwiGLU (act = SiLU, a.k.a. Swish₁) is the FFN of PaLM and Llama 1/2/3; GeGLU (act = GeLU) is
-T5 v1.1's "gated-gelu" (tanh form) and Gemma's. Weights use torch's (out, in) layout and
+T5 v1.1's "gated-gelu" and Gemma's, both with the tanh GeLU (Hugging Face's
+``gelu_pytorch_tanh``): :func:`geglu_tanh_forward`, ``ffn="geglu_tanh"``,
+
+    a = gelu_tanh(g) = ½ g (1 + tanh(√(2/π) (g + 0.044715 g³)))
+
+whose derivative is in :mod:`.gelu`; the gating algebra below is the same for every act. Weights use torch's (out, in) layout and
 Llama's names: ``w_gate`` = gate_proj (F, C), ``w_up`` = up_proj (F, C), ``w_down`` =
 down_proj (C, F). There are no biases: Shazeer's variants omit them, and PaLM (no biases in
 any dense kernel) and Llama have none. Because of the third matrix, models shrink F to
@@ -138,4 +143,19 @@ def geglu_forward(
 
 def geglu_backward(dy: np.ndarray, cache: GluCache):
     """Returns ``(dx, dw_gate, dw_up, dw_down)``: (..., C), (F, C), (F, C), (C, F)."""
+    return _glu_backward(dy, cache)
+
+
+def geglu_tanh_forward(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: np.ndarray):
+    """GeGLU with the tanh GeLU (Gemma's ``gelu_pytorch_tanh``, T5 v1.1):
+    ``y = (gelu_tanh(x W_gateᵀ) ⊙ (x W_upᵀ)) W_downᵀ``; ``ffn="geglu_tanh"``.
+
+    x: (..., C), w_gate: (F, C), w_up: (F, C), w_down: (C, F)  →  y: (..., C)
+    """
+    return geglu_forward(x, w_gate, w_up, w_down, "tanh")
+
+
+def geglu_tanh_backward(dy: np.ndarray, cache: GluCache):
+    """Returns ``(dx, dw_gate, dw_up, dw_down)``; the GeLU form travels in the cache, so
+    this is :func:`geglu_backward`: dg = dh ⊙ u ⊙ gelu_tanh'(g)."""
     return _glu_backward(dy, cache)

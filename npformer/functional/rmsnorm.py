@@ -8,14 +8,23 @@ For one row x of length C (every leading index is an independent row):
 
 No mean is subtracted and there is no bias: LayerNorm without its centring. Llama 1 used
 eps = 1e-6 (the default here); later checkpoints state their own (``rms_norm_eps`` in a
-Hugging Face config, 1e-5 for Llama 2 and 3). Gemma stores w − 1 and multiplies by
-(1 + w): add 1 to such a weight before using it here.
+Hugging Face config, 1e-5 for Llama 2 and 3).
+
+Unit offset (Gemma): ``unit_offset=True`` scales by (1 + w) instead of w,
+
+    y = x̂ ⊙ (1 + w)                                       w initialised to 0
+
+so a freshly initialised (or weight-decayed) gain is the identity. The sum 1 + w is formed
+once in w's dtype (as Gemma's ``1.0 + weight.float()`` in float32) and used as the scale s.
 
 Derivation
 ----------
 The scale w is elementwise per channel and shared by every row:
 
     dw = Σ_rows dy ⊙ x̂,        g := ∂L/∂x̂ = dy ⊙ w
+
+With the unit offset the scale is s = 1 + w and ∂s/∂w = I, so dw = ds = Σ_rows dy ⊙ x̂ (the
+same formula) and g = dy ⊙ s = dy ⊙ (1 + w): the cache keeps s, and the backward is shared.
 
 For x̂ as a function of x (one row), from r² = (1/C) Σ_i x_i² + eps:
 
@@ -50,11 +59,13 @@ from .._validate import (check_float, check_grad, check_no_overflow, check_posit
 class RMSNormCache(NamedTuple):
     xhat: np.ndarray  # (..., C) the normalised input x / r
     rinv: np.ndarray  # (..., 1) 1/r per row
-    weight: Optional[np.ndarray]  # (C,) or None
+    weight: Optional[np.ndarray]  # (C,) the scale s (w, or 1 + w with the unit offset), or None
 
 
-def rmsnorm_forward(x: np.ndarray, weight: Optional[np.ndarray] = None, eps: float = 1e-6):
-    """``y = x / √(mean(x²) + eps) ⊙ weight`` over the last axis (Llama's RMSNorm).
+def rmsnorm_forward(x: np.ndarray, weight: Optional[np.ndarray] = None, eps: float = 1e-6,
+                    unit_offset: bool = False):
+    """``y = x / √(mean(x²) + eps) ⊙ weight`` over the last axis (Llama's RMSNorm);
+    ``unit_offset=True``: ``⊙ (1 + weight)`` (Gemma's RMSNorm).
 
     x: (..., C), weight: (C,) or None  →  y: (..., C), x's dtype.
     """
@@ -66,14 +77,27 @@ def rmsnorm_forward(x: np.ndarray, weight: Optional[np.ndarray] = None, eps: flo
         check_shape(weight, (x.shape[-1],), "weight", "(C,) with C = x.shape[-1]")
     check_same_dtype(x, "x", weight=weight)
     eps = check_positive(eps, "eps")  # a Python float: keeps float32 arrays float32
+    weight = unit_offset_scale(weight, unit_offset)  # s = w or 1 + w    (C,)
 
     with np.errstate(over="ignore"):  # overflow is refused just below
         ms = np.mean(x * x, axis=-1, keepdims=True)  # mean(x²)    (..., 1)
     check_no_overflow(ms, x, "rmsnorm: the mean of x²")
     rinv = 1.0 / np.sqrt(ms + eps)  # 1/r    (..., 1)
     xhat = x * rinv  # x̂    (..., C)
-    y = xhat * weight if weight is not None else xhat.copy()  # (..., C)
+    y = xhat * weight if weight is not None else xhat.copy()  # y = x̂ ⊙ s    (..., C)
     return y, RMSNormCache(xhat, rinv, weight)
+
+
+def unit_offset_scale(weight: Optional[np.ndarray], unit_offset) -> Optional[np.ndarray]:
+    """The scale s of ``y = x̂ ⊙ s``: the weight itself, or ``1 + weight`` (in the weight's
+    dtype) with Gemma's unit offset. Shared by the fused kernel (kernels/norms.py)."""
+    if not isinstance(unit_offset, (bool, np.bool_)):
+        raise ValueError(f"unit_offset must be True or False, got {unit_offset!r}")
+    if not unit_offset:
+        return weight
+    if weight is None:
+        raise ValueError("unit_offset=True scales by (1 + weight): it needs a weight (C,)")
+    return 1 + weight  # (C,) weight's dtype (a Python int keeps float32 float32)
 
 
 def rmsnorm_backward(dy: np.ndarray, cache: RMSNormCache):
@@ -81,7 +105,8 @@ def rmsnorm_backward(dy: np.ndarray, cache: RMSNormCache):
     xhat, rinv, weight = cache
     channels = xhat.shape[-1]
     dy = check_grad(dy, xhat.shape, xhat.dtype)
-    # forward: y = x̂ ⊙ w, so dw = Σ_rows dy ⊙ x̂ and g = dx̂ = dy ⊙ w
+    # forward: y = x̂ ⊙ s (s = w, or 1 + w: ∂s/∂w = I either way), so dw = Σ_rows dy ⊙ x̂
+    # and g = dx̂ = dy ⊙ s
     dweight = None
     g = dy  # (..., C)
     if weight is not None:

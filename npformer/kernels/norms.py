@@ -72,7 +72,7 @@ from numba import njit, prange
 
 from .._validate import FLOAT_DTYPES, check_no_overflow, check_positive, check_shape
 from ..functional.layernorm import LayerNormCache
-from ..functional.rmsnorm import RMSNormCache
+from ..functional.rmsnorm import RMSNormCache, unit_offset_scale
 
 _MAX_CHUNKS = 32  # backward: rows are split into min(N, 32) chunks, each with its own partial sums
 
@@ -381,17 +381,20 @@ def layernorm_backward(dy: np.ndarray, cache: LayerNormCache, *,
     return dx, dweight, dbias
 
 
-def rmsnorm_forward(x: np.ndarray, weight: Optional[np.ndarray] = None, eps: float = 1e-6, *,
-                    out: Optional[np.ndarray] = None):
-    """``y = x / √(mean(x²) + eps) ⊙ weight`` over the last axis (fused kernel).
+def rmsnorm_forward(x: np.ndarray, weight: Optional[np.ndarray] = None, eps: float = 1e-6,
+                    unit_offset: bool = False, *, out: Optional[np.ndarray] = None):
+    """``y = x / √(mean(x²) + eps) ⊙ weight`` over the last axis (fused kernel);
+    ``unit_offset=True``: ``⊙ (1 + weight)`` (Gemma), the scale formed once in the wrapper.
 
     x: (..., C), weight: (C,) or None  →  (y (..., C), RMSNormCache). out: optional buffer
     for y, returned. See :func:`npformer.functional.rmsnorm.rmsnorm_forward` for the maths.
     """
     x = _check_input(x)
+    _check_param(weight, "weight", x, 1.0)
+    y = _check_out(out, "out", x, {"x": x, "weight": weight})
+    weight = unit_offset_scale(weight, unit_offset)  # s = w or 1 + w    (C,)
     weight_or_ones = _check_param(weight, "weight", x, 1.0)
     eps = check_positive(eps, "eps")
-    y = _check_out(out, "out", x, {"x": x, "weight": weight})
     channels = x.shape[-1]
     xhat = np.empty_like(x)  # (..., C)
     rinv = np.empty(x.shape[:-1] + (1,), dtype=x.dtype)  # (..., 1)

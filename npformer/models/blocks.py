@@ -8,6 +8,12 @@ Three layouts, with ``n`` a norm, ``drop`` dropout, and x (B, T, C) the residual
                                            x = x + drop(ffn(n₂(x)))
     parallel (GPT-J, PaLM: n₁ = n₂;        x = x + drop(attn(n₁(x))) + drop(ffn(n₂(x)))
               GPT-NeoX: two norms)
+    sandwich (Gemma 2, pre-norm            x = x + drop(m₁(attn(n₁(x))))
+              sequential + sandwich_norm)  x = x + drop(m₂(ffn(n₂(x))))
+
+where the sandwich's post-norms m₁ (``attn_post_norm``) and m₂ (``ffn_post_norm``) are norms
+of the model's kind with their own weights: each branch output is normalised before it
+meets the residual stream, so no branch can write arbitrarily large values into it.
 
 The 2017 decoder inserts a third sub-layer, cross-attention over the encoder output
 ``memory``, between the two: ``x = n(x + drop(cross(x, memory)))`` (post) or
@@ -16,6 +22,9 @@ The 2017 decoder inserts a third sub-layer, cross-attention over the encoder out
 Backward of one sub-layer, from the forward lines above:
 
     pre:   y = x + b(n(x))          dx = dy + n'ᵀ( b'ᵀ dy )      the residual carries dy through
+    sandwich: y = x + m(b(n(x)))    dx = dy + n'ᵀ( b'ᵀ ( m'ᵀ dy ) )
+                                    (m'ᵀ: the post-norm's backward, which also adds its
+                                    weight gradient; the chain rule through one more layer)
     post:  y = n(x + b(x))          ds = n'ᵀ dy;  dx = ds + b'ᵀ ds
     parallel: y = x + a(n₁(x)) + f(n₂(x))
                                     dx = dy + n₁'ᵀ(a'ᵀ dy) + n₂'ᵀ(f'ᵀ dy)
@@ -90,6 +99,7 @@ def make_attention(config: ModelConfig, layer: int, rng: np.random.Generator, *,
         scale=config.attention_scale, softmax=config.softmax, clip_gamma=config.clip_gamma,
         clip_zeta=config.clip_zeta, softcap=config.attention_softcap,
         attention_impl=config.attention_impl, layer_impl=config.layer_impl, cross=cross, rng=rng, init_std=std, dtype=config.np_dtype,
+        qk_norm=config.qk_norm, qk_norm_eps=config.norm_eps, norm_unit_offset=config.norm_unit_offset,
     )
     _scale_residual_projection(config, attention.out_proj, rng)
     return attention
@@ -120,6 +130,7 @@ class SublayerCache(NamedTuple):
     norm: object  # norm cache
     branch: object  # attention / FFN cache
     dropout: object  # dropout cache
+    post_norm: object = None  # the sandwich's post-norm cache (Gemma 2), or None
 
 
 class SequentialBlockCache(NamedTuple):
@@ -132,7 +143,8 @@ class SequentialBlock(Module):
     """Post-norm (2017, GPT-1) or pre-norm (GPT-2 onward) block.
 
     cross=True adds cross-attention over ``memory`` (the 2017 decoder); causal=False makes
-    the self-attention bidirectional (the 2017 encoder).
+    the self-attention bidirectional (the 2017 encoder). ``sandwich_norm`` (Gemma 2) adds
+    ``attn_post_norm`` and ``ffn_post_norm`` on the branch outputs.
     """
 
     def __init__(self, config: ModelConfig, layer: int, rng: np.random.Generator, *,
@@ -140,33 +152,44 @@ class SequentialBlock(Module):
         super().__init__()
         self.fused = config.layer_impl == "numba"  # the kernels of dropout's backward
         self.pre_norm = config.norm_placement == "pre"
+        self.sandwich = config.sandwich_norm  # validated: pre-norm, decoder (no cross)
         self.attn_norm = make_norm(config)
         self.attn = make_attention(config, layer, rng, causal=causal)
+        if self.sandwich:
+            self.attn_post_norm = make_norm(config)
         self.has_cross = cross
         if cross:
             self.cross_norm = make_norm(config)
             self.cross_attn = make_attention(config, layer, rng, cross=True)
         self.ffn_norm = make_norm(config)
         self.ffn = make_feedforward(config, rng)
+        if self.sandwich:
+            self.ffn_post_norm = make_norm(config)
 
-    def _sublayer_forward(self, x, norm, branch, dropout: Dropout):
+    def _sublayer_forward(self, x, norm, branch, dropout: Dropout, post_norm=None):
+        post_norm_cache = None
         if self.pre_norm:
-            # y = x + drop(branch(n(x)))
+            # y = x + drop(branch(n(x)))    sandwich: y = x + drop(m(branch(n(x))))
             h, norm_cache = norm.forward(x)  # (B, T, C)
             b, branch_cache = branch(h)  # (B, T, C)
+            if post_norm is not None:
+                b, post_norm_cache = post_norm.forward(b)  # (B, T, C)
             y, drop_cache = dropout.add_forward(x, b)
         else:
             # y = n(x + drop(branch(x)))
             b, branch_cache = branch(x)
             s, drop_cache = dropout.add_forward(x, b)
             y, norm_cache = norm.forward(s)
-        return y, SublayerCache(norm_cache, branch_cache, drop_cache)
+        return y, SublayerCache(norm_cache, branch_cache, drop_cache, post_norm_cache)
 
-    def _sublayer_backward(self, dy, cache: SublayerCache, norm, branch_backward):
+    def _sublayer_backward(self, dy, cache: SublayerCache, norm, branch_backward, post_norm=None):
         """Returns dx (and whatever else the branch's backward returned besides its dx)."""
         if self.pre_norm:
             # forward: y = x + b(n(x)), so dx = dy + n'ᵀ b'ᵀ dy
+            #    sandwich: y = x + m(b(n(x))), so dx = dy + n'ᵀ b'ᵀ m'ᵀ dy
             db = Dropout.backward(dy, cache.dropout, self.fused)
+            if post_norm is not None:
+                db = post_norm.backward(db, cache.post_norm)  # (B, T, C)
             dh, extra = _split(branch_backward(db, cache.branch))
             dx = norm.backward(dh, cache.norm)
             dx += dy  # the residual path (dx is the norm's fresh array)
@@ -187,7 +210,8 @@ class SequentialBlock(Module):
             return self.attn.forward(h, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
                                      position_ids=position_ids, kv_cache=kv_cache)
 
-        x, attn = self._sublayer_forward(x, self.attn_norm, self_attention, dropout)
+        x, attn = self._sublayer_forward(x, self.attn_norm, self_attention, dropout,
+                                         self.attn_post_norm if self.sandwich else None)
         cross = None
         if self.has_cross:
             def cross_attention(h):
@@ -195,17 +219,20 @@ class SequentialBlock(Module):
                                                kv_cache=cross_kv_cache)
 
             x, cross = self._sublayer_forward(x, self.cross_norm, cross_attention, dropout)
-        x, ffn = self._sublayer_forward(x, self.ffn_norm, self.ffn.forward, dropout)
+        x, ffn = self._sublayer_forward(x, self.ffn_norm, self.ffn.forward, dropout,
+                                        self.ffn_post_norm if self.sandwich else None)
         return x, SequentialBlockCache(attn, cross, ffn)
 
     def backward(self, dy: np.ndarray, cache: SequentialBlockCache):
         """Returns dx (B, T, C); a cross block returns ``(dx, dmemory)``."""
-        dx, _ = self._sublayer_backward(dy, cache.ffn, self.ffn_norm, self.ffn.backward)
+        dx, _ = self._sublayer_backward(dy, cache.ffn, self.ffn_norm, self.ffn.backward,
+                                        self.ffn_post_norm if self.sandwich else None)
         dmemory = None
         if self.has_cross:
             dx, dmemory = self._sublayer_backward(dx, cache.cross, self.cross_norm,
                                                   self.cross_attn.backward)
-        dx, _ = self._sublayer_backward(dx, cache.attn, self.attn_norm, self.attn.backward)
+        dx, _ = self._sublayer_backward(dx, cache.attn, self.attn_norm, self.attn.backward,
+                                        self.attn_post_norm if self.sandwich else None)
         return (dx, dmemory) if self.has_cross else dx
 
 

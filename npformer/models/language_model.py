@@ -1,10 +1,17 @@
 """What the decoder-only LM and the 2017 encoder-decoder share: construction checks, the
 output head, train/eval mode, and ``backward`` from the cache kept by the last ``forward``.
 
-The head:  logits = s · (x W_headᵀ + b)     (B, T, V),  s = ``logit_scale`` (Cohere)
+The head:  z = s · (x W_headᵀ + b)          (B, T, V),  s = ``logit_scale`` (Cohere)
+           logits = c · tanh(z / c)          only with ``final_logit_softcap`` c (Gemma 2)
 with W_head the token embedding itself when tied (GPT-1/2, PaLM, 2017) — its gradient then
-collects this use too — or a separate ``lm_head`` Linear.  Backward: dlogits ← s · dlogits,
-then the Linear (or tied) backward, db = Σ dlogits over (B, T).
+collects this use too — or a separate ``lm_head`` Linear.  Backward, the lines in reverse:
+dz = dlogits ⊙ sech²(z / c) (the soft-cap pair of
+:mod:`npformer.functional.softmax_variants`: d/dz c·tanh(z/c) = c · sech²(z/c) · 1/c), then
+dz ← s · dz, then the Linear (or tied) backward, db = Σ dz over (B, T).
+
+The soft-cap keeps its slope sech²(z / c) in its cache, a fresh array: the trainer's fused
+cross-entropy, which writes ∂L/∂logits over the logits array, overwrites nothing the
+backward reads.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import numpy as np
 
 from .._validate import finite_values_checked_once
 from ..config import ModelConfig
+from ..functional.softmax_variants import softcap_backward, softcap_forward
 from ..nn.linear import Linear
 from ..nn.module import Module
 
@@ -57,7 +65,8 @@ class LanguageModel(Module):
             self.add_parameter("lm_head_bias", np.zeros(config.vocab_size, dtype=config.np_dtype))
 
     def _head_forward(self, x: np.ndarray):
-        """x (B, T, C) → (logits (B, T, V), head cache)."""
+        """x (B, T, C) → (logits (B, T, V), head cache): (projection cache, soft-cap cache
+        or None)."""
         config = self.config
         if config.tie_embeddings:
             logits, cache = self.embed.tokens.as_head_forward(x)  # x W_tokᵀ
@@ -66,12 +75,19 @@ class LanguageModel(Module):
         else:
             logits, cache = self.lm_head.forward(x)
         if config.logit_scale != 1.0:
-            logits = logits * config.logit_scale
-        return logits, cache
+            logits = logits * config.logit_scale  # z = s · (x W_headᵀ + b)
+        softcap = None
+        if config.final_logit_softcap is not None:
+            # logits = c · tanh(z / c)    (B, T, V)
+            logits, softcap = softcap_forward(logits, config.final_logit_softcap)
+        return logits, (cache, softcap)
 
     def _head_backward(self, dlogits: np.ndarray, cache) -> np.ndarray:
         """Adds the head's gradients (the tied table's share included); returns dx (B, T, C)."""
         config = self.config
+        cache, softcap = cache
+        if softcap is not None:
+            dlogits = softcap_backward(dlogits, softcap)  # forward: logits = c tanh(z / c)
         if config.logit_scale != 1.0:
             dlogits = dlogits * config.logit_scale  # forward: logits = s · z
         if not config.tie_embeddings:

@@ -6,7 +6,8 @@ Parameters, per piece (C width, V vocab, P positions, H/K heads, D head size, F 
     learned positions    P·C
     attention            C·(H + 2K)·D + H·D·C   (+ (H + 2K)·D q/k/v biases, + C output bias)
     FFN                  2·C·F (plain) or 3·C·F (GLU)   (+ F + C biases)
-    norm                 C (+ C bias for LayerNorm)
+    norm                 C (+ C bias for LayerNorm); a sandwich block (Gemma 2) has two more
+    qk norm              2·D per attention (Qwen3, Gemma 3: q_norm and k_norm, shared by heads)
 
 Forward FLOPs per token count the matrix products only (2 per multiply-add; norms,
 activations and softmax are lower order):
@@ -40,6 +41,8 @@ def _attention_params(config: ModelConfig) -> int:
         n += (H + 2 * K) * D
     if config.out_bias:
         n += C
+    if config.qk_norm:
+        n += 2 * D  # q_norm, k_norm: one (D,) weight each
     return n
 
 
@@ -52,6 +55,8 @@ def _ffn_params(config: ModelConfig) -> int:
 
 def _block_params(config: ModelConfig, cross: bool = False) -> int:
     norms = 2 if not (config.block == "parallel" and config.parallel_norms == 1) else 1
+    if config.sandwich_norm:
+        norms += 2  # attn_post_norm, ffn_post_norm
     n = _attention_params(config) + _ffn_params(config) + norms * _norm_params(config)
     if cross:
         n += _attention_params(config) + _norm_params(config)

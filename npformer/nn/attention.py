@@ -5,6 +5,7 @@ Forward (self-attention; cross-attention takes k and v from ``memory`` instead o
     q = x W_qᵀ (+ b_q)        (B, T, H·D) → (B, H, T, D)
     k = x W_kᵀ (+ b_k)        (B, T, K·D) → (B, K, T, D)
     v = x W_vᵀ (+ b_v)        (B, T, K·D) → (B, K, T, D)
+    q, k = n_q(q), n_k(k)     (optional qk_norm, Qwen3 / Gemma 3: RMSNorm over each head's D)
     q, k = rope(q), rope(k)   (optional; rotary positions, GPT-J onward)
     o = attention(q, k, v)    (B, H, T, D)   the maths: npformer.functional.attention
     y = o W_oᵀ (+ b_o)        (B, T, H·D) → (B, T, C)
@@ -13,6 +14,25 @@ Backward runs the same lines in reverse with the pairs' backward functions; the 
 gradients are added into ``grads``. With ``fused_qkv`` the three projections are one
 parameter ``qkv_proj.weight`` ((H + 2K)·D, C) whose rows are [W_q; W_k; W_v], the layout of
 ``torch.nn.MultiheadAttention.in_proj_weight`` and GPT-2's ``c_attn``.
+
+QK norm (Qwen3, Gemma 3; ``qk_norm=True``)
+------------------------------------------
+After the projections and before RoPE, each head's D channels of q and of k are RMS-normalised
+with one weight (D,) per projection, shared by all heads. For every row (b, t, h):
+
+    r = √(mean_d q[b,t,h,d]² + eps),   q̃ = q[b,t,h,:] / r,   n_q(q)[b,t,h,:] = q̃ ⊙ s_q
+
+with s_q = w_q, or 1 + w_q with Gemma's unit offset (∂s_q/∂w_q = I), and the same for k with
+w_k. This is :class:`~npformer.nn.norm.RMSNorm` applied to q viewed as (B, T, H, D), every
+(b, t, h) a row of D channels, so the backward is RMSNorm's (:mod:`npformer.functional.rmsnorm`):
+with y the normalised q and dy = ∂L/∂y, per row g = dy ⊙ s_q and dq = (1/r)(g − q̃ ⊙ mean(g ⊙ q̃));
+and because one weight scales every row, its gradient sums over batch, heads and positions:
+
+    dw_q = Σ_b Σ_h Σ_t dy[b,t,h,:] ⊙ q̃[b,t,h,:]          (D,)
+
+which is the pair's Σ_rows dy ⊙ x̂ over the B·T·H rows (B·S·K rows for k). Grouped-query
+sharing changes nothing here: k's rows are its K heads. Keys are normalised before they
+enter the KV cache, so a cached key is the key a full forward computes.
 
 Head sharing: ``n_kv_heads`` K = H is multi-head attention (2017), K = 1 multi-query (PaLM),
 1 < K < H grouped-query (Llama 2); H must be divisible by K.
@@ -42,6 +62,7 @@ from ..functional.rope import check_rotary_dim
 from ..kernels import rope as rope_kernels
 from .linear import Linear
 from .module import Module
+from .norm import RMSNorm
 
 
 def _attention_core(attention_impl: str, softmax: str):
@@ -98,6 +119,8 @@ class MultiHeadAttentionCache(NamedTuple):
     q_in: object  # linear cache(s) of the projections
     k_in: object
     v_in: object
+    q_norm: object  # RMSNorm caches of the qk norm, or None
+    k_norm: object
     rope_q: object  # rope caches, or None
     rope_k: object
     core: object  # attention_forward cache
@@ -122,6 +145,9 @@ class MultiHeadAttention(Module):
     reference. layer_impl: "numba" rotates q and k with :mod:`npformer.kernels.rope`, "numpy"
     with :mod:`npformer.functional.rope` (``ModelConfig.layer_impl``).
     cross: cross-attention (2017 decoder): k, v come from ``memory``; no causal mask, no RoPE.
+    qk_norm: RMS-normalise each head of q and of k (Qwen3, Gemma 3) with the weights
+    ``q_norm.weight`` and ``k_norm.weight`` (D,), epsilon ``qk_norm_eps``; ``norm_unit_offset``
+    makes them Gemma's (1 + w) norms.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None,
@@ -132,6 +158,7 @@ class MultiHeadAttention(Module):
                  softmax: str = "softmax", clip_gamma: float = -0.03, clip_zeta: float = 1.0,
                  softcap: Optional[float] = None, attention_impl: str = "numba", layer_impl: str = "numpy",
                  cross: bool = False,
+                 qk_norm: bool = False, qk_norm_eps: float = 1e-6, norm_unit_offset: bool = False,
                  rng: Optional[np.random.Generator] = None, init_std: float = 0.02,
                  dtype=np.float64) -> None:
         super().__init__()
@@ -180,6 +207,11 @@ class MultiHeadAttention(Module):
             self.k_proj = Linear(d_model, kv_width, qkv_bias, **make)
             self.v_proj = Linear(d_model, kv_width, qkv_bias, **make)
         self.out_proj = Linear(q_width, d_model, out_bias, **make)
+        self.qk_norm = bool(qk_norm)
+        if self.qk_norm:  # one (D,) weight each, shared by all heads
+            norm = dict(dtype=dtype, impl=layer_impl, unit_offset=norm_unit_offset)
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, **norm)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, **norm)
 
     # ---- projections ------------------------------------------------------------------
 
@@ -211,6 +243,24 @@ class MultiHeadAttention(Module):
     def _split_heads(self, x: np.ndarray, n: int) -> np.ndarray:
         B, T, _ = x.shape
         return x.reshape(B, T, n, self.head_dim).transpose(0, 2, 1, 3)  # (B, n, T, D)
+
+    def _norm_heads(self, which: str, x: np.ndarray, n: int):
+        """The qk norm ``which`` ("q_norm" or "k_norm") of x (B, T, n·D), viewed as
+        (B, T, n, D): (normalised x (B, T, n·D), RMSNorm cache); (x, None) without qk_norm."""
+        if not self.qk_norm:
+            return x, None
+        B, T, _ = x.shape
+        y, cache = getattr(self, which).forward(x.reshape(B, T, n, self.head_dim))  # (B, T, n, D)
+        return y.reshape(B, T, n * self.head_dim), cache
+
+    def _norm_heads_backward(self, which: str, dy: np.ndarray, cache) -> np.ndarray:
+        """dy (B, T, n·D) → dx (B, T, n·D); adds the weight's gradient (summed over batch,
+        heads and positions by the RMSNorm pair's row sum)."""
+        if cache is None:
+            return dy
+        B, T, width = dy.shape
+        return getattr(self, which).backward(dy.reshape(B, T, width // self.head_dim, self.head_dim),
+                             cache).reshape(B, T, width)
 
     @staticmethod
     def _merge_heads(x: np.ndarray) -> np.ndarray:
@@ -247,11 +297,14 @@ class MultiHeadAttention(Module):
         source = memory if self.cross else x  # (B, S_new, C)
 
         q, q_in = self._project(0, x)  # (B, T, H·D)
+        q, q_norm = self._norm_heads("q_norm", q, self.n_heads)
+        k_norm = None
         if self.cross and kv_cache is not None and kv_cache.length:
             k_in = v_in = None  # the memory's keys and values were projected on the first call
             k = v = None
         else:
             k, k_in = self._project(1, source)  # (B, S_new, K·D)
+            k, k_norm = self._norm_heads("k_norm", k, self.n_kv_heads)
             v, v_in = self._project(2, source)
         q = self._split_heads(q, self.n_heads)  # (B, H, T, D)
         if k is not None:
@@ -278,7 +331,7 @@ class MultiHeadAttention(Module):
         o, core = core_forward(q, k, v, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
                                **self.core_options)  # (B, H, T, D)
         y, out = self.out_proj.forward(self._merge_heads(o))  # (B, T, C)
-        cache = MultiHeadAttentionCache(q_in, k_in, v_in, rope_q, rope_k, core, out,
+        cache = MultiHeadAttentionCache(q_in, k_in, v_in, q_norm, k_norm, rope_q, rope_k, core, out,
                                (B, T, k.shape[2]), kv_cache is not None)
         return y, cache
 
@@ -305,9 +358,12 @@ class MultiHeadAttention(Module):
             rope_backward = self.rope_pair[1]
             dq = rope_backward(dq, cache.rope_q)
             dk = rope_backward(dk, cache.rope_k)
+        # forward: q = n_q(q), k = n_k(k) (qk_norm): RMSNorm's backward per head row
+        dq = self._norm_heads_backward("q_norm", self._merge_heads(dq), cache.q_norm)  # (B, T, H·D)
+        dk = self._norm_heads_backward("k_norm", self._merge_heads(dk), cache.k_norm)  # (B, S, K·D)
         # forward: q = x W_qᵀ + b_q etc., heads split
-        dx = self._project_backward(0, self._merge_heads(dq), cache.q_in)
-        dsource = (self._project_backward(1, self._merge_heads(dk), cache.k_in)
+        dx = self._project_backward(0, dq, cache.q_in)
+        dsource = (self._project_backward(1, dk, cache.k_in)
                    + self._project_backward(2, self._merge_heads(dv), cache.v_in))
         if self.cross:
             return dx, dsource

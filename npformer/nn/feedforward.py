@@ -1,10 +1,11 @@
-"""``FeedForward``: the position-wise MLP of every block, in its five historical forms.
+"""``FeedForward``: the position-wise MLP of every block, in its six historical forms.
 
     relu       y = W₂ relu(W₁ x + b₁) + b₂        (2017)
     gelu       y = W₂ gelu(W₁ x + b₁) + b₂        exact erf GeLU (GPT-NeoX)
     gelu_tanh  y = W₂ gelu_tanh(W₁ x + b₁) + b₂   the tanh form (GPT-1, GPT-2, GPT-Neo, GPT-J)
     swiglu     y = W_down (silu(W_gate x) ⊙ W_up x)   (PaLM, Llama)
-    geglu      y = W_down (gelu(W_gate x) ⊙ W_up x)   (T5 v1.1, Gemma)
+    geglu      y = W_down (gelu(W_gate x) ⊙ W_up x)   exact erf GeLU
+    geglu_tanh y = W_down (gelu_tanh(W_gate x) ⊙ W_up x)   (T5 v1.1, Gemma: gelu_pytorch_tanh)
 
 Shapes: x (B, T, C), hidden (B, T, F). The plain forms own ``up`` (F, C) and ``down``
 (C, F) linears; the gated forms own ``gate``, ``up`` and ``down`` weights without biases
@@ -23,7 +24,8 @@ import numpy as np
 
 from ..config import check_impl
 from ..functional.gelu import gelu_backward, gelu_forward
-from ..functional.glu import geglu_backward, geglu_forward, swiglu_backward, swiglu_forward
+from ..functional.glu import (geglu_backward, geglu_forward, geglu_tanh_backward,
+                              geglu_tanh_forward, swiglu_backward, swiglu_forward)
 from ..functional.linear import linear_backward, linear_forward
 from ..functional.relu import relu_backward, relu_forward
 from ..kernels import activations as activation_kernels
@@ -38,6 +40,7 @@ _ACTIVATIONS = {
 _GATED = {
     "swiglu": (swiglu_forward, swiglu_backward),
     "geglu": (geglu_forward, geglu_backward),
+    "geglu_tanh": (geglu_tanh_forward, geglu_tanh_backward),
 }
 # The same activations as one-pass kernels (impl="numba"); relu stays NumPy (one max).
 _FUSED_ACTIVATIONS = {
@@ -45,7 +48,8 @@ _FUSED_ACTIVATIONS = {
     "gelu": (lambda h: activation_kernels.gelu_forward(h, "none"), activation_kernels.gelu_backward),
     "gelu_tanh": (lambda h: activation_kernels.gelu_forward(h, "tanh"), activation_kernels.gelu_backward),
 }
-_FUSED_GATED = {"swiglu": ("silu", "none"), "geglu": ("gelu", "none")}  # (activation, approximate)
+_FUSED_GATED = {"swiglu": ("silu", "none"), "geglu": ("gelu", "none"),
+                "geglu_tanh": ("gelu", "tanh")}  # (activation, approximate)
 
 
 class FeedForwardCache(NamedTuple):
