@@ -25,6 +25,23 @@ NORM_PLACEMENTS = ("post", "pre")
 BLOCK_LAYOUTS = ("sequential", "parallel")
 POSITION_TYPES = ("sinusoidal", "learned", "rope", "none")
 ROPE_LAYOUTS = ("half", "interleaved")
+# RoPE frequency schedules (transformers' rope_parameters["rope_type"]; maths in
+# npformer.functional.rope.rope_frequencies). "default" is the unscaled RoPE of RoFormer / Llama.
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+# The rope_* scaling fields each type reads; any other one set away from its default is refused.
+ROPE_SCALING_DEFAULTS = dict(rope_factor=1.0, rope_original_max_seq_len=None,
+                             rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                             rope_beta_fast=32.0, rope_beta_slow=1.0, rope_truncate=True,
+                             rope_attention_factor=None)
+ROPE_TYPE_FIELDS = {
+    "default": (),
+    "linear": ("rope_factor",),
+    "dynamic": ("rope_factor", "rope_original_max_seq_len"),
+    "yarn": ("rope_factor", "rope_original_max_seq_len", "rope_beta_fast", "rope_beta_slow",
+             "rope_truncate", "rope_attention_factor"),
+    "llama3": ("rope_factor", "rope_original_max_seq_len", "rope_low_freq_factor",
+               "rope_high_freq_factor"),
+}
 ATTENTION_KINDS = ("dense", "local")
 SOFTMAX_TYPES = ("softmax", "softmax1", "clipped")
 ARCHITECTURES = ("decoder", "encoder-decoder")
@@ -109,6 +126,19 @@ class ModelConfig:
     rope_theta: float = 10000.0  # Llama 3: 500000
     rotary_dim: Optional[int] = None  # dims of each head rotated; None = all (GPT-J: 64 of 256)
     rope_layout: str = "half"  # "interleaved" pairs (0,1),(2,3).. (GPT-J); "half" (NeoX, Llama)
+    # RoPE scaling (transformers' rope_parameters; the schedules are derived in
+    # npformer.functional.rope). Each type reads only its own fields (ROPE_TYPE_FIELDS).
+    rope_type: str = "default"  # "default", "linear", "dynamic" (NTK), "yarn", "llama3" (Llama 3.1)
+    rope_factor: float = 1.0  # linear: angles of position m/factor; dynamic: NTK factor; yarn, llama3
+    # yarn / llama3: original_max_position_embeddings (the pre-training length); dynamic: the
+    # length up to which nothing is scaled (transformers' max_position_embeddings for that type)
+    rope_original_max_seq_len: Optional[int] = None
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths above L0/low are divided by factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below L0/high are kept
+    rope_beta_fast: float = 32.0  # yarn: rotations at L0 above which a pair is kept (extrapolated)
+    rope_beta_slow: float = 1.0  # yarn: rotations at L0 below which a pair is interpolated
+    rope_truncate: bool = True  # yarn: floor/ceil the correction range to whole pairs
+    rope_attention_factor: Optional[float] = None  # yarn: multiplies cos and sin; None = 0.1 ln(factor) + 1
 
     # --- feed-forward -------------------------------------------------------------------
     ffn: str = "gelu"  # "relu" (2017), "gelu" exact (NeoX), "gelu_tanh" (GPT-1/2), "swiglu", "geglu"
@@ -264,7 +294,8 @@ class ModelConfig:
         for name, valid in (("architecture", ARCHITECTURES), ("ffn", FFN_TYPES),
                             ("norm", NORM_TYPES), ("norm_placement", NORM_PLACEMENTS),
                             ("block", BLOCK_LAYOUTS), ("positions", POSITION_TYPES),
-                            ("rope_layout", ROPE_LAYOUTS), ("softmax", SOFTMAX_TYPES),
+                            ("rope_layout", ROPE_LAYOUTS), ("rope_type", ROPE_TYPES),
+                            ("softmax", SOFTMAX_TYPES),
                             ("dtype", DTYPES), ("attention_impl", ATTENTION_IMPLS),
                             ("layer_impl", LAYER_IMPLS)):
             value = getattr(self, name)
@@ -272,7 +303,8 @@ class ModelConfig:
                 _fail(name, value, f"choose one of {list(valid)}")
         for name in ("qkv_bias", "out_bias", "ffn_bias", "lm_head_bias", "norm_bias",
                      "tie_embeddings", "scale_embeddings", "final_norm", "document_mask",
-                     "scaled_residual_init", "norm_unit_offset", "sandwich_norm", "qk_norm"):
+                     "scaled_residual_init", "norm_unit_offset", "sandwich_norm", "qk_norm",
+                     "rope_truncate"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 _fail(name, getattr(self, name), "must be True or False")
 
@@ -342,6 +374,10 @@ class ModelConfig:
             if self.rotary_dim is not None:
                 _fail("rotary_dim", self.rotary_dim, f"only used with positions='rope' "
                       f"(positions={self.positions!r}); set rotary_dim=None")
+            if self.rope_type != "default":
+                _fail("rope_type", self.rope_type, f"only used with positions='rope' "
+                      f"(positions={self.positions!r}); set rope_type='default'")
+            self._check_rope_scaling_fields_unused(())
             return
         if not isinstance(self.rope_theta, (int, float)) or self.rope_theta <= 0:
             _fail("rope_theta", self.rope_theta, "must be a number > 0")
@@ -351,6 +387,55 @@ class ModelConfig:
             _fail("rotary_dim", self.rotary_dim,
                   f"RoPE rotates pairs: need an even number in [2, head_dim={self.head_size}]"
                   + (" (head_dim is odd: set an even rotary_dim < head_dim)" if self.rotary_dim is None else ""))
+        self._check_rope_scaling()
+
+    def _check_rope_scaling_fields_unused(self, read) -> None:
+        """Every rope_* scaling field that this config's rope_type does not read (``read``)
+        stays at its default: a factor set for the default RoPE would otherwise be ignored."""
+        for name, default in ROPE_SCALING_DEFAULTS.items():
+            value = getattr(self, name)
+            changed = value is not None if default is None else value != default
+            if name not in read and changed:
+                users = [t for t, fields in ROPE_TYPE_FIELDS.items() if name in fields]
+                where = (f"positions={self.positions!r}" if self.positions != "rope"
+                         else f"rope_type={self.rope_type!r}")
+                _fail(name, value, f"not read with {where} (only with positions='rope' and "
+                      f"rope_type in {users}); leave it at its default {default!r}")
+
+    def _check_rope_scaling(self) -> None:
+        """The fields of the RoPE frequency schedule ``rope_type`` (transformers' required
+        keys and ranges, as errors where transformers only warns)."""
+        read = ROPE_TYPE_FIELDS[self.rope_type]
+        self._check_rope_scaling_fields_unused(read)
+        if "rope_factor" in read and not self.rope_factor >= 1.0:
+            _fail("rope_factor", self.rope_factor, f"rope_type={self.rope_type!r} needs a "
+                  "scaling factor ≥ 1 (1 = no scaling)")
+        if "rope_original_max_seq_len" in read:
+            original = self.rope_original_max_seq_len
+            if isinstance(original, bool) or not isinstance(original, (int, np.integer)) \
+                    or original < 1:
+                _fail("rope_original_max_seq_len", original, f"rope_type={self.rope_type!r} "
+                      "needs the original (pre-training) length: an integer ≥ 1")
+        if self.rope_type == "dynamic" and (self.rotary_dim or self.head_size) == 2:
+            _fail("rotary_dim", self.rotary_dim, "rope_type='dynamic' needs a rotary dim ≥ 4: its "
+                  "base exponent d/(d−2) divides by zero at d = 2 (transformers raises "
+                  "ZeroDivisionError)")
+        if self.rope_type == "llama3":
+            if not self.rope_low_freq_factor > 0:
+                _fail("rope_low_freq_factor", self.rope_low_freq_factor, "must be > 0 (Llama 3.1: 1)")
+            if not self.rope_high_freq_factor > self.rope_low_freq_factor:
+                _fail("rope_high_freq_factor", self.rope_high_freq_factor,
+                      f"must be > rope_low_freq_factor={self.rope_low_freq_factor} (Llama 3.1: 4); "
+                      "the smooth interpolation divides by their difference")
+        if self.rope_type == "yarn":
+            if not self.rope_beta_slow > 0:
+                _fail("rope_beta_slow", self.rope_beta_slow, "must be > 0 (YaRN: 1)")
+            if not self.rope_beta_fast >= self.rope_beta_slow:
+                _fail("rope_beta_fast", self.rope_beta_fast,
+                      f"must be ≥ rope_beta_slow={self.rope_beta_slow} (YaRN: 32)")
+            if self.rope_attention_factor is not None and not self.rope_attention_factor > 0:
+                _fail("rope_attention_factor", self.rope_attention_factor,
+                      "must be None (0.1·ln(factor) + 1) or a number > 0")
 
     def _check_combinations(self) -> None:
         if self.ffn in GLU_TYPES and self.ffn_bias:

@@ -317,7 +317,9 @@ def test_every_float_field_is_covered():
     # the list the config checks is read from the annotations; make sure it is the real one
     assert set(_FLOAT_FIELDS) == {"attention_scale", "clip_gamma", "clip_zeta", "attention_softcap",
                                   "rope_theta", "ffn_multiplier", "norm_eps", "dropout",
-                                  "init_std", "logit_scale", "final_logit_softcap"}
+                                  "init_std", "logit_scale", "final_logit_softcap", "rope_factor",
+                                  "rope_low_freq_factor", "rope_high_freq_factor", "rope_beta_fast",
+                                  "rope_beta_slow", "rope_attention_factor"}
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
@@ -352,3 +354,66 @@ def test_a_huge_prime_d_model_gives_its_error_at_once():
     # the "valid n_heads" list used to try every number up to d_model
     with pytest.raises(ValueError, match="n_heads=7"):
         ModelConfig(d_model=2**61 - 1, n_heads=7)
+
+
+# ---- RoPE scaling fields ------------------------------------------------------------------------
+
+_ROPE = dict(positions="rope")
+_ROPE_OK = {
+    "default": {},
+    "linear": dict(rope_factor=2.0),
+    "dynamic": dict(rope_factor=2.0, rope_original_max_seq_len=64),
+    "yarn": dict(rope_factor=4.0, rope_original_max_seq_len=64, rope_beta_fast=16.0,
+                 rope_beta_slow=2.0, rope_truncate=False, rope_attention_factor=1.5),
+    "llama3": dict(rope_factor=8.0, rope_original_max_seq_len=64, rope_low_freq_factor=2.0,
+                   rope_high_freq_factor=6.0),
+}
+
+
+@pytest.mark.parametrize("rope_type", sorted(_ROPE_OK))
+def test_each_rope_type_accepts_its_own_fields(rope_type):
+    config = ModelConfig(**_ROPE, rope_type=rope_type, **_ROPE_OK[rope_type])
+    assert ModelConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("rope_type, field, value", [
+    ("default", "rope_factor", 2.0),
+    ("linear", "rope_original_max_seq_len", 64),
+    ("dynamic", "rope_beta_fast", 16.0),
+    ("yarn", "rope_low_freq_factor", 2.0),
+    ("llama3", "rope_attention_factor", 1.2),
+    ("llama3", "rope_truncate", False),
+])
+def test_a_rope_field_its_type_does_not_read_is_refused(rope_type, field, value):
+    changes = dict(_ROPE_OK[rope_type], **{field: value})
+    with pytest.raises(ValueError, match=rf"config field {field}=.*not read with rope_type='{rope_type}'"):
+        ModelConfig(**_ROPE, rope_type=rope_type, **changes)
+
+
+@pytest.mark.parametrize("field, value", [("rope_type", "linear"), ("rope_factor", 2.0),
+                                          ("rope_original_max_seq_len", 64),
+                                          ("rope_truncate", False)])
+def test_rope_scaling_fields_need_rope_positions(field, value):
+    with pytest.raises(ValueError, match=rf"config field {field}=.*positions='learned'"):
+        ModelConfig(**{field: value})
+
+
+@pytest.mark.parametrize("rope_type, changes, field", [
+    ("bogus", {}, "rope_type"),
+    ("linear", dict(rope_factor=0.5), "rope_factor"),
+    ("dynamic", dict(rope_factor=2.0), "rope_original_max_seq_len"),
+    ("yarn", dict(rope_factor=4.0, rope_original_max_seq_len=0), "rope_original_max_seq_len"),
+    ("llama3", dict(rope_factor=8.0, rope_original_max_seq_len=64.0), "rope_original_max_seq_len"),
+    ("llama3", dict(rope_factor=8.0, rope_original_max_seq_len=64, rope_high_freq_factor=1.0),
+     "rope_high_freq_factor"),
+    ("llama3", dict(rope_factor=8.0, rope_original_max_seq_len=64, rope_low_freq_factor=0.0),
+     "rope_low_freq_factor"),
+    ("yarn", dict(rope_factor=4.0, rope_original_max_seq_len=64, rope_beta_slow=0.0), "rope_beta_slow"),
+    ("yarn", dict(rope_factor=4.0, rope_original_max_seq_len=64, rope_beta_fast=0.5), "rope_beta_fast"),
+    ("yarn", dict(rope_factor=4.0, rope_original_max_seq_len=64, rope_attention_factor=-1.0),
+     "rope_attention_factor"),
+    ("yarn", dict(rope_factor=4.0, rope_original_max_seq_len=64, rope_truncate=1), "rope_truncate"),
+])
+def test_impossible_rope_scaling_is_refused_by_name(rope_type, changes, field):
+    with pytest.raises(ValueError, match=rf"config field {field}="):
+        ModelConfig(**_ROPE, rope_type=rope_type, **changes)

@@ -255,8 +255,11 @@ def test_rope_scaling_wins_over_rope_parameters_as_in_transformers(tmp_path):
     _edit(path, rope_scaling={"rope_type": "default", "rope_theta": 900.0})
     assert load_hf(path).config.rope_theta == 900.0
     _assert_reproduced(path)
-    _edit(path, rope_scaling={"rope_type": "linear", "factor": 2.0})
-    with pytest.raises(ValueError, match=r"rope_scaling rope_type='linear' is not supported"):
+    _edit(path, rope_scaling={"rope_type": "linear", "factor": 2.0})  # now implemented
+    assert (load_hf(path).config.rope_type, load_hf(path).config.rope_factor) == ("linear", 2.0)
+    _assert_reproduced(path)
+    _edit(path, rope_scaling={"rope_type": "longrope", "factor": 2.0})
+    with pytest.raises(ValueError, match=r"rope_scaling rope_type='longrope' is not supported"):
         load_hf(path)
 
 

@@ -64,6 +64,13 @@ CASES = {
         num_hidden_layers=2, intermediate_size=14, max_position_embeddings=16, hidden_act="gelu",
         tie_word_embeddings=False, attention_bias=True, rms_norm_eps=1e-5,
         rope_parameters=dict(rope_type="default", rope_theta=500000.0))),
+    # a scaled RoPE (the rope branch's reader): yarn, factor 4 over an original length 8, the
+    # attention factor 0.1 ln 4 + 1 on cos and sin
+    "gemma-yarn": ("gemma", dict(
+        hidden_size=12, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+        num_hidden_layers=2, intermediate_size=16, max_position_embeddings=32,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                             original_max_position_embeddings=8))),
     # Gemma 2's default layer order (sliding, full, sliding, full), window 3 < T, small caps,
     # query_pre_attn_scalar 5 ≠ head_dim 8, H·D = 16 ≠ C = 12
     "gemma2": ("gemma2", dict(
@@ -198,6 +205,7 @@ def test_loaded_configs_are_the_awkward_ones(tmp_path):
         "gemma": (4, 2, 6, "geglu_tanh", True, False, ("dense",), None, None, (None, None)),
         "gemma-gelu-untied": (3, 1, 8, "geglu_tanh", False, True, ("dense",), None, None,
                               (None, None)),
+        "gemma-yarn": (2, 1, 8, "geglu_tanh", True, False, ("dense",), None, None, (None, None)),
         "gemma2": (2, 1, 8, "geglu_tanh", True, False, ("local", "dense") * 2, WINDOW,
                    5 ** -0.5, (1.5, 2.0)),
         "gemma2-layers-erf": (6, 2, 4, "geglu", False, True, ("dense", "local", "local"),
@@ -213,6 +221,9 @@ def test_loaded_configs_are_the_awkward_ones(tmp_path):
         assert got == want, case
         assert (c.norm, c.norm_unit_offset, c.scale_embeddings, c.padding_idx, c.rope_layout,
                 c.sandwich_norm) == ("rmsnorm", True, True, PAD, "half", CASES[case][0] == "gemma2")
+        yarn = case == "gemma-yarn"
+        assert (c.rope_type, c.rope_factor, c.rope_original_max_seq_len) == (
+            ("yarn", 4.0, 8) if yarn else ("default", 1.0, None)), case
 
 
 # ---- the features bite ---------------------------------------------------------------------------
@@ -227,6 +238,7 @@ def _case_model(tmp_path, case):
     ("gemma", dict(norm_unit_offset=False)),  # w instead of (1 + w)
     ("gemma", dict(scale_embeddings=False)),  # no √C
     ("gemma", dict(ffn="geglu")),  # erf GeLU instead of tanh
+    ("gemma-yarn", dict(rope_type="default", rope_factor=1.0, rope_original_max_seq_len=None)),
     ("gemma-gelu-untied", dict(ffn="geglu")),  # Gemma's "gelu" is the tanh form
     ("gemma2-layers-erf", dict(ffn="geglu_tanh")),  # Gemma 2's "gelu" is the erf form
     ("gemma2", dict(sandwich_norm=False)),

@@ -391,7 +391,7 @@ def test_llama3_document_mask_equals_one_hf_run_per_document(tmp_path):
 @pytest.mark.parametrize("case, changes, field", [
     ("cohere", dict(use_qk_norm=True), "use_qk_norm"),
     ("llama-mha", dict(mlp_bias=True), "mlp_bias"),
-    ("llama-gqa", dict(rope_parameters=dict(rope_type="linear", rope_theta=500000.0,
+    ("llama-gqa", dict(rope_parameters=dict(rope_type="proportional", rope_theta=500000.0,
                                             factor=2.0)), "rope_type"),
 ])
 def test_unsupported_fields_are_clear_errors(tmp_path, case, changes, field):

@@ -31,6 +31,7 @@ never HF's built-in one: we backpropagate a fixed dlogits through both.
 import json
 import os
 import pickle
+import re
 import types
 
 import numpy as np
@@ -44,6 +45,7 @@ from transformers.models.llama import modeling_llama
 
 from helpers import assert_close, to_torch
 from npformer.interop import config_from_hf, hf_config_from_config, hf_state_dict, load_hf, save_hf
+from npformer.interop.hf_config import READERS
 from npformer.interop.safetensors_file import load_file, read_header, save_file
 from npformer.interop.torch_transformer import (load_torch_transformer_state_dict,
                                                 torch_transformer_state_dict)
@@ -222,8 +224,9 @@ def test_save_hf_of_the_2017_encoder_decoder_raises(tmp_path):
     with pytest.raises(ValueError, match="no Hugging Face model_type reproduces this config") as error:
         hf_config_from_config(config)
     reasons = str(error.value).splitlines()[1:]
-    assert [r.split(":")[0].strip() for r in reasons] == ["openai-gpt", "gpt2", "gpt_neo", "gptj",
-                                                          "gpt_neox", "llama", "cohere"]
+    assert [r.split(":")[0].strip() for r in reasons] == list(READERS)  # every family, in order
+    assert list(READERS)[:7] == ["openai-gpt", "gpt2", "gpt_neo", "gptj", "gpt_neox", "llama",
+                                 "cohere"]
     assert all("cannot express architecture='encoder-decoder'" in r for r in reasons), reasons
     assert not (tmp_path / "out").exists()
 
@@ -366,9 +369,9 @@ def test_load_hf_unknown_model_type_names_the_supported_ones(tmp_path, model_typ
     path, _, hf = _checkpoint(tmp_path)
     hf["model_type"] = model_type
     (path / "config.json").write_text(json.dumps(hf))
+    assert {"cohere", "gpt2", "gpt_neo", "gpt_neox", "gptj", "llama", "openai-gpt"} <= set(READERS)
     with pytest.raises(ValueError, match=rf"unsupported model_type {model_type!r}; supported: "
-                                         r"\['cohere', 'gpt2', 'gpt_neo', 'gpt_neox', 'gptj', "
-                                         r"'llama', 'openai-gpt'\]"):
+                                         + re.escape(repr(sorted(READERS)))):
         load_hf(str(path))
 
 
@@ -466,12 +469,16 @@ _LLAMA3_SCALING = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
 
 
 @pytest.mark.parametrize("name, changes, message", [
-    ("llama2", dict(rope_parameters=_LLAMA3_SCALING), r"rope_type='llama3' is not supported"),
-    # transformers 4.x spelling: rope_scaling with "type", theta at the top level
+    ("llama2", dict(rope_parameters={**_LLAMA3_SCALING, "rope_type": "longrope"}),
+     r"rope_type='longrope' is not supported"),
+    # transformers 4.x spelling: rope_scaling with "type", theta at the top level; llama3
+    # without its low/high frequency factors (transformers raises KeyError)
     ("llama2", dict(rope_parameters=_DELETE, rope_theta=500000.0,
-                    rope_scaling={"type": "llama3", "factor": 8.0}), r"rope_type='llama3'"),
-    ("gpt-neox", dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
-     r"rope_type='linear'"),
+                    rope_scaling={"type": "llama3", "factor": 8.0}),
+     r"rope_scaling lacks 'low_freq_factor', which rope_type='llama3' requires"),
+    ("gpt-neox", dict(rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4,
+                                       "mscale": 1.0, "mscale_all_dim": 0.5}),
+     r"key\(s\) \['mscale', 'mscale_all_dim'\] are not read by npformer for rope_type='yarn'"),
     ("gpt2", dict(scale_attn_by_inverse_layer_idx=True),
      r"field scale_attn_by_inverse_layer_idx=True is not supported \(a per-layer attention scale\)"),
     ("gpt2", dict(activation_function="quick_gelu"),
@@ -494,15 +501,17 @@ def test_load_hf_unsupported_config_fields_are_named(tmp_path, name, changes, me
         load_hf(str(path))
 
 
-def test_load_hf_refuses_a_config_json_written_by_transformers_with_llama3_scaling(tmp_path):
+def test_load_hf_reads_a_config_json_written_by_transformers_with_llama3_scaling(tmp_path):
     path, _, hf = _checkpoint(tmp_path, "llama2")
     config = transformers.LlamaConfig(**{k: hf[k] for k in (
         "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
         "head_dim", "intermediate_size", "max_position_embeddings")}, rope_parameters=_LLAMA3_SCALING)
     config.save_pretrained(str(path))  # overwrites config.json, weights stay
     assert json.loads((path / "config.json").read_text())["rope_parameters"]["rope_type"] == "llama3"
-    with pytest.raises(ValueError, match=r"rope_type='llama3' is not supported \(only the default"):
-        load_hf(str(path))
+    config = load_hf(str(path)).config
+    assert (config.rope_type, config.rope_theta, config.rope_factor, config.rope_low_freq_factor,
+            config.rope_high_freq_factor, config.rope_original_max_seq_len) == (
+        "llama3", 500000.0, 8.0, 1.0, 4.0, 8)
 
 
 # ---- sharded and tied checkpoints ------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Gradient checks: ``sinusoidal``, ``learned_positions``, ``rope_half``, ``rope_interleaved``,
-``rope_partial``."""
+``rope_partial``, and the scaled RoPE schedules ``rope_linear``, ``rope_dynamic``,
+``rope_yarn``, ``rope_llama3``."""
 
 import dataclasses
 
@@ -11,7 +12,7 @@ from ..functional.positions import (
     sinusoidal_backward,
     sinusoidal_forward,
 )
-from ..functional.rope import rope_backward, rope_forward
+from ..functional.rope import RopeScaling, rope_backward, rope_forward
 from ..gradcheck import check_pair, register_check
 
 # (B=2, T=5) positions as in packed documents: each row restarts at 0 when a new document
@@ -79,3 +80,45 @@ def check_rope_partial():
         pair = check_pair("rope_partial", rope_forward, rope_backward, inputs, ("x",))
         reports += [dataclasses.replace(r, tensor=f"x ({layout})") for r in pair]
     return reports
+
+
+# Scaled RoPE: positions beyond the original length L₀ = 64 (up to 150), theta = 500 and
+# rotary_dim = 8 so that the four pairs fall in different bands of yarn's ramp (γ = 0, ½, 1, 1)
+# and of llama3's wavelengths (kept, smoothed, slowed, slowed); yarn's attention factor ≠ 1.
+LONG_POSITIONS = np.array([[0, 63, 64, 101, 150], [7, 149, 65, 3, 120]])
+SCALINGS = {
+    "rope_linear": RopeScaling("linear", rope_factor=2.5),
+    "rope_dynamic": RopeScaling("dynamic", rope_factor=3.0, rope_original_max_seq_len=64),
+    "rope_yarn": RopeScaling("yarn", rope_factor=4.0, rope_original_max_seq_len=64),
+    "rope_llama3": RopeScaling("llama3", rope_factor=8.0, rope_original_max_seq_len=64),
+}
+
+
+def _check_scaled(name: str, seed: int):
+    reports = []
+    for offset, layout in enumerate(("half", "interleaved")):
+        inputs = _rope_inputs(seed + offset, 10, layout, rotary_dim=8)  # D = 10: 2 pass through
+        inputs.update(position_ids=LONG_POSITIONS, theta=500.0, scaling=SCALINGS[name])
+        pair = check_pair(name, rope_forward, rope_backward, inputs, ("x",))
+        reports += [dataclasses.replace(r, tensor=f"x ({layout})") for r in pair]
+    return reports
+
+
+@register_check("rope_linear")
+def check_rope_linear():
+    return _check_scaled("rope_linear", 37)
+
+
+@register_check("rope_dynamic")
+def check_rope_dynamic():
+    return _check_scaled("rope_dynamic", 39)
+
+
+@register_check("rope_yarn")
+def check_rope_yarn():
+    return _check_scaled("rope_yarn", 41)
+
+
+@register_check("rope_llama3")
+def check_rope_llama3():
+    return _check_scaled("rope_llama3", 43)

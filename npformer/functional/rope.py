@@ -39,10 +39,62 @@ Pythia set rotary_pct = 0.25 (Hugging Face: ``partial_rotary_factor``), rotary_d
 int(D · rotary_pct). The pairs are formed inside the rotary part in either layout.
 
 theta sets the longest wavelength (nearly 2π · theta): 10000 in RoFormer, GPT-J, GPT-NeoX and
-Llama 1/2; Llama 3 raises it to 500000 for longer contexts. (Llama 3.1's extra frequency
-rescaling, ``rope_type="llama3"``, is not implemented here.) The angles m·θ_i are computed
+Llama 1/2; Llama 3 raises it to 500000 for longer contexts. The angles m·θ_i are computed
 in float64 and only cos/sin are cast to the input's dtype: in float32 the product m·θ_i
 would lose ~m·6e-8 radians (Hugging Face computes it in float32).
+
+Scaled RoPE: running past the trained length L₀ (``scaling``, a :class:`RopeScaling`)
+---------------------------------------------------------------------------------------
+A model trained on sequences of at most L₀ tokens has only seen angles m·θ_i < L₀·θ_i. To
+run it on longer sequences, transformers' ``rope_parameters`` (``rope_type``) replace the
+frequencies θ_i by θ'_i (and may multiply cos and sin by an attention factor t). Write
+s = factor, d = rotary_dim, λ_i = 2π/θ_i the wavelength of pair i (in tokens), and
+r_i = L₀/λ_i the number of turns pair i makes over the trained length. :func:`rope_frequencies`
+computes θ'_i and t in float64 exactly as transformers 5's ``modeling_rope_utils.py`` does:
+
+- ``default``: θ'_i = θ_i = theta^(−2i/d), t = 1.
+- ``linear`` (position interpolation; kaiokendev, Chen et al. 2023): positions are squeezed
+  by s, m → m/s, so every angle stays in the trained range up to s·L₀. Since the angle is
+  m·θ_i, squeezing m is dividing the frequency: θ'_i = θ_i / s.
+- ``dynamic`` (dynamic NTK; bloc97, emozilla 2023): rather than squeezing every pair, change
+  the base so the highest frequency (i = 0) is untouched and the lowest (i = d/2 − 1) is
+  slowed by a factor α: base'^(−(d−2)/d) = base^(−(d−2)/d) / α ⇔ base' = base · α^(d/(d−2)).
+  α grows with the length L of the sequence being processed, α = s·L/L₀ − (s − 1) (= 1 at
+  L = L₀), and nothing changes up to L₀:
+
+      base' = theta · (s·L/L₀ − (s − 1))^(d/(d−2))  if L > L₀, else theta;  θ'_i = base'^(−2i/d)
+
+  Here L = max(position_ids) + 1 of the call (transformers' ``seq_len``), so the function
+  is stateless: one forward over T tokens equals transformers' forward. Transformers keeps
+  the largest L it has seen and only resets below L₀; a KV-cache decode here recomputes
+  with each step's L, which is what transformers does while the sequence grows. Either way
+  the keys cached earlier were rotated with the base of their own call, so decoding past L₀
+  differs from one full forward over the same tokens, here exactly as in transformers.
+  d = 2 is refused (d/(d−2) divides by zero; transformers raises ZeroDivisionError).
+- ``yarn`` (Peng et al. 2023, "YaRN"): pairs that turn many times within L₀ (high
+  frequency, r_i > β_fast) already saw every angle and are kept; pairs that turn less than
+  β_slow times are interpolated like ``linear``; in between a linear ramp. Solving
+  r_i = L₀ θ_i / 2π = β for the pair index gives
+
+      i(β) = d · ln(L₀ / (2π β)) / (2 ln theta)
+      low = max(⌊i(β_fast)⌋, 0),  high = min(⌈i(β_slow)⌉, d − 1)   (no ⌊⌋ ⌈⌉ if not truncate)
+      γ_i = clip((i − low) / (high − low), 0, 1)                     (high += 0.001 if equal)
+      θ'_i = (θ_i / s) · γ_i + θ_i · (1 − γ_i)
+
+  and cos and sin are multiplied by t = attention_factor, default 0.1·ln(s) + 1 (1 for
+  s ≤ 1): q and k both grow by t, so the scores by t² — the paper's softmax temperature,
+  which keeps the attention entropy of the longer context near that of L₀.
+- ``llama3`` (Llama 3.1): the same three bands by wavelength, with a ramp in 1/λ_i instead
+  of in i. With λ_low = L₀/low_freq_factor > λ_high = L₀/high_freq_factor (as
+  high_freq_factor > low_freq_factor): λ_i < λ_high keeps θ_i, λ_i > λ_low takes θ_i / s,
+  and in between
+
+      σ_i = (L₀/λ_i − low_freq_factor) / (high_freq_factor − low_freq_factor) ∈ [0, 1]
+      θ'_i = (1 − σ_i) · θ_i / s + σ_i · θ_i
+
+  which is continuous: σ = 0 at λ_low, σ = 1 at λ_high. t = 1.
+
+Scaling with t ≠ 1 makes the forward y = t·R_m x: the cache holds t·cos and t·sin.
 
 Derivation of the backward
 --------------------------
@@ -54,11 +106,17 @@ da' = ∂L/∂a' and db' = ∂L/∂b',
     ⎣db⎦ = ⎣−sin mθ_i  cos mθ_i⎦ ⎣db'⎦      db = db' cos mθ_i − da' sin mθ_i
 
 i.e. the forward formula with sin → −sin. The pass-through channels have dx = dy. The
-positions are integers: no gradient.
+positions are integers: no gradient. With an attention factor the forward is y = t·R_m x
+(cos and sin of the table both carry t), still linear in x, so dx = t·R_mᵀ dy: the same
+inverse rotation with the cached t·cos and −t·sin, nothing else changes. (The scaling only
+changes the angles, which do not depend on x; dynamic's base depends on the positions, which
+are integers: no gradient either.)
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -91,20 +149,128 @@ def _check_layout(layout) -> str:
     return layout
 
 
-def rope_angles(position_ids: np.ndarray, rotary_dim: int, theta: float = 10000.0,
-                dtype=np.float64):
-    """``(cos, sin)`` of the angles pos · θ_i, θ_i = theta^(−2i/rotary_dim), i < rotary_dim/2.
+class RopeScaling(NamedTuple):
+    """The RoPE frequency schedule: the ``rope_*`` scaling fields of
+    :class:`~npformer.config.ModelConfig` under the same names (which fields each type
+    reads: ``config.ROPE_TYPE_FIELDS``; the maths: the module docstring). Hashable, so it
+    keys the kernel's table cache."""
+    rope_type: str = "default"  # "default", "linear", "dynamic", "yarn", "llama3"
+    rope_factor: float = 1.0  # s
+    rope_original_max_seq_len: Optional[int] = None  # L₀ (dynamic, yarn, llama3)
+    rope_low_freq_factor: float = 1.0  # llama3
+    rope_high_freq_factor: float = 4.0  # llama3
+    rope_beta_fast: float = 32.0  # yarn
+    rope_beta_slow: float = 1.0  # yarn
+    rope_truncate: bool = True  # yarn
+    rope_attention_factor: Optional[float] = None  # yarn: t; None = 0.1 ln s + 1
 
-    position_ids: (...) non-negative integers, usually (T,) or (B, T)
-    →  cos, sin: (..., rotary_dim/2) in ``dtype`` (computed in float64, then cast).
+    @classmethod
+    def from_config(cls, config) -> "RopeScaling":
+        """The schedule of a (validated) ModelConfig."""
+        return cls(**{name: getattr(config, name) for name in cls._fields})
+
+
+@functools.lru_cache(maxsize=64)
+def _validated(scaling: RopeScaling) -> RopeScaling:
+    """The ModelConfig checks of the rope_* fields, run once per distinct schedule."""
+    from ..config import ModelConfig  # config imports functional lazily too
+
+    ModelConfig(positions="rope", **scaling._asdict())
+    return scaling
+
+
+def check_rope_scaling(scaling, rotary_dim: int) -> RopeScaling:
+    """None (the default RoPE) or a valid :class:`RopeScaling` for ``rotary_dim``."""
+    if scaling is None:
+        return RopeScaling()
+    if not isinstance(scaling, RopeScaling):
+        raise ValueError(f"scaling must be None or a npformer.functional.rope.RopeScaling "
+                         f"(e.g. RopeScaling.from_config(config)), got {type(scaling).__name__}")
+    try:
+        hash(scaling)
+    except TypeError:
+        raise ValueError(f"scaling fields must be numbers, strings or None, got {scaling!r}") from None
+    scaling = _validated(scaling)
+    if scaling.rope_type == "dynamic" and rotary_dim == 2:
+        raise ValueError("rotary_dim=2 cannot use rope_type='dynamic': its base exponent "
+                         "d/(d−2) divides by zero (transformers raises ZeroDivisionError); "
+                         "use rotary_dim ≥ 4")
+    return scaling
+
+
+def attention_factor(scaling: RopeScaling) -> float:
+    """t, the factor on cos and sin: yarn's ``attention_factor`` or its default
+    0.1·ln(s) + 1 (1 for s ≤ 1); 1 for every other type."""
+    if scaling.rope_type != "yarn":
+        return 1.0
+    if scaling.rope_attention_factor is not None:
+        return float(scaling.rope_attention_factor)
+    factor = float(scaling.rope_factor)
+    return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+
+
+def rope_frequencies(rotary_dim: int, theta: float = 10000.0,
+                     scaling: Optional[RopeScaling] = None, seq_len: Optional[int] = None):
+    """``(inv_freq, t)``: the frequencies θ'_i (float64, (rotary_dim/2,)) and the attention
+    factor of the schedule ``scaling`` (None: the default RoPE), in the order of operations
+    of transformers 5's ``ROPE_INIT_FUNCTIONS``. seq_len: L of the call, read by dynamic
+    only (None or ≤ L₀: no scaling)."""
+    d = check_rotary_dim(rotary_dim)
+    theta = check_positive(theta, "theta")
+    scaling = check_rope_scaling(scaling, d)
+    kind, s = scaling.rope_type, float(scaling.rope_factor)
+    L0 = scaling.rope_original_max_seq_len
+    exponents = np.arange(0, d, 2, dtype=np.float64) / d  # 2i/d    (d/2,)
+    if kind == "dynamic":
+        L = L0 if seq_len is None else max(int(seq_len), L0)
+        theta = theta * ((s * L / L0) - (s - 1)) ** (d / (d - 2))  # base'; = theta at L = L0
+    inv_freq = 1.0 / (theta ** exponents)  # θ_i = theta^(−2i/d)    (d/2,)
+    if kind == "linear":
+        inv_freq = inv_freq / s  # angles of position m/s
+    elif kind == "yarn":
+        def pair_index(rotations):  # i at which pair i turns `rotations` times in L₀
+            return d * math.log(L0 / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        low, high = pair_index(scaling.rope_beta_fast), pair_index(scaling.rope_beta_slow)
+        if scaling.rope_truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        if low == high:
+            high += 0.001  # transformers: "prevent singularity"
+        ramp = np.clip((np.arange(d // 2, dtype=np.float64) - low) / (high - low), 0, 1)  # γ_i
+        kept = 1 - ramp  # transformers' inv_freq_extrapolation_factor
+        inv_freq = (1.0 / (s * theta ** exponents)) * (1 - kept) + inv_freq * kept
+    elif kind == "llama3":
+        low_factor, high_factor = scaling.rope_low_freq_factor, scaling.rope_high_freq_factor
+        low_wavelength, high_wavelength = L0 / low_factor, L0 / high_factor
+        wavelength = 2 * math.pi / inv_freq  # λ_i    (d/2,)
+        slowed = np.where(wavelength > low_wavelength, inv_freq / s, inv_freq)
+        smooth = (L0 / wavelength - low_factor) / (high_factor - low_factor)  # σ_i
+        smoothed = (1 - smooth) * slowed / s + smooth * slowed
+        medium = ~(wavelength < high_wavelength) & ~(wavelength > low_wavelength)
+        inv_freq = np.where(medium, smoothed, slowed)
+    return inv_freq, attention_factor(scaling)
+
+
+def rope_angles(position_ids: np.ndarray, rotary_dim: int, theta: float = 10000.0,
+                dtype=np.float64, scaling: Optional[RopeScaling] = None):
+    """``(t·cos, t·sin)`` of the angles pos · θ'_i of :func:`rope_frequencies` (θ'_i =
+    theta^(−2i/rotary_dim) and t = 1 without ``scaling``), i < rotary_dim/2.
+
+    position_ids: (...) non-negative integers, usually (T,) or (B, T); dynamic scaling reads
+    L = max(position_ids) + 1 from them
+    →  cos, sin: (..., rotary_dim/2) in ``dtype`` (angles and t·cos in float64, then cast).
     """
     position_ids = _check_int_positions(position_ids)
     rotary_dim = check_rotary_dim(rotary_dim)
-    theta = check_positive(theta, "theta")
     dtype = _check_float_dtype(dtype)
-    inv_freq = theta ** (-np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)  # θ_i
-    angles = position_ids.astype(np.float64)[..., None] * inv_freq  # m·θ_i    (..., rd/2)
-    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+    seq_len = int(position_ids.max()) + 1 if position_ids.size else 0
+    inv_freq, t = rope_frequencies(rotary_dim, theta, scaling, seq_len)  # θ'_i, t
+    angles = position_ids.astype(np.float64)[..., None] * inv_freq  # m·θ'_i    (..., rd/2)
+    cos, sin = np.cos(angles), np.sin(angles)
+    if t != 1.0:
+        cos, sin = cos * t, sin * t
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def _pairs(rotary_dim: int, layout: str):
@@ -127,8 +293,8 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rotary_dim: int,
 
 
 class RopeCache(NamedTuple):
-    cos: np.ndarray  # (T, rd/2) or (B, 1, ..., 1, T, rd/2), x's dtype
-    sin: np.ndarray  # same shape as cos
+    cos: np.ndarray  # t·cos (T, rd/2) or (B, 1, ..., 1, T, rd/2), x's dtype
+    sin: np.ndarray  # t·sin, same shape as cos
     rotary_dim: int
     layout: str  # "half" or "interleaved"
     shape: tuple  # x.shape (..., T, D)
@@ -137,12 +303,14 @@ class RopeCache(NamedTuple):
 
 def rope_forward(x: np.ndarray, position_ids: Optional[np.ndarray] = None, *,
                  theta: float = 10000.0, rotary_dim: Optional[int] = None,
-                 layout: str = "half"):
+                 layout: str = "half", scaling: Optional[RopeScaling] = None):
     """Rotate each channel pair of x by position · θ_i (RoFormer's rotary embedding).
 
     x: (..., T, D), typically (B, H, T, D) queries or keys; position_ids: None (0 .. T−1),
     (T,), or (B, T) with B = x.shape[0] (broadcast over heads); rotary_dim: even, in [1, D],
-    None → D; layout: "half" (GPT-NeoX, Llama) or "interleaved" (GPT-J, Cohere)
+    None → D; layout: "half" (GPT-NeoX, Llama) or "interleaved" (GPT-J, Cohere);
+    scaling: None (the default RoPE) or a :class:`RopeScaling` (linear, dynamic, yarn,
+    llama3: y = t·R'_m x with the scaled angles, see the module docstring)
     →  y: (..., T, D), x's dtype.
     """
     x = check_float(x, "x", min_ndim=2)
@@ -156,14 +324,18 @@ def rope_forward(x: np.ndarray, position_ids: Optional[np.ndarray] = None, *,
     layout = _check_layout(layout)
     theta = check_positive(theta, "theta")
     positions = _check_position_ids(position_ids, x.shape)  # (T,) or (B, 1, ..., 1, T)
-    cos, sin = rope_angles(positions, rotary_dim, theta, x.dtype)  # (..., T, rd/2) each
-    y = _rotate(x, cos, sin, rotary_dim, layout)  # y = R_m x    (..., T, D)
+    scaling = check_rope_scaling(scaling, rotary_dim)
+    # t·cos, t·sin of m·θ'_i    (..., T, rd/2) each
+    cos, sin = rope_angles(positions, rotary_dim, theta, x.dtype, scaling)
+    y = _rotate(x, cos, sin, rotary_dim, layout)  # y = t·R_m x    (..., T, D)
     return y, RopeCache(cos, sin, rotary_dim, layout, x.shape, x.dtype)
 
 
 def rope_backward(dy: np.ndarray, cache: RopeCache) -> np.ndarray:
-    """Returns ``dx``: dy rotated back by −position · θ_i (the transpose of a rotation)."""
+    """Returns ``dx``: dy rotated back by −position · θ_i (the transpose of a rotation),
+    times the attention factor t (the cached tables carry it)."""
     cos, sin, rotary_dim, layout, shape, dtype = cache
     dy = check_grad(dy, shape, dtype)
-    # forward: y = R(mθ) x, so dx = R(mθ)ᵀ dy = R(−mθ) dy: cos(−α) = cos α, sin(−α) = −sin α
+    # forward: y = t R(mθ) x, so dx = t R(mθ)ᵀ dy = t R(−mθ) dy: cos(−α) = cos α,
+    # sin(−α) = −sin α, and the cached (t cos, t sin) give (t cos, −t sin)
     return _rotate(dy, cos, -sin, rotary_dim, layout)  # (..., T, D)

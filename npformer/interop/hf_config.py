@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
-from ..config import ModelConfig
+from ..config import ROPE_SCALING_DEFAULTS, ModelConfig
 
 USE, ONLY, IGNORE = "implemented", "refused unless supported", "irrelevant to the function"
 _ABSENT = object()  # a Field default: transformers has no default, the key is required
@@ -166,8 +166,11 @@ def _llama_like_fields(defaults: dict, head_dim_how: str):
         use("pad_token_id", defaults["pad_token_id"], "padding_idx: nn.Embedding(padding_idx=pad) gives "
             "that row no gradient (null or ids outside the vocabulary: none)", nullable=True),
         use("tie_word_embeddings", defaults["tie_word_embeddings"], "tie_embeddings"),
-        use("rope_parameters", None, "rope_type must be 'default' (no scaling); rope_theta"),
+        use("rope_parameters", None, "rope_theta; rope_type default, linear, dynamic, yarn or "
+            "llama3 → the rope_* scaling fields (longrope, proportional refused; see _rope_scaling)"),
         use("rope_scaling", None, "legacy spelling of rope_parameters; wins over it (transformers)"),
+        use("original_max_position_embeddings", None, "yarn / llama3: wins over the one in "
+            "rope_parameters (transformers); refused if both differ", nullable=True),
         use("rope_theta", None, "legacy top-level theta, used when rope_parameters lacks one"),
         use("partial_rotary_factor", None, "legacy top-level factor; refused unless 1 (see _rope)"),
         ignore("attention_dropout", _TRAINING_DROPOUT + "; no npformer counterpart"),
@@ -253,19 +256,121 @@ def _number(key: str, value) -> float:
     return float(value)
 
 
+# RoPE scaling: the keys transformers 5.24 reads from rope_parameters for each rope_type
+# (modeling_rope_utils.ROPE_INIT_FUNCTIONS), besides rope_type / type / rope_theta /
+# partial_rotary_factor. Any other key (mscale, mscale_all_dim, short_factor, a typo) is
+# refused by name even where transformers only warns: npformer reads every key it accepts.
+_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "dynamic": ("factor",),
+    "yarn": ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast",
+             "beta_slow", "truncate"),
+    "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor",
+               "high_freq_factor"),
+}
+_ROPE_COMMON_KEYS = ("rope_type", "type", "rope_theta", "partial_rotary_factor")
+
+
+def _rope_scaling(v: _Values, params: dict, where: str) -> dict:
+    """The ModelConfig rope_* fields (and max_seq_len) of ``params``, the rope_parameters /
+    rope_scaling dict, with transformers' defaults and precedence:
+
+    - the type is ``rope_type``, else the legacy ``type``, else "default" (both given and
+      different: refused, transformers silently takes rope_type);
+    - yarn / llama3: ``original_max_position_embeddings`` defaults to max_position_embeddings,
+      and a top-level ``original_max_position_embeddings`` wins over the one in the dict
+      (transformers' Phi-3 exception; given both ways and different: refused as ambiguous);
+      yarn's null ``factor`` means max_position_embeddings / original, beta_fast / beta_slow
+      null or 0 mean 32 / 1 (transformers' ``or``), ``truncate`` defaults to true;
+    - dynamic: transformers scales once a call is longer than max_position_embeddings, which
+      it does not refuse. npformer's model refuses sequences longer than max_seq_len, so
+      max_seq_len = int(factor · max_position_embeddings) (the length the factor is meant
+      for) and rope_original_max_seq_len = max_position_embeddings; the writer inverts it;
+    - longrope, proportional and any other type are refused by name, as is any key the type
+      does not read.
+    """
+    given_types = {key: params[key] for key in ("rope_type", "type") if key in params}
+    if len(set(map(repr, given_types.values()))) > 1:
+        raise ValueError(f"config.json {where} gives rope_type={params['rope_type']!r} and the "
+                         f"legacy type={params['type']!r}; transformers silently uses rope_type — "
+                         "write one")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in _ROPE_KEYS:
+        raise ValueError(f"config.json {where} rope_type={rope_type!r} is not supported; "
+                         f"supported: {sorted(_ROPE_KEYS)} (longrope, proportional and the "
+                         "multimodal / per-layer types are not implemented)")
+    unread = sorted(set(params) - set(_ROPE_KEYS[rope_type]) - set(_ROPE_COMMON_KEYS))
+    if unread:
+        raise ValueError(f"config.json {where} key(s) {unread} are not read by npformer for "
+                         f"rope_type={rope_type!r} (it reads {list(_ROPE_KEYS[rope_type])}"
+                         + ("; mscale / mscale_all_dim (DeepSeek's yarn attention factor) are "
+                            "not implemented" if {"mscale", "mscale_all_dim"} & set(unread) else "")
+                         + ")")
+    length = v.count("max_position_embeddings")
+    fields = dict(rope_type=rope_type, max_seq_len=length)
+    if rope_type == "default":
+        return fields
+
+    def number(key, default=_ABSENT):
+        if key not in params:
+            if default is _ABSENT:
+                raise ValueError(f"config.json {where} lacks {key!r}, which rope_type="
+                                 f"{rope_type!r} requires (transformers raises KeyError)")
+            return default
+        return _number(f"{where}.{key}", params[key])
+
+    original = None
+    if rope_type in ("yarn", "llama3"):
+        original = params.get("original_max_position_embeddings", length)
+        top = v["original_max_position_embeddings"]
+        if top is not None:
+            if "original_max_position_embeddings" in params and top != original:
+                raise ValueError(
+                    f"config.json gives original_max_position_embeddings={top!r} at the top level "
+                    f"and {original!r} in {where}; transformers silently uses the top-level one — "
+                    "write one")
+            original = top
+        if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+            raise ValueError(f"config.json {where}.original_max_position_embeddings="
+                             f"{original!r} must be an integer ≥ 1")
+        fields["rope_original_max_seq_len"] = original
+    if rope_type == "yarn" and params.get("factor", _ABSENT) is None:
+        factor = length / original  # transformers: max_position_embeddings / original
+    else:
+        factor = number("factor")
+    fields["rope_factor"] = factor
+    if rope_type == "dynamic":
+        fields.update(rope_original_max_seq_len=length, max_seq_len=int(factor * length))
+    elif rope_type == "yarn":
+        attention = params.get("attention_factor")
+        truncate = params.get("truncate", True)
+        if not isinstance(truncate, bool):
+            raise ValueError(f"config.json {where}.truncate={truncate!r} must be true or false")
+        fields.update(
+            rope_beta_fast=number("beta_fast", None) or 32.0,  # transformers: `or 32`
+            rope_beta_slow=number("beta_slow", None) or 1.0,
+            rope_truncate=truncate,
+            rope_attention_factor=None if attention is None
+            else _number(f"{where}.attention_factor", attention))
+    elif rope_type == "llama3":
+        fields.update(rope_low_freq_factor=number("low_freq_factor"),
+                      rope_high_freq_factor=number("high_freq_factor"))
+    return fields
+
+
 def _rope(v: _Values, default_theta: float, neox: bool) -> dict:
-    """rope_theta and the rotated fraction, with transformers 5's precedence: ``rope_scaling``
-    (legacy) over ``rope_parameters``; inside them ``rope_theta`` / ``partial_rotary_factor``,
-    else (GPT-NeoX) ``rotary_emb_base`` / ``rotary_pct``, else (Llama, Cohere) the top-level
-    ``rope_theta``, else the family default. Only the default (unscaled) RoPE is supported."""
+    """rope_theta, the rotated fraction and the scaling, with transformers 5's precedence:
+    ``rope_scaling`` (legacy) over ``rope_parameters``; inside them ``rope_theta`` /
+    ``partial_rotary_factor``, else (GPT-NeoX) ``rotary_emb_base`` / ``rotary_pct``, else
+    (Llama, Cohere) the top-level ``rope_theta``, else the family default. The scaling types
+    as :func:`_rope_scaling`. Returns dict(theta, factor, fields): ``fields`` are the
+    ModelConfig rope fields plus max_seq_len (a builder passes ``**rope["fields"]``)."""
     params = v["rope_scaling"] or v["rope_parameters"] or {}
     where = "rope_scaling" if v["rope_scaling"] else "rope_parameters"
     if not isinstance(params, dict):
         raise ValueError(f"config.json field {where}={params!r} must be a JSON object")
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"config.json {where} rope_type={rope_type!r} is not supported (only the "
-                         "default unscaled RoPE)")
+    scaling = _rope_scaling(v, params, where)
     if neox:
         theta = _number("rope_theta", params.get(
             "rope_theta", v["rotary_emb_base"] if v["rotary_emb_base"] is not None else default_theta))
@@ -291,7 +396,7 @@ def _rope(v: _Values, default_theta: float, neox: bool) -> dict:
             raise ValueError(f"config.json partial_rotary_factor={factor!r} is not supported "
                              f"for model_type {v.model_type!r}: transformers rotates the whole "
                              "head there and ignores it (partial rotary exists as gpt_neox or gptj)")
-    return dict(theta=theta, factor=factor)
+    return dict(theta=theta, factor=factor, fields=dict(scaling, rope_theta=theta))
 
 
 def _build_openai_gpt(v: _Values) -> dict:
@@ -372,12 +477,12 @@ def _build_gpt_neox(v: _Values) -> dict:
     rotary = int(D * rope["factor"])
     bias = v.flag("attention_bias")
     return _common(v, vocab_size=v["vocab_size"], d_model=C, n_layers=v["num_hidden_layers"],
-                   n_heads=H, max_seq_len=v["max_position_embeddings"],
+                   n_heads=H, **rope["fields"],
                    d_ff=v["intermediate_size"], ffn=_activation(v, "hidden_act", PLAIN_ACTIVATIONS),
                    norm_eps=v.number("layer_norm_eps"),
                    block="parallel" if v.flag("use_parallel_residual") else "sequential",
                    parallel_norms=2, positions="rope", rope_layout="half",
-                   rope_theta=rope["theta"], rotary_dim=None if rotary == D else rotary,
+                   rotary_dim=None if rotary == D else rotary,
                    qkv_bias=bias, out_bias=bias, tie_embeddings=v.flag("tie_word_embeddings"),
                    dropout=v.number("hidden_dropout"))
 
@@ -391,9 +496,9 @@ def _build_llama_like(v: _Values, default_theta: float) -> dict:
     return _common(v, vocab_size=vocab, d_model=C, n_layers=v["num_hidden_layers"],
                    n_heads=H, n_kv_heads=H if kv_heads is None else kv_heads,
                    head_dim=C // H if v["head_dim"] is None else v["head_dim"],
-                   max_seq_len=v["max_position_embeddings"], d_ff=v["intermediate_size"],
+                   d_ff=v["intermediate_size"],
                    ffn=_activation(v, "hidden_act", GLU_ACTIVATIONS), ffn_bias=False,
-                   positions="rope", rope_theta=rope["theta"], qkv_bias=bias, out_bias=bias,
+                   positions="rope", **rope["fields"], qkv_bias=bias, out_bias=bias,
                    # the Llama trap: HF builds nn.Embedding(padding_idx=pad_token_id), and that
                    # row then gets no gradient; we reproduce it
                    padding_idx=pad if type(pad) is int and 0 <= pad < vocab else None,
@@ -459,8 +564,11 @@ def _gemma_fields(defaults: dict, activation: str, activations: Dict[str, str]):
         use("pad_token_id", 0, "padding_idx: nn.Embedding(padding_idx=pad) gives that row no "
             "gradient (null or ids outside the vocabulary: none)", nullable=True),
         use("tie_word_embeddings", True, "tie_embeddings"),
-        use("rope_parameters", None, "rope_type must be 'default' (no scaling); rope_theta"),
+        use("rope_parameters", None, "rope_theta; rope_type default, linear, dynamic, yarn or "
+            "llama3 → the rope_* scaling fields (longrope, proportional refused; see _rope_scaling)"),
         use("rope_scaling", None, "legacy spelling of rope_parameters; wins over it (transformers)"),
+        use("original_max_position_embeddings", None, "yarn / llama3: wins over the one in "
+            "rope_parameters (transformers); refused if both differ", nullable=True),
         use("rope_theta", None, "legacy top-level theta (default 10000), used when "
             "rope_parameters lacks one"),
         use("partial_rotary_factor", None, "legacy top-level factor; refused unless 1 (the "
@@ -483,13 +591,12 @@ def _build_gemma_like(v: _Values, activation: str, activations: Dict[str, str]) 
     bias = v.flag("attention_bias")
     pad, vocab = v["pad_token_id"], v["vocab_size"]
     return _common(v, vocab_size=vocab, d_model=C, n_layers=v.count("num_hidden_layers"),
-                   n_heads=H, n_kv_heads=K, head_dim=D,
-                   max_seq_len=v["max_position_embeddings"], d_ff=v["intermediate_size"],
+                   n_heads=H, n_kv_heads=K, head_dim=D, **rope["fields"],  # max_seq_len too
+                   d_ff=v["intermediate_size"],
                    ffn=_activation(v, activation, activations), ffn_bias=False,
                    norm="rmsnorm", norm_bias=False, norm_eps=v.number("rms_norm_eps"),
                    norm_unit_offset=True, scale_embeddings=True,
-                   positions="rope", rope_theta=rope["theta"], rope_layout="half",
-                   qkv_bias=bias, out_bias=bias,
+                   positions="rope", rope_layout="half", qkv_bias=bias, out_bias=bias,
                    padding_idx=pad if type(pad) is int and 0 <= pad < vocab else None,
                    tie_embeddings=v.flag("tie_word_embeddings"), dropout=0.0)
 
@@ -638,8 +745,11 @@ FAMILIES: Dict[str, Family] = {
         use("use_parallel_residual", True, "block: parallel (two norms) or sequential"),
         use("attention_bias", True, "qkv_bias and out_bias (query_key_value and dense)"),
         use("head_dim", None, "refused unless hidden_size // num_attention_heads"),
-        use("rope_parameters", None, "rope_type must be 'default'; rope_theta, "
-            "partial_rotary_factor → rotary_dim = int(D · factor)"),
+        use("rope_parameters", None, "rope_theta, partial_rotary_factor → rotary_dim = "
+            "int(D · factor); rope_type default, linear, dynamic, yarn or llama3 → the rope_* "
+            "scaling fields (longrope, proportional refused; see _rope_scaling)"),
+        use("original_max_position_embeddings", None, "yarn / llama3: wins over the one in "
+            "rope_parameters (transformers); refused if both differ", nullable=True),
         use("rope_scaling", None, "legacy spelling of rope_parameters; wins over it"),
         use("rotary_emb_base", None, "legacy theta (default 10000)"),
         use("rotary_pct", None, "legacy factor (default 0.25)"),
@@ -715,7 +825,29 @@ def _rotary_factor(config: ModelConfig) -> float:
 
 
 def _rope_parameters(config: ModelConfig) -> dict:
-    return {"rope_type": "default", "rope_theta": config.rope_theta}
+    """transformers' rope_parameters of the config's RoPE (the inverse of _rope_scaling)."""
+    params = {"rope_type": config.rope_type, "rope_theta": config.rope_theta}
+    if config.rope_type != "default":
+        params["factor"] = config.rope_factor
+    if config.rope_type in ("yarn", "llama3"):
+        params["original_max_position_embeddings"] = config.rope_original_max_seq_len
+    if config.rope_type == "yarn":
+        params.update(beta_fast=config.rope_beta_fast, beta_slow=config.rope_beta_slow,
+                      truncate=config.rope_truncate)
+        if config.rope_attention_factor is not None:
+            params["attention_factor"] = config.rope_attention_factor
+    if config.rope_type == "llama3":
+        params.update(low_freq_factor=config.rope_low_freq_factor,
+                      high_freq_factor=config.rope_high_freq_factor)
+    return params
+
+
+def _max_position_embeddings(config: ModelConfig) -> int:
+    """max_position_embeddings: max_seq_len, except for dynamic RoPE, where transformers
+    reads it as the length below which nothing is scaled (rope_original_max_seq_len)."""
+    if config.positions == "rope" and config.rope_type == "dynamic":
+        return config.rope_original_max_seq_len
+    return config.max_seq_len
 
 
 def _write(config: ModelConfig, model_type: str) -> dict:
@@ -751,7 +883,7 @@ def _write(config: ModelConfig, model_type: str) -> dict:
                 "resid_pdrop": config.dropout, "embd_pdrop": config.dropout, "attn_pdrop": 0.0}
     if model_type == "gpt_neox":
         return {**base, "hidden_size": C, "num_hidden_layers": L, "num_attention_heads": H,
-                "max_position_embeddings": P, "intermediate_size": config.ffn_width,
+                "max_position_embeddings": _max_position_embeddings(config), "intermediate_size": config.ffn_width,
                 "hidden_act": act, "layer_norm_eps": config.norm_eps,
                 "use_parallel_residual": config.block == "parallel",
                 "rope_parameters": {**_rope_parameters(config),
@@ -764,8 +896,8 @@ def _write(config: ModelConfig, model_type: str) -> dict:
                          "there (partial rotary exists as gpt_neox or gptj)")
     llama_like = {**base, "hidden_size": C, "num_hidden_layers": L, "num_attention_heads": H,
                   "num_key_value_heads": config.kv_heads, "head_dim": config.head_size,
-                  "max_position_embeddings": P, "intermediate_size": config.ffn_width,
-                  "hidden_act": _GLU_TO_HF.get(config.ffn, "silu"),  # else: "cannot express ffn"
+                  "max_position_embeddings": _max_position_embeddings(config),
+                  "intermediate_size": config.ffn_width, "hidden_act": _GLU_TO_HF.get(config.ffn, "silu"),  # else: "cannot express ffn"
                   "attention_bias": config.qkv_bias, "mlp_bias": False,
                   "rope_parameters": _rope_parameters(config), "pad_token_id": config.padding_idx,
                   "attention_dropout": 0.0}
@@ -784,12 +916,13 @@ def _write_gemma(config: ModelConfig, model_type: str, base: dict) -> dict:
     from the reader, and hf_config_from_config then refuses the family."""
     hf = {**base, "hidden_size": config.d_model, "num_hidden_layers": config.n_layers,
           "num_attention_heads": config.n_heads, "num_key_value_heads": config.kv_heads,
-          "head_dim": config.head_size, "max_position_embeddings": config.max_seq_len,
+          "head_dim": config.head_size, "max_position_embeddings": _max_position_embeddings(config),
           "intermediate_size": config.ffn_width, "rms_norm_eps": config.norm_eps,
           "attention_bias": config.qkv_bias, "rope_parameters": _rope_parameters(config),
           "pad_token_id": config.padding_idx, "use_bidirectional_attention": False,
           "attention_dropout": 0.0}
-    activation = _GEMMA_GLU_TO_HF.get(config.ffn)
+    # an FFN Gemma has no name for: written as the default, so the comparison names ffn
+    activation = _GEMMA_GLU_TO_HF.get(config.ffn, "gelu_pytorch_tanh")
     if model_type == "gemma":
         return {**hf, "hidden_act": activation}
     # query_pre_attn_scalar is an int: the scale must be n^(−1/2) for a whole n
@@ -820,8 +953,8 @@ def _architecture(config: ModelConfig) -> dict:
                   windows=[config.layer_window(layer) for layer in range(config.n_layers)])
     if config.positions == "rope":
         fields["rotary_dim"] = config.rotary_dim or config.head_size
-    else:
-        for name in ("rope_theta", "rope_layout"):
+    else:  # (the scaling fields are at their defaults: the config refuses anything else)
+        for name in ("rope_theta", "rope_layout", "rope_type") + tuple(ROPE_SCALING_DEFAULTS):
             fields.pop(name)
     if config.softmax != "clipped":
         fields.pop("clip_gamma"), fields.pop("clip_zeta")

@@ -10,8 +10,13 @@ outputs agree to float32 precision, so no patch changes the maths):
 2. GPT-J ``eager_attention_forward`` does the same cast: same treatment.
 3. GPT-J ``create_sinusoidal_positions`` builds its sin/cos table in float32: rebuilt in
    float64 (it is called when the model is built, so build it inside the context).
-4. Llama / GPT-NeoX / Cohere rotary embeddings compute ``inv_freq`` and the cos/sin tables
-   in float32: recomputed in float64 (half-split tables for Llama/NeoX, interleaved for Cohere).
+4. Llama / GPT-NeoX / Cohere rotary embeddings compute ``inv_freq``, the attention scaling
+   and the cos/sin tables in float32: recomputed in float64 by :func:`float64_rotary_forward`,
+   which runs transformers' OWN init function of the class's ``rope_type``
+   (``ROPE_INIT_FUNCTIONS[rope_type]``, or the class's ``compute_default_rope_parameters``)
+   under :func:`in_model_dtype` — every scaled RoPE (linear, dynamic, yarn, llama3) with
+   transformers' own formula — then the float64 angles (half-split tables for Llama/NeoX,
+   interleaved for Cohere). It is a factory for any family's ``*RotaryEmbedding.forward``.
 5. ``LlamaRMSNorm`` upcasts to float32 and back: computed in the input's dtype.
 6. ``CohereLayerNorm`` upcasts to float32 and back: computed in the input's dtype.
 7. Cohere's ``apply_rotary_pos_emb`` rotates q and k in float32 (``q.float()``): rotated in
@@ -39,21 +44,81 @@ import types
 
 
 class _TorchInModelDtype:
-    """Stands in for the ``torch`` module inside a patched function: ``torch.float32`` reads
-    as float64, everything else is torch itself."""
+    """Stands in for the ``torch`` module inside a patched function: ``torch.float32`` and
+    its alias ``torch.float`` read as float64, everything else is torch itself."""
 
     def __init__(self, torch) -> None:
         self._torch = torch
 
     def __getattr__(self, name):
-        return self._torch.float64 if name == "float32" else getattr(self._torch, name)
+        return self._torch.float64 if name in ("float32", "float") else getattr(self._torch, name)
 
 
 def in_model_dtype(function, torch):
-    """The same code as ``function`` with ``torch.float32`` read as float64 (patches 1, 2)."""
+    """The same code as ``function`` with ``torch.float32`` / ``torch.float`` read as float64
+    (patches 1, 2 and the rope init functions of 4). Functions nested in ``function`` (yarn's
+    ``linear_ramp_factor``) share its globals, so they read float64 too. Tensor methods
+    (``x.float()``) and implicit promotion to the default dtype are NOT covered: a function
+    run this way must not rely on them (the rope init functions of default, linear, dynamic,
+    yarn and llama3 do not, given a Python-int seq_len)."""
     namespace = {**function.__globals__, "torch": _TorchInModelDtype(torch)}
     return types.FunctionType(function.__code__, namespace, function.__name__,
                               function.__defaults__, function.__closure__)
+
+
+def _dynamic_seq_len(rotary, position_ids) -> int:
+    """transformers' ``dynamic_rope_update`` state machine, as a Python int: the length whose
+    frequencies this call uses. It grows ``max_seq_len_cached`` to the call's
+    max(position_ids) + 1, and resets to the original length when a call is shorter than it
+    after a longer one; else it keeps the cached length (so a call between L₀ and the
+    longest seen reuses the longest's frequencies, exactly as stock transformers)."""
+    seq_len = int(position_ids.max()) + 1
+    if seq_len > rotary.max_seq_len_cached:  # growth
+        rotary.max_seq_len_cached = seq_len
+    elif seq_len < rotary.original_max_seq_len < rotary.max_seq_len_cached:  # reset
+        rotary.max_seq_len_cached = rotary.original_max_seq_len
+    return rotary.max_seq_len_cached
+
+
+def float64_rotary_forward(interleaved: bool = False):
+    """A float64 ``forward(self, x, position_ids)`` for ANY family's ``*RotaryEmbedding``
+    class (patch 4): ``interleaved`` False for the half-split ``cat((freqs, freqs))`` tables
+    (Llama, GPT-NeoX, Mistral, Qwen2/3, Gemma, Gemma 2, Phi-3), True for Cohere's
+    ``repeat_interleave(freqs, 2)``.
+
+    It recomputes ``inv_freq`` and ``attention_scaling`` with transformers' own init function
+    for the instance's ``rope_type`` (``ROPE_INIT_FUNCTIONS``, or the class's
+    ``compute_default_rope_parameters`` for "default") run under :func:`in_model_dtype`, so
+    the formula is transformers' and only the dtype changes; dynamic gets the Python-int
+    seq_len of transformers' ``dynamic_rope_update`` (:func:`_dynamic_seq_len`), stateful as
+    there. Then cos/sin of position · inv_freq in float64, times the attention scaling,
+    cast to x's dtype. Types whose init function needs float32 tensor methods (longrope) are
+    refused."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    def forward(self, x, position_ids):
+        rope_type = self.rope_type
+        if rope_type not in ("default", "linear", "dynamic", "yarn", "llama3"):
+            raise ValueError(f"float64_rotary_forward: rope_type={rope_type!r} is not covered "
+                             "(its init function computes in float32 through tensor methods)")
+        init = (type(self).compute_default_rope_parameters if rope_type == "default"
+                else ROPE_INIT_FUNCTIONS[rope_type])
+        seq_len = _dynamic_seq_len(self, position_ids) if rope_type == "dynamic" else None
+        inv_freq, scaling = in_model_dtype(init, torch)(self.config, device=x.device,
+                                                         seq_len=seq_len)
+        self.attention_scaling = scaling
+        if inv_freq.dtype != torch.float64:  # a float32 island the namespace did not reach
+            raise AssertionError(f"{type(self).__name__}: {rope_type} inv_freq came out "
+                                 f"{inv_freq.dtype}, not float64")
+        angles = position_ids[..., None].to(torch.float64) * inv_freq  # (B, T, dim/2)
+        if interleaved:  # Cohere: each angle twice in a row, for pairs (0,1), (2,3), ...
+            emb = torch.repeat_interleave(angles, 2, dim=-1)
+        else:  # [angles | angles] for the half-split rotation
+            emb = torch.cat((angles, angles), dim=-1)
+        return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
+
+    return forward
 
 
 def _patches():
@@ -71,20 +136,6 @@ def _patches():
         inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         angles = torch.arange(num_pos, dtype=torch.float64)[:, None] * inv_freq  # (P, dim/2)
         return torch.cat((torch.sin(angles), torch.cos(angles)), dim=1)  # (P, dim)
-
-    def rotary_tables(interleaved):  # 4: cos/sin of position · θ^(−2i/dim)
-        def forward(self, x, position_ids):
-            dim = 2 * self.inv_freq.shape[-1]
-            theta = self.config.rope_parameters["rope_theta"]
-            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-            angles = position_ids[..., None].to(torch.float64) * inv_freq  # (B, T, dim/2)
-            if interleaved:  # Cohere: each angle twice in a row, for pairs (0,1), (2,3), ...
-                emb = torch.repeat_interleave(angles, 2, dim=-1)
-            else:  # Llama, NeoX: [angles | angles] for the half-split rotation
-                emb = torch.cat((angles, angles), dim=-1)
-            scaling = getattr(self, "attention_scaling", 1.0)
-            return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
-        return forward
 
     def rmsnorm(self, hidden_states):  # 5: w · x / √(mean(x²) + eps)
         variance = hidden_states.pow(2).mean(-1, keepdim=True)
@@ -110,8 +161,8 @@ def _patches():
     gemma = [  # issue 16
         (modeling_gemma.GemmaRMSNorm, "forward", gemma_rmsnorm),
         (modeling_gemma2.Gemma2RMSNorm, "forward", gemma_rmsnorm),
-        (modeling_gemma.GemmaRotaryEmbedding, "forward", rotary_tables(False)),
-        (modeling_gemma2.Gemma2RotaryEmbedding, "forward", rotary_tables(False)),
+        (modeling_gemma.GemmaRotaryEmbedding, "forward", float64_rotary_forward()),
+        (modeling_gemma2.Gemma2RotaryEmbedding, "forward", float64_rotary_forward()),
         (modeling_gemma.GemmaTextScaledWordEmbedding, "forward", gemma_scaled_embedding),
         (modeling_gemma2.Gemma2TextScaledWordEmbedding, "forward", gemma_scaled_embedding),
         (modeling_gemma2, "eager_attention_forward",
@@ -124,9 +175,9 @@ def _patches():
         (modeling_gptj, "eager_attention_forward",
          in_model_dtype(modeling_gptj.eager_attention_forward, torch)),
         (modeling_gptj, "create_sinusoidal_positions", sinusoidal_positions),
-        (modeling_llama.LlamaRotaryEmbedding, "forward", rotary_tables(False)),
-        (modeling_gpt_neox.GPTNeoXRotaryEmbedding, "forward", rotary_tables(False)),
-        (modeling_cohere.CohereRotaryEmbedding, "forward", rotary_tables(True)),
+        (modeling_llama.LlamaRotaryEmbedding, "forward", float64_rotary_forward()),
+        (modeling_gpt_neox.GPTNeoXRotaryEmbedding, "forward", float64_rotary_forward()),
+        (modeling_cohere.CohereRotaryEmbedding, "forward", float64_rotary_forward(interleaved=True)),
         (modeling_llama.LlamaRMSNorm, "forward", rmsnorm),
         (modeling_cohere.CohereLayerNorm, "forward", cohere_layernorm),
     ]

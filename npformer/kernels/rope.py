@@ -1,6 +1,6 @@
 """Rotary position embedding (RoPE) as one numba pass: the fast twin of functional/rope.py.
 
-    y, cache = rope_forward(x, position_ids, theta=..., rotary_dim=..., layout=...)
+    y, cache = rope_forward(x, position_ids, theta=..., rotary_dim=..., layout=..., scaling=...)
     dx = rope_backward(dy, cache)
 
 Same arguments, results and cache type (:class:`npformer.functional.rope.RopeCache`) as the
@@ -30,10 +30,13 @@ any other strides are copied to C order first (one extra pass). The output is C-
 rotates in place, and ``out`` laid out heads-inner makes the backward's dx ready for the
 head merge ``dx.transpose(0, 2, 1, 3).reshape(B, T, H·D)`` without a copy.
 
-The cos/sin tables come from functional ``rope_angles`` (float64 angles, cast to x's dtype),
-kept in a small cache keyed on the positions' bytes, shape and dtype, rotary_dim, theta and
-the dtype, so the q and k calls of every layer of a step compute them once. The cached
-arrays are read-only (they are shared between caches).
+The cos/sin tables come from functional ``rope_angles`` (float64 angles, times the scaled
+RoPE's attention factor t, cast to x's dtype), kept in a small cache keyed on the positions'
+bytes, shape and dtype, rotary_dim, theta, the scaling (:class:`RopeScaling`; for dynamic
+also L = max(position) + 1, which sets its base) and the dtype, so the q and k calls of
+every layer of a step compute them once. The cached arrays are read-only (they are shared
+between caches). The scaling changes only the tables: the kernel rotates by whatever
+t·cos, t·sin it is given, and the backward by t·cos, −t·sin (dx = t·Rᵀ dy).
 
 Measured (Intel Xeon, 2 cores shared with other jobs, float32, ms, minimum of 40
 interleaved rounds; the forward reads attention's heads-inner view, the backward a
@@ -57,13 +60,14 @@ from numba import njit, prange
 
 from .._validate import NonFiniteError, check_positive
 from ..functional.positions import _check_position_ids
-from ..functional.rope import RopeCache, _check_layout, check_rotary_dim, rope_angles
+from ..functional.rope import (RopeCache, RopeScaling, _check_layout, check_rope_scaling,
+                               check_rotary_dim, rope_angles)
 from ._buffers import empty_apart
 
-__all__ = ["rope_forward", "rope_backward", "RopeCache"]
+__all__ = ["rope_forward", "rope_backward", "RopeCache", "RopeScaling"]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_TABLE_CACHE_SIZE = 32  # (positions, rotary_dim, theta, dtype) entries kept
+_TABLE_CACHE_SIZE = 32  # (positions, rotary_dim, theta, scaling, L, dtype) entries kept
 _tables: "OrderedDict[tuple, tuple]" = OrderedDict()
 
 
@@ -240,17 +244,21 @@ def _raise_if_overflowed(nonfinite, x4, x_buffer, x_heads_inner, name):
 
 # ---- the tables ---------------------------------------------------------------------------
 
-def _angles(positions: np.ndarray, rotary_dim: int, theta: float, dtype: np.dtype):
+def _angles(positions: np.ndarray, rotary_dim: int, theta: float, dtype: np.dtype,
+            scaling: RopeScaling):
     """``rope_angles(positions, ...)``, computed once per distinct (positions, rotary_dim,
-    theta, dtype): the key holds the positions' bytes, so equal content hits the cache."""
+    theta, scaling, dtype): the key holds the positions' bytes, so equal content hits the
+    cache (dynamic's L = max(position) + 1 follows from them; it is in the key as well, so
+    the key states everything the table depends on)."""
     positions = np.ascontiguousarray(positions)
+    seq_len = int(positions.max()) + 1 if scaling.rope_type == "dynamic" and positions.size else None
     key = (positions.tobytes(), positions.shape, positions.dtype.str, rotary_dim, theta,
-           dtype.str)
+           scaling, seq_len, dtype.str)
     # pop and re-insert: the most recently used entry goes last (each step is atomic under
     # the GIL; two threads racing at worst compute a table twice)
     tables = _tables.pop(key, None)
     if tables is None:
-        cos, sin = rope_angles(positions, rotary_dim, theta, dtype)
+        cos, sin = rope_angles(positions, rotary_dim, theta, dtype, scaling)
         cos.flags.writeable = False  # shared by every cache that uses these positions
         sin.flags.writeable = False
         tables = (cos, sin)
@@ -279,12 +287,14 @@ def _check_input(x, name: str) -> np.ndarray:
 
 def rope_forward(x: np.ndarray, position_ids: Optional[np.ndarray] = None, *,
                  theta: float = 10000.0, rotary_dim: Optional[int] = None,
-                 layout: str = "half", out: Optional[np.ndarray] = None):
+                 layout: str = "half", scaling: Optional[RopeScaling] = None,
+                 out: Optional[np.ndarray] = None):
     """The kernel twin of :func:`npformer.functional.rope.rope_forward`.
 
     x: (..., T, D), typically (B, H, T, D) queries or keys (C-contiguous or the heads-inner
     view attention makes); position_ids: None (0 .. T−1), (T,) or (B, T); rotary_dim: even,
-    in [1, D], None → D; layout: "half" or "interleaved"; out: None (a new C-contiguous
+    in [1, D], None → D; layout: "half" or "interleaved"; scaling: None or a
+    :class:`RopeScaling` (as the functional's); out: None (a new C-contiguous
     array), x itself (in place) or a separate array of x's shape and dtype
     →  (y (..., T, D) in x's dtype, RopeCache).
     """
@@ -299,8 +309,9 @@ def rope_forward(x: np.ndarray, position_ids: Optional[np.ndarray] = None, *,
     layout = _check_layout(layout)
     theta = check_positive(theta, "theta")
     positions = _check_position_ids(position_ids, x.shape)  # (T,) or (B, 1, ..., 1, T)
-    cos, sin = _angles(positions, rotary_dim, theta, x.dtype)  # (..., T, rd/2) each
-    y = _rotate(x, cos, sin, 1.0, rotary_dim, layout, out, "x")  # y = R_m x
+    scaling = check_rope_scaling(scaling, rotary_dim)
+    cos, sin = _angles(positions, rotary_dim, theta, x.dtype, scaling)  # t·cos, t·sin (..., T, rd/2)
+    y = _rotate(x, cos, sin, 1.0, rotary_dim, layout, out, "x")  # y = t·R_m x
     return y, RopeCache(cos, sin, rotary_dim, layout, x.shape, x.dtype)
 
 
@@ -316,5 +327,5 @@ def rope_backward(dy: np.ndarray, cache: RopeCache, out: Optional[np.ndarray] = 
     if dy.dtype != dtype:
         raise ValueError(f"dy has dtype {dy.dtype} but the forward output has dtype {dtype}; "
                          "pass the gradient in the forward's dtype")
-    # forward: y = R(mθ) x, so dx = R(mθ)ᵀ dy = R(−mθ) dy
+    # forward: y = t R(mθ) x, so dx = t R(mθ)ᵀ dy = t R(−mθ) dy (the tables carry t)
     return _rotate(dy, cos, sin, -1.0, rotary_dim, layout, out, "dy")

@@ -43,6 +43,7 @@ import numpy as np
 
 from ..config import ModelConfig
 from ..functional.dropout import dropout_backward, dropout_forward
+from ..functional.rope import RopeScaling
 from ..kernels import residual_dropout as residual_dropout_kernels
 from ..nn.attention import MultiHeadAttention
 from ..nn.feedforward import FeedForward
@@ -95,6 +96,7 @@ def make_attention(config: ModelConfig, layer: int, rng: np.random.Generator, *,
         qkv_bias=config.qkv_bias, out_bias=config.out_bias,
         rope=config.positions == "rope" and not cross, rope_theta=config.rope_theta,
         rotary_dim=config.rotary_dim, rope_layout=config.rope_layout,
+        rope_scaling=RopeScaling.from_config(config),
         causal=causal and not cross, window=None if cross or not causal else config.layer_window(layer),
         scale=config.attention_scale, softmax=config.softmax, clip_gamma=config.clip_gamma,
         clip_zeta=config.clip_zeta, softcap=config.attention_softcap,

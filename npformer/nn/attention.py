@@ -58,7 +58,7 @@ from ..config import ATTENTION_IMPLS, check_impl
 from ..functional.attention import attention_backward, attention_forward
 from ..functional.linear import linear_backward, linear_forward
 from ..functional import rope as rope_reference
-from ..functional.rope import check_rotary_dim
+from ..functional.rope import check_rope_scaling, check_rotary_dim
 from ..kernels import rope as rope_kernels
 from .linear import Linear
 from .module import Module
@@ -136,7 +136,8 @@ class MultiHeadAttention(Module):
     qkv_bias / out_bias: GPT-2 and the 2017 model have both; GPT-Neo has only the output
     bias; PaLM and Llama have neither.
     rope: apply rotary positions to q and k (``rope_theta``, ``rotary_dim``, ``rope_layout``
-    "half" (GPT-NeoX, Llama) or "interleaved" (GPT-J)).
+    "half" (GPT-NeoX, Llama) or "interleaved" (GPT-J), ``rope_scaling`` None or a
+    :class:`~npformer.functional.rope.RopeScaling`: linear, dynamic, yarn, llama3).
     causal, window, scale, softmax, clip_gamma, clip_zeta, softcap: passed to the core
     (:func:`npformer.functional.attention.attention_forward`).
     attention_impl: "numba" computes the core with the fused kernels
@@ -154,7 +155,7 @@ class MultiHeadAttention(Module):
                  head_dim: Optional[int] = None, *, qkv_bias: bool = True, out_bias: bool = True,
                  fused_qkv: bool = False, rope: bool = False, rope_theta: float = 10000.0,
                  rotary_dim: Optional[int] = None, rope_layout: str = "half",
-                 causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
+                 rope_scaling=None, causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
                  softmax: str = "softmax", clip_gamma: float = -0.03, clip_zeta: float = 1.0,
                  softcap: Optional[float] = None, attention_impl: str = "numba", layer_impl: str = "numpy",
                  cross: bool = False,
@@ -192,7 +193,10 @@ class MultiHeadAttention(Module):
         rng = np.random.default_rng(0) if rng is None else rng
         self.d_model, self.n_heads, self.n_kv_heads, self.head_dim = d_model, n_heads, n_kv_heads, head_dim
         self.fused_qkv, self.cross = fused_qkv, cross
-        self.rope = dict(theta=rope_theta, rotary_dim=rotary_dim, layout=rope_layout) if rope else None
+        if rope:  # a bad schedule fails at build time too
+            check_rope_scaling(rope_scaling, head_dim if rotary_dim is None else rotary_dim)
+        self.rope = dict(theta=rope_theta, rotary_dim=rotary_dim, layout=rope_layout,
+                         scaling=rope_scaling) if rope else None
         rope_module = rope_kernels if check_impl(layer_impl) == "numba" else rope_reference
         self.rope_pair = (rope_module.rope_forward, rope_module.rope_backward)
         self.core_options = dict(causal=causal, window=window, scale=scale, softmax=softmax,
@@ -337,7 +341,7 @@ class MultiHeadAttention(Module):
 
     def _rope_kwargs(self) -> dict:
         return dict(theta=self.rope["theta"], rotary_dim=self.rope["rotary_dim"],
-                    layout=self.rope["layout"])
+                    layout=self.rope["layout"], scaling=self.rope["scaling"])
 
     def backward(self, dy: np.ndarray, cache: MultiHeadAttentionCache):
         """Adds every projection gradient into ``grads``.
