@@ -40,7 +40,7 @@ import test_hf_rope_families as rope_families
 from helpers import assert_close, assert_hf_round_trip
 from npformer.interop import load_hf, save_hf
 from npformer.interop.compare import compare_hf_dir
-from npformer.interop.hf_config import config_from_hf
+from npformer.interop.hf_config import config_from_hf, hf_config_from_config
 from npformer.interop.hf_float64 import _patches, exact_float64
 
 transformers.logging.set_verbosity_error()
@@ -221,9 +221,33 @@ def test_loaded_configs_are_the_awkward_ones(tmp_path):
         assert got == want, case
         assert (c.norm, c.norm_unit_offset, c.scale_embeddings, c.padding_idx, c.rope_layout,
                 c.sandwich_norm) == ("rmsnorm", True, True, PAD, "half", CASES[case][0] == "gemma2")
+        assert hf_config_from_config(c)["model_type"] == CASES[case][0], case  # first to fit
         yarn = case == "gemma-yarn"
         assert (c.rope_type, c.rope_factor, c.rope_original_max_seq_len) == (
             ("yarn", 4.0, 8) if yarn else ("default", 1.0, None)), case
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", ["gemma", "gemma2"])
+def test_embedding_scale_rounds_like_transformers(tmp_path, case, dtype):
+    """The scaled lookup is one correctly rounded product per entry, so it can be compared
+    bit for bit: ours (√C as a Python float, which NumPy rounds to the array's dtype) equals
+    from_pretrained's embed_tokens (torch.tensor(√C) built in the dtype asked for). √12 is not
+    a float32 number: a product taken in float64 and then rounded would differ in some entries."""
+    from npformer.models.blocks import Dropout
+
+    _, directory = _checkpoint(case, dtype, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=TORCH_DTYPES[np.dtype(dtype)])
+    model = load_hf(directory, dtype=dtype)
+    ids = _batch(1)[0]
+    ours, _ = model.embed.forward(ids, np.arange(ids.shape[1]), Dropout(0.0, np.random.default_rng(0), False))
+    with torch.no_grad():
+        theirs = hf.model.embed_tokens(torch.from_numpy(ids)).numpy()
+    assert ours.dtype == theirs.dtype == dtype
+    assert np.array_equal(ours, theirs)
+    if dtype == np.float32:  # the comparison can tell the two roundings apart
+        table = model.parameters()["embed.tokens.weight"][ids].astype(np.float64)
+        assert not np.array_equal((table * np.sqrt(12.0)).astype(np.float32), ours)
 
 
 # ---- the features bite ---------------------------------------------------------------------------
