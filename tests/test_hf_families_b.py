@@ -472,3 +472,27 @@ _GEMMA2 = {**_GEMMA, "model_type": "gemma2", "num_hidden_layers": 3, "sliding_wi
 def test_bad_configs_are_refused_by_name(hf, message):
     with pytest.raises(ValueError, match=message):
         config_from_hf(hf)
+
+
+def test_absent_fields_mean_transformers_defaults():
+    """A config.json without the keys means GemmaConfig's / Gemma2Config's defaults: pad id 0
+    (a padding_idx), head_dim 256, tanh GeGLU, a tied head, theta 10000; for Gemma 2 sliding
+    layers 0, 2, 4, … with window 4096, caps 50 and 30, query_pre_attn_scalar 256."""
+    bare = dict(vocab_size=V, hidden_size=16, num_attention_heads=2, num_key_value_heads=1,
+                num_hidden_layers=3, intermediate_size=20, max_position_embeddings=16)
+    for model_type in ("gemma", "gemma2"):
+        c = config_from_hf({"model_type": model_type, **bare})
+        assert (c.padding_idx, c.head_size, c.ffn, c.tie_embeddings, c.rope_theta, c.norm_eps) == (
+            0, 256, "geglu_tanh", True, 10000.0, 1e-6), model_type
+        hf = transformers.AutoConfig.for_model(model_type, **bare)  # what transformers fills in
+        assert (hf.pad_token_id, hf.head_dim, hf.tie_word_embeddings, hf.rms_norm_eps,
+                hf.rope_parameters["rope_theta"]) == (0, 256, True, 1e-6, 10000.0)
+        if model_type == "gemma2":
+            assert (c.attention_pattern, c.window, c.attention_softcap, c.final_logit_softcap,
+                    c.attention_scale) == (("local", "dense", "local"), 4096, 50.0, 30.0, 1 / 16)
+            assert (hf.layer_types, hf.sliding_window, hf.attn_logit_softcapping,
+                    hf.final_logit_softcapping, hf.query_pre_attn_scalar, hf.hidden_activation) == (
+                ["sliding_attention", "full_attention", "sliding_attention"], 4096, 50.0, 30.0,
+                256, "gelu_pytorch_tanh")
+        else:
+            assert (c.attention_scale, c.attention_softcap, c.final_logit_softcap) == (None,) * 3
