@@ -23,6 +23,10 @@ What the families add to Llama, each exercised with non-default values:
   i − w < j ≤ i convention checked by variants that must miss), and the attention scale
   ``query_pre_attn_scalar^(−1/2)`` with query_pre_attn_scalar ≠ head_dim.
 
+One Gemma case uses a scaled RoPE (yarn, through the rope reader). Measured worst relative
+error of compare_hf_dir over logits, loss and every gradient (Intel Xeon, these configs):
+float64 3.4e-15 to 7.2e-15, float32 3.1e-6 to 6.4e-6.
+
 Transformers' float32 islands in these families (the (1 + w) RMSNorm, the rotary tables, the
 embedding scale buffer, Gemma 2's eager softmax) are removed by ``exact_float64`` patches;
 test_float64_patches_change_precision_only checks each patch alone and all together against
