@@ -2,9 +2,10 @@
 
     npformer gradcheck [NAME ...] [--json] [--list] [--preset NAME|all ...]
     npformer presets [--json]
-    npformer compare (--preset NAME|all ... | --hf DIR) [--dtype float64|float32] [--json]
+    npformer compare (--preset NAME|all ... | --hf DIR [--prompt TEXT]) [--dtype D] [--json]
     npformer train [--preset NAME] [--steps N] [--out DIR] [--resume] ...
-    npformer sample --ckpt DIR [--prompt TEXT] [--tokens N] [--temperature T] [--top-k K]
+    npformer sample (--ckpt RUN_DIR | --hf DIR [--dtype D]) [--prompt TEXT] [--tokens N]
+                    [--temperature T] [--top-k K] [--seed S]
 
 Each subcommand lives in its own function; ``main`` only parses and dispatches.
 """
@@ -97,17 +98,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print("npformer compare: give --preset NAME (repeatable, or 'all') or --hf DIR",
               file=sys.stderr)
         return 2
+    if args.prompt is not None and not args.hf:
+        print("npformer compare: --prompt needs --hf DIR (a checkpoint with a tokenizer.json)",
+              file=sys.stderr)
+        return 2
     reports = []
     try:
         if args.hf:
-            reports = compare_hf_dir(args.hf, args.dtype)
+            tokens = None if args.prompt is None else _hf_prompt_ids(args.hf, args.prompt)
+            reports = compare_hf_dir(args.hf, args.dtype, tokens=tokens)
         else:
             names = preset_names() if "all" in args.preset else args.preset
             for name in names:
                 get_preset(name)
             for name in names:
                 reports += compare_preset(name, args.dtype)
-    except ValueError as error:
+    except (ValueError, ImportError) as error:  # ImportError: the tokenizers package
         print(f"npformer compare: {error}", file=sys.stderr)
         return 2
     _print_reports(reports, args.json)
@@ -260,11 +266,80 @@ def _sample_text(run_dir, prompt, tokens, temperature, top_k, seed, use_cache=Tr
     return prompt + tokenizer.decode(np.asarray(new, dtype=np.int64))
 
 
-def _cmd_sample(args: argparse.Namespace) -> int:
+def _hf_prompt_ids(path, prompt):
+    """The ids of ``prompt`` by the tokenizer.json of checkpoint ``path``, checked against
+    the vocabulary and context length of its config.json (read, not the weights)."""
+    from .checkpoint import read_json
+    from .interop.hf_config import config_from_hf
+    from .interop.tokenizer import load_tokenizer
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{path} is not a Hugging Face checkpoint directory (no config.json)")
     try:
-        print(_sample_text(args.ckpt, args.prompt, args.tokens, args.temperature, args.top_k,
-                           args.seed, use_cache=not args.no_cache))
+        config = config_from_hf(read_json(config_path))
     except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from None
+    ids = load_tokenizer(path, config.vocab_size).encode(prompt, name="--prompt")
+    if len(ids) - 1 > config.max_seq_len:  # the last id is only a target
+        raise ValueError(f"--prompt encodes to {len(ids)} tokens, {len(ids) - 1} positions to "
+                         f"compare, but the model of {path} reads at most {config.max_seq_len} "
+                         "(config.json); give a shorter --prompt")
+    return ids
+
+
+def sample_hf(path, prompt, tokens, temperature=0.8, top_k=None, seed=0, dtype="float32",
+              use_cache=True):
+    """``npformer sample --hf``: (text, prompt ids, new ids) from checkpoint directory ``path``.
+
+    The prompt is encoded with the checkpoint's special tokens (a BOS where the checkpoint
+    adds one, as transformers' tokenizer does); generation stops after ``tokens`` new ids or
+    at an end-of-sequence id of the checkpoint (generation_config.json, else config.json), as
+    transformers' ``generate`` does. The text is the prompt as given plus the continuation:
+    the decoded whole sequence minus the decoded prompt (special tokens skipped), so that a
+    word split across the boundary, or a space a tokenizer attaches to the next token, comes
+    out as it would in the whole text."""
+    from .generate import generate
+    from .interop.hf_checkpoint import load_hf
+    from .interop.tokenizer import load_tokenizer, stop_token_ids
+
+    model = load_hf(path, np.dtype(dtype))
+    tokenizer = load_tokenizer(path, model.config.vocab_size)
+    prompt_ids = tokenizer.encode(prompt, name="--prompt")
+    new = generate(model, prompt_ids, tokens, temperature=temperature, top_k=top_k, seed=seed,
+                   use_cache=use_cache, stop_ids=stop_token_ids(path))
+    unknown = tokenizer.ids_without_a_token(new)
+    if unknown:  # the embedding table is padded past the tokenizer (Qwen2 pads to 151936)
+        raise ValueError(f"the model of {path} generated id(s) {unknown[:5]}, which name no token "
+                         f"of its tokenizer.json ({tokenizer.vocab_size} tokens; the model's "
+                         f"vocab_size {model.config.vocab_size} includes unused rows): no text "
+                         "to print; try a lower --temperature or a --top-k")
+    before = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    whole = tokenizer.decode(np.concatenate([prompt_ids, np.asarray(new, dtype=np.int64)]),
+                             skip_special_tokens=True)
+    continuation = (whole[len(before):] if whole.startswith(before)
+                    else tokenizer.decode(np.asarray(new, dtype=np.int64), skip_special_tokens=True))
+    return prompt + continuation, prompt_ids, new
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    if bool(args.ckpt) == bool(args.hf):
+        print("npformer sample: give --ckpt RUN_DIR (a run of npformer train) or --hf DIR (a "
+              "Hugging Face checkpoint directory with a tokenizer.json)", file=sys.stderr)
+        return 2
+    if args.dtype is not None and not args.hf:
+        print("npformer sample: --dtype applies to --hf checkpoints (a run samples in the dtype "
+              "it was trained in)", file=sys.stderr)
+        return 2
+    try:
+        if args.hf:
+            text, _, _ = sample_hf(args.hf, args.prompt, args.tokens, args.temperature, args.top_k,
+                                   args.seed, args.dtype or "float32", use_cache=not args.no_cache)
+            print(text)
+        else:
+            print(_sample_text(args.ckpt, args.prompt, args.tokens, args.temperature, args.top_k,
+                               args.seed, use_cache=not args.no_cache))
+    except (ValueError, ImportError) as error:  # ImportError: the tokenizers package
         print(f"npformer sample: {error}", file=sys.stderr)
         return 2
     return 0
@@ -306,6 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--preset", action="append", metavar="NAME",
                          help="a tiny instance of this preset with random weights (repeatable; 'all')")
     compare.add_argument("--hf", metavar="DIR", help="a local Hugging Face checkpoint directory")
+    compare.add_argument("--prompt", metavar="TEXT",
+                         help="with --hf: compare on this text's tokens (encoded by the "
+                         "checkpoint's tokenizer.json, special tokens included; each token "
+                         "predicts the next) instead of a random batch")
     compare.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     compare.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     compare.set_defaults(run=_cmd_compare)
@@ -359,8 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     add("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_cmd_train)
 
-    sample = commands.add_parser("sample", help="generate text from a trained run (KV-cached)")
-    sample.add_argument("--ckpt", required=True, help="a run directory written by npformer train")
+    sample = commands.add_parser(
+        "sample", help="generate text from a trained run or a Hugging Face checkpoint (KV-cached)",
+        description="Continue --prompt from a run of npformer train (--ckpt) or from a Hugging "
+        "Face checkpoint directory (--hf: config.json, safetensors weights and tokenizer.json; "
+        "the prompt gets the checkpoint's BOS token as with transformers' tokenizer, and "
+        "sampling stops at its end-of-sequence token).")
+    sample.add_argument("--ckpt", help="a run directory written by npformer train")
+    sample.add_argument("--hf", metavar="DIR", help="a Hugging Face checkpoint directory")
+    sample.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                        help="with --hf: the dtype to run the model in (default float32)")
     sample.add_argument("--prompt", default="ROMEO:")
     sample.add_argument("--tokens", type=_NON_NEGATIVE, default=300)
     sample.add_argument("--temperature", type=_RATE, default=0.8, help="0 = greedy")

@@ -23,7 +23,7 @@ weights are broken) raise a ``NonFiniteError`` naming the step, not a draw from 
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 
@@ -66,10 +66,13 @@ def _check_options(temperature, top_k, n_tokens, seed):
 
 
 def generate(model, prompt_ids, n_tokens: int, *, temperature: float = 1.0,
-             top_k: Optional[int] = None, seed: int = 0, use_cache: bool = True) -> List[int]:
+             top_k: Optional[int] = None, seed: int = 0, use_cache: bool = True,
+             stop_ids: Sequence[int] = ()) -> List[int]:
     """Sample ``n_tokens`` token ids continuing ``prompt_ids`` (a non-empty sequence of ids).
 
-    Returns the new ids only. The model is switched to evaluation mode (no dropout)."""
+    Returns the new ids only; generation ends early after drawing one of ``stop_ids`` (an
+    end-of-sequence token; it is the last id returned, as in transformers' ``generate``).
+    The model is switched to evaluation mode (no dropout)."""
     _check_options(temperature, top_k, n_tokens, seed)
     context = [int(i) for i in np.asarray(prompt_ids).reshape(-1)]
     if not context:
@@ -96,6 +99,8 @@ def generate(model, prompt_ids, n_tokens: int, *, temperature: float = 1.0,
         token = draw(logits[0, -1], temperature, top_k, rng)
         context.append(token)
         new.append(token)
+        if token in stop_ids:
+            break
     return new
 
 

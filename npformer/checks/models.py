@@ -46,21 +46,28 @@ def _inputs(config, rng):
 
 
 def randomize_model(model, rng) -> None:
-    """Unusual values everywhere: matrices and biases N(0.05, 0.3²), norm gains N(1, 0.25²).
+    """Unusual values everywhere: matrices and biases N(0.05, 0.3²), norm gains N(1, 0.25²)
+    (with Gemma's unit offset the stored w is the gain − 1: N(0, 0.25²)).
 
     Norm gains stay near 1: gains near 0 would shrink every normalised activation and with it
     the attention scores, leaving q/k gradients so small (~1e-6) that finite differences
     measure rounding noise instead of the gradient."""
     randomize_parameters(model, rng, scale=0.3)
+    gain = 0.0 if model.config.norm_unit_offset else 1.0
     for name, value in model.named_parameters():
         if name.endswith("norm.weight"):
-            value[...] = 1.0 + 0.25 * rng.standard_normal(value.shape)
+            value[...] = gain + 0.25 * rng.standard_normal(value.shape)
 
 
 def check_preset(name: str, seed: int = 0, max_entries: int = MODEL_MAX_ENTRIES) -> List[TensorReport]:
     """Finite differences for every parameter of a tiny ``name`` model (and its input path)."""
     get_preset(name)  # unknown names raise, listing the valid ones
-    config = tiny_config(name)
+    return check_config(tiny_config(name), f"preset:{name}", seed, max_entries)
+
+
+def check_config(config, label: str, seed: int = 0,
+                 max_entries: int = MODEL_MAX_ENTRIES) -> List[TensorReport]:
+    """:func:`check_preset` for any (tiny, float64) config; reports are named ``label``."""
     model = build_model(config, seed=seed).train()
     rng = np.random.default_rng(seed)
     randomize_model(model, rng)
@@ -75,7 +82,7 @@ def check_preset(name: str, seed: int = 0, max_entries: int = MODEL_MAX_ENTRIES)
     _, ce_cache = loss_and_grads()
     model.zero_grad()
     model.backward(cross_entropy_backward(1.0, ce_cache))
-    reports = check_gradients(f"preset:{name}", lambda: loss_and_grads()[0], model.parameters(),
+    reports = check_gradients(label, lambda: loss_and_grads()[0], model.parameters(),
                               model.gradients(), max_entries=max_entries, seed=seed)
 
     if config.architecture == "decoder":
@@ -91,7 +98,7 @@ def check_preset(name: str, seed: int = 0, max_entries: int = MODEL_MAX_ENTRIES)
         model.dropout_rng = np.random.default_rng(DROPOUT_SEED)
         logits = model.forward(inputs_embeds=token_vectors, **rest)
         d_tokens = model.backward(cross_entropy_backward(1.0, cross_entropy_forward(logits, targets)[1]))
-        reports += check_gradients(f"preset:{name}", embeds_loss, {"input token vectors": token_vectors},
+        reports += check_gradients(label, embeds_loss, {"input token vectors": token_vectors},
                                    {"input token vectors": d_tokens}, max_entries=max_entries, seed=seed)
     return reports
 

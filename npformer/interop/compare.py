@@ -56,9 +56,19 @@ def _report(name: str, tensor: str, ours, theirs, dtype: str, floor: float = 0.0
     return TensorReport(name, tensor, abs_err, rel_err, passed, ours.size, ours.size)
 
 
-def _batch(vocab_size: int, seed: int = 0):
+def _batch(vocab_size: int, seed: int = 0, seq_len: int = 7):
     rng = np.random.default_rng(seed)
-    return rng.integers(0, vocab_size, (2, 7)), rng.integers(0, vocab_size, (2, 7))
+    return (rng.integers(0, vocab_size, (2, seq_len)),
+            rng.integers(0, vocab_size, (2, seq_len)))
+
+
+def _text_batch(tokens):
+    """(ids (1, N−1), targets (1, N−1)): each token of a text predicts the next one."""
+    tokens = np.asarray(tokens).reshape(-1)
+    if tokens.size < 2:
+        raise ValueError(f"the text must encode to at least 2 token ids to compare a next-token "
+                         f"loss on (one to read, one to predict), got {tokens.tolist()}")
+    return tokens[None, :-1], tokens[None, 1:]
 
 
 def _ours(model, ids, targets, **inputs):
@@ -83,14 +93,20 @@ def _failure(name: str, what: str, size: int = 0) -> TensorReport:
     return TensorReport(name, what, float("inf"), float("inf"), False, 0, size)
 
 
-def compare_hf_dir(path: str, dtype: str = "float64", name: Optional[str] = None) -> List[TensorReport]:
+def compare_hf_dir(path: str, dtype: str = "float64", name: Optional[str] = None,
+                   tokens=None, seq_len: int = 7) -> List[TensorReport]:
     """npformer's ``load_hf(path)`` against ``transformers``' ``from_pretrained(path)``.
 
     A pass means both models computed the same thing from the same file: transformers loaded
     every tensor of the checkpoint into its model (no missing, unexpected or mis-shaped key,
     which it would otherwise fill with random values or drop with a warning), and the logits,
     the loss and the gradient of every parameter — by checkpoint name, the same set on both
-    sides — agree. Anything that could not be compared is a failing report, never a skipped one."""
+    sides — agree. Anything that could not be compared is a failing report, never a skipped one.
+
+    The batch is (2, seq_len) random ids (longer than a scaled RoPE's original length to
+    exercise dynamic NTK, whose frequencies change only past it) unless ``tokens`` (N,) gives
+    a text's ids (N ≥ 2): then it is one sequence, the ids ``tokens[:-1]`` predicting their
+    successors ``tokens[1:]`` (the loss a language model trains on for that text)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -98,7 +114,8 @@ def compare_hf_dir(path: str, dtype: str = "float64", name: Optional[str] = None
 
     name = name or os.path.basename(os.path.normpath(path))
     ours = load_hf(path, np.dtype(dtype))
-    ids, targets = _batch(ours.config.vocab_size)
+    ids, targets = (_batch(ours.config.vocab_size, seq_len=seq_len) if tokens is None
+                    else _text_batch(tokens))
     logits, loss = _ours(ours, ids, targets)
     grads = hf_state_dict(ours, grads=True)
     torch_dtype = getattr(torch, dtype)

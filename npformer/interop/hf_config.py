@@ -161,7 +161,8 @@ def _llama_like_fields(defaults: dict, head_dim_how: str):
         use("head_dim", None, head_dim_how, nullable=True),
         use("hidden_act", "silu", f"the gated MLP's activation: {GLU_ACTIVATIONS}"),
         use("max_position_embeddings", defaults["max_position_embeddings"],
-            "max_seq_len (longer sequences are refused)"),
+            "max_seq_len (longer sequences are refused); dynamic RoPE: the original length, "
+            "max_seq_len = int(factor · it)"),
         use("attention_bias", False, "qkv_bias and out_bias (q, k, v and o projections)"),
         use("pad_token_id", defaults["pad_token_id"], "padding_idx: nn.Embedding(padding_idx=pad) gives "
             "that row no gradient (null or ids outside the vocabulary: none)", nullable=True),
@@ -348,8 +349,9 @@ def _rope_scaling(v: _Values, params: dict, where: str) -> dict:
         if not isinstance(truncate, bool):
             raise ValueError(f"config.json {where}.truncate={truncate!r} must be true or false")
         fields.update(
-            rope_beta_fast=number("beta_fast", None) or 32.0,  # transformers: `or 32`
-            rope_beta_slow=number("beta_slow", None) or 1.0,
+            # transformers: get("beta_fast") or 32, so null and 0 mean the default too
+            rope_beta_fast=(None if params.get("beta_fast") is None else number("beta_fast")) or 32.0,
+            rope_beta_slow=(None if params.get("beta_slow") is None else number("beta_slow")) or 1.0,
             rope_truncate=truncate,
             rope_attention_factor=None if attention is None
             else _number(f"{where}.attention_factor", attention))
@@ -740,7 +742,8 @@ FAMILIES: Dict[str, Family] = {
         use("num_attention_heads", 64, "n_heads"),
         use("intermediate_size", 24576, "d_ff"),
         use("hidden_act", "gelu", f"ffn: {PLAIN_ACTIVATIONS}"),
-        use("max_position_embeddings", 2048, "max_seq_len (longer sequences are refused)"),
+        use("max_position_embeddings", 2048, "max_seq_len (longer sequences are refused); "
+            "dynamic RoPE: the original length, max_seq_len = int(factor · it)"),
         use("layer_norm_eps", 1e-5, "norm_eps"),
         use("use_parallel_residual", True, "block: parallel (two norms) or sequential"),
         use("attention_bias", True, "qkv_bias and out_bias (query_key_value and dense)"),

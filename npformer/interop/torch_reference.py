@@ -38,8 +38,14 @@ def _linear(p: Dict, prefix: str, x):
 
 
 def _rope(config: ModelConfig, x):
-    """x (B, n, T, D): rotate the first rotary_dim dims by position · θ^(−2i/r)."""
+    """x (B, n, T, D): rotate the first rotary_dim dims by position · θ^(−2i/r). The
+    unscaled RoPE only: a scaled one (rope_type) is refused rather than silently unscaled —
+    its reference is transformers (llama, gpt_neox, cohere; tests/test_rope_scaling.py)."""
     torch = _torch()
+    if config.rope_type != "default":
+        raise ValueError(f"the torch reference implements rope_type='default' only, got "
+                         f"rope_type={config.rope_type!r}; compare a scaled RoPE against "
+                         "Hugging Face (save_hf as llama, cohere or gpt_neox)")
     T, D = x.shape[2], x.shape[3]
     r = config.rotary_dim or D
     inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, r, 2, dtype=torch.float64) / r)

@@ -263,8 +263,8 @@ class MultiHeadAttention(Module):
         if cache is None:
             return dy
         B, T, width = dy.shape
-        return getattr(self, which).backward(dy.reshape(B, T, width // self.head_dim, self.head_dim),
-                             cache).reshape(B, T, width)
+        heads = dy.reshape(B, T, width // self.head_dim, self.head_dim)  # (B, T, n, D)
+        return getattr(self, which).backward(heads, cache).reshape(B, T, width)
 
     @staticmethod
     def _merge_heads(x: np.ndarray) -> np.ndarray:
