@@ -122,7 +122,8 @@ def test_every_attribute_of_each_transformers_config_class_is_in_its_table():
 
 _MODELING = {"openai-gpt": "openai", "gpt2": "gpt2", "gpt_neo": "gpt_neo", "gptj": "gptj",
              "gpt_neox": "gpt_neox", "llama": "llama", "cohere": "cohere",
-             "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}  # families-a (issue 16)
+             "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+             "gemma": "gemma", "gemma2": "gemma2"}  # issue 16
 
 
 def test_every_config_attribute_the_modeling_code_reads_is_in_its_table():

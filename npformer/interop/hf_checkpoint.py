@@ -31,6 +31,7 @@ ARCHITECTURES = {
     "gpt_neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM", "cohere": "CohereForCausalLM",
     "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",  # issue 16
 }
 _DTYPE_NAMES = {np.dtype(np.float64): "float64", np.dtype(np.float32): "float32"}
 

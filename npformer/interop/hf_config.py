@@ -673,6 +673,160 @@ _QWEN_WINDOW_FIELDS = (
 )
 
 
+# ---- Gemma and Gemma 2 (issue 16) ----------------------------------------------------------------
+#
+# Both are Llama with: a GLU MLP (gate/up/down, no biases) whose activation is the tanh GeLU by
+# default; RMSNorms that scale by (1 + w) (norm_unit_offset; the stored w starts at 0); the
+# token embeddings multiplied by √C in the model's dtype (scale_embeddings; transformers'
+# embed_scale buffer, sqrt(hidden_size) rounded to the dtype); a tied head; head_dim free of
+# C / H (256 in the released models); nn.Embedding(padding_idx=pad_token_id) as in Llama.
+# Gemma 2 adds sandwich norms (each branch's output normalised before the residual add),
+# soft-capped attention scores and logits, alternating sliding-window and global layers
+# (layer_types; transformers' default puts the window on layers 0, 2, 4, …; its mask is
+# i − w < j ≤ i, masking_utils.sliding_window_overlay) and the attention scale
+# query_pre_attn_scalar^(−1/2) instead of 1/√D.
+
+# GemmaConfig.__post_init__ rewrites hidden_act "gelu" to "gelu_pytorch_tanh" (the released
+# Gemma configs say "gelu" and mean the tanh form), so for Gemma "gelu" is the tanh GeGLU;
+# the exact erf GeLU is spelled "gelu_python" there.
+_GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_new", "gelu_python_tanh", "gelu_accurate", "gelu_fast")
+GEMMA_ACTIVATIONS = {**{name: "geglu_tanh" for name in _GELU_TANH_NAMES}, "gelu": "geglu_tanh",
+                     "gelu_python": "geglu", "silu": "swiglu", "swish": "swiglu"}
+# Gemma2Config rewrites nothing: its hidden_activation "gelu" is ACT2FN's exact erf GeLU.
+GEMMA2_ACTIVATIONS = {**{name: "geglu_tanh" for name in _GELU_TANH_NAMES}, **GLU_ACTIVATIONS}
+_GEMMA_GLU_TO_HF = {"geglu_tanh": "gelu_pytorch_tanh", "geglu": "gelu_python", "swiglu": "silu"}
+# Gemma2Model picks each layer's mask by name ({"full_attention", "sliding_attention"}: any
+# other type is a KeyError there); "attention" is the legacy spelling transformers remaps to
+# "full_attention" when it reads the config.
+_GEMMA2_LAYER_TYPES = {"sliding_attention": "local", "full_attention": "dense", "attention": "dense"}
+
+
+def _gemma_fields(defaults: dict, activation: str, activations: Dict[str, str]):
+    """The fields GemmaConfig and Gemma2Config share; ``defaults`` holds each class's own."""
+    return (
+        use("vocab_size", defaults["vocab_size"], "vocab_size"),
+        use("hidden_size", defaults["hidden_size"], "d_model (embeddings scaled by √hidden_size)"),
+        use("intermediate_size", defaults["intermediate_size"], "d_ff"),
+        use("num_hidden_layers", defaults["num_hidden_layers"], "n_layers"),
+        use("num_attention_heads", defaults["num_attention_heads"], "n_heads"),
+        use("num_key_value_heads", defaults["num_key_value_heads"], "n_kv_heads (must divide "
+            "num_attention_heads; null is refused: transformers divides by it)"),
+        use("head_dim", defaults["head_dim"], "head_dim (any size, H·D ≠ C allowed; null is "
+            "refused: the attention reshapes to it)"),
+        use(activation, "gelu_pytorch_tanh", f"the gated MLP's activation: {activations}"),
+        use("max_position_embeddings", defaults["max_position_embeddings"],
+            "max_seq_len (longer sequences are refused)"),
+        use("rms_norm_eps", 1e-6, "norm_eps of the (1 + w) RMSNorms"),
+        use("attention_bias", False, "qkv_bias and out_bias (q, k, v and o projections)"),
+        use("pad_token_id", 0, "padding_idx: nn.Embedding(padding_idx=pad) gives that row no "
+            "gradient (null or ids outside the vocabulary: none)", nullable=True),
+        use("tie_word_embeddings", True, "tie_embeddings"),
+        use("rope_parameters", None, "rope_theta; rope_type default, linear, dynamic, yarn or "
+            "llama3 → the rope_* scaling fields (longrope, proportional refused; see _rope_scaling)"),
+        use("rope_scaling", None, "legacy spelling of rope_parameters; wins over it (transformers)"),
+        use("original_max_position_embeddings", None, "yarn / llama3: wins over the one in "
+            "rope_parameters (transformers); refused if both differ", nullable=True),
+        use("rope_theta", None, "legacy top-level theta (default 10000), used when "
+            "rope_parameters lacks one"),
+        use("partial_rotary_factor", None, "legacy top-level factor; refused unless 1 (the "
+            "rotary tables cover the whole head)"),
+        only("use_bidirectional_attention", (None, False), "non-causal attention (the "
+             "embedding-model variant)"),
+        only("is_causal", (True,), "masking_utils reads getattr(config, 'is_causal', True): "
+             "false gives every layer a bidirectional mask"),
+        ignore("attention_dropout", _TRAINING_DROPOUT + "; no npformer counterpart"),
+    )
+
+
+def _build_gemma_like(v: _Values, activation: str, activations: Dict[str, str]) -> dict:
+    C, H = v.count("hidden_size"), v.count("num_attention_heads")
+    K, D = v.count("num_key_value_heads"), v.count("head_dim")
+    if H % K:
+        raise ValueError(f"config.json field num_key_value_heads={K} must divide "
+                         f"num_attention_heads={H} (each key/value head serves H / K query heads)")
+    rope = _rope(v, 10000.0, neox=False)
+    bias = v.flag("attention_bias")
+    pad, vocab = v["pad_token_id"], v["vocab_size"]
+    return _common(v, vocab_size=vocab, d_model=C, n_layers=v.count("num_hidden_layers"),
+                   n_heads=H, n_kv_heads=K, head_dim=D, **rope["fields"],  # max_seq_len too
+                   d_ff=v["intermediate_size"],
+                   ffn=_activation(v, activation, activations), ffn_bias=False,
+                   norm="rmsnorm", norm_bias=False, norm_eps=v.number("rms_norm_eps"),
+                   norm_unit_offset=True, scale_embeddings=True,
+                   positions="rope", rope_layout="half", qkv_bias=bias, out_bias=bias,
+                   padding_idx=pad if type(pad) is int and 0 <= pad < vocab else None,
+                   tie_embeddings=v.flag("tie_word_embeddings"), dropout=0.0)
+
+
+def _build_gemma(v: _Values) -> dict:
+    return _build_gemma_like(v, "hidden_act", GEMMA_ACTIVATIONS)
+
+
+def _softcap(v: _Values, name: str) -> Optional[float]:
+    """A soft-cap field: null = off, else a number > 0 (transformers divides by it)."""
+    if v[name] is None:
+        return None
+    cap = v.number(name)
+    if not cap > 0:
+        raise ValueError(f"config.json field {name}={v[name]!r} must be > 0 (or null for no cap)")
+    return cap
+
+
+def _build_gemma2(v: _Values) -> dict:
+    fields = _build_gemma_like(v, "hidden_activation", GEMMA2_ACTIVATIONS)
+    C, H, L = fields["d_model"], fields["n_heads"], fields["n_layers"]
+    if C % H:  # Gemma2Config.validate_architecture refuses it, whatever head_dim says
+        raise ValueError(f"config.json field hidden_size={C} must be a multiple of "
+                         f"num_attention_heads={H} (transformers' Gemma2Config refuses it)")
+    types = v["layer_types"]
+    if types is None:  # Gemma2Config.__post_init__: sliding on even layers, full on odd
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)]
+    if not isinstance(types, list) or any(not isinstance(t, str) or t not in _GEMMA2_LAYER_TYPES
+                                          for t in types):
+        raise ValueError(f"config.json field layer_types={types!r} must list "
+                         f"{sorted(_GEMMA2_LAYER_TYPES)} per layer")
+    if len(types) != L:
+        raise ValueError(f"config.json field layer_types has {len(types)} entries for "
+                         f"num_hidden_layers={L}")
+    scalar = v["query_pre_attn_scalar"]
+    if isinstance(scalar, bool) or not isinstance(scalar, int) or scalar < 1:
+        raise ValueError(f"config.json field query_pre_attn_scalar={scalar!r} must be an integer "
+                         "≥ 1 (transformers' Gemma2Config types it int)")
+    pattern = tuple(_GEMMA2_LAYER_TYPES[t] for t in types)
+    # create_sliding_window_causal_mask runs (and needs the value) even without a sliding layer
+    window = v.count("sliding_window")
+    return {**fields, "sandwich_norm": True, "attention_pattern": pattern,
+            "window": window if "local" in pattern else None,
+            "attention_scale": scalar ** -0.5,  # Gemma2Attention.scaling, a Python float
+            "attention_softcap": _softcap(v, "attn_logit_softcapping"),
+            "final_logit_softcap": _softcap(v, "final_logit_softcapping")}
+
+
+_GEMMA_FIELDS = _COMMON + _gemma_fields(dict(
+    vocab_size=256000, hidden_size=3072, intermediate_size=24576, num_hidden_layers=28,
+    num_attention_heads=16, num_key_value_heads=16, head_dim=256, max_position_embeddings=8192),
+    "hidden_act", GEMMA_ACTIVATIONS) + (
+    ignore("hidden_activation", "transformers 5's GemmaMLP reads hidden_act only (4.x preferred "
+           "hidden_activation when set)"),
+)
+_GEMMA2_FIELDS = _COMMON + _gemma_fields(dict(
+    vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192),
+    "hidden_activation", GEMMA2_ACTIVATIONS) + (
+    ignore("hidden_act", "Gemma2MLP reads hidden_activation only"),
+    use("query_pre_attn_scalar", 256, "attention_scale = query_pre_attn_scalar^(−1/2) (an int)"),
+    use("layer_types", None, "attention_pattern: sliding_attention → local, full_attention (or "
+        "legacy attention) → dense; null = sliding on even layers, full on odd",
+        nullable=True),
+    use("sliding_window", 4096, "window of the local layers: keys i − w < j ≤ i (null is "
+        "refused: transformers builds the sliding mask even without sliding layers)"),
+    use("attn_logit_softcapping", 50.0, "attention_softcap: cap · tanh(scores / cap) after the "
+        "scale, before the mask (null = off)", nullable=True),
+    use("final_logit_softcapping", 30.0, "final_logit_softcap: cap · tanh(logits / cap) "
+        "(null = off)", nullable=True),
+)
+
+
 FAMILIES: Dict[str, Family] = {
     # OpenAIGPTConfig / modeling_openai.py
     "openai-gpt": Family(_COMMON + _SEQUENCE_SUMMARY + _gpt_shape(40478, 512, 768, 12, 12) + (
@@ -835,6 +989,9 @@ FAMILIES: Dict[str, Family] = {
         use("resid_pdrop", 0.0, "dropout; " + _TRAINING_DROPOUT),
         ignore("embd_pdrop", "Phi3Model never reads it"),
     ), _build_phi3),
+    # GemmaConfig / modeling_gemma.py and Gemma2Config / modeling_gemma2.py (issue 16)
+    "gemma": Family(_GEMMA_FIELDS, _build_gemma),
+    "gemma2": Family(_GEMMA2_FIELDS, _build_gemma2),
 }
 READERS = {model_type: family.build for model_type, family in FAMILIES.items()}
 
@@ -960,6 +1117,8 @@ def _write(config: ModelConfig, model_type: str) -> dict:
                 "use_qk_norm": False}
     if model_type in ("mistral", "qwen2", "qwen3", "phi3"):
         return _write_mistral_qwen_phi(config, model_type, llama_like)
+    if model_type in ("gemma", "gemma2"):
+        return _write_gemma(config, model_type, base)
     raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(READERS)}")
 
 
@@ -986,6 +1145,35 @@ def _write_mistral_qwen_phi(config: ModelConfig, model_type: str, llama_like: di
                   layer_types=["sliding_attention" if is_local else "full_attention"
                                for is_local in local])
     return hf
+
+
+def _write_gemma(config: ModelConfig, model_type: str, base: dict) -> dict:
+    """Gemma / Gemma 2 config.json (issue 16); whatever it cannot express comes back different
+    from the reader, and hf_config_from_config then refuses the family."""
+    hf = {**base, "hidden_size": config.d_model, "num_hidden_layers": config.n_layers,
+          "num_attention_heads": config.n_heads, "num_key_value_heads": config.kv_heads,
+          "head_dim": config.head_size, "max_position_embeddings": _max_position_embeddings(config),
+          "intermediate_size": config.ffn_width, "rms_norm_eps": config.norm_eps,
+          "attention_bias": config.qkv_bias, "rope_parameters": _rope_parameters(config),
+          "pad_token_id": config.padding_idx, "use_bidirectional_attention": False,
+          "attention_dropout": 0.0}
+    # an FFN Gemma has no name for: written as the default, so the comparison names ffn
+    activation = _GEMMA_GLU_TO_HF.get(config.ffn, "gelu_pytorch_tanh")
+    if model_type == "gemma":
+        return {**hf, "hidden_act": activation}
+    # query_pre_attn_scalar is an int: the scale must be n^(−1/2) for a whole n
+    scale = config.attention_scale if config.attention_scale is not None else config.head_size ** -0.5
+    scalar = round(scale ** -2)
+    if scalar < 1 or scalar ** -0.5 != scale:
+        raise ValueError(f"attention_scale={config.attention_scale!r} cannot be saved as model_type "
+                         "'gemma2': transformers' scale is query_pre_attn_scalar^(-1/2) for an "
+                         "integer query_pre_attn_scalar")
+    layer_types = ["full_attention" if config.layer_window(l) is None else "sliding_attention"
+                   for l in range(config.n_layers)]
+    return {**hf, "hidden_activation": activation, "query_pre_attn_scalar": scalar,
+            "layer_types": layer_types, "sliding_window": config.window or 4096,
+            "attn_logit_softcapping": config.attention_softcap,
+            "final_logit_softcapping": config.final_logit_softcap}
 
 
 def _architecture(config: ModelConfig) -> dict:

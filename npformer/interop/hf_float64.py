@@ -25,13 +25,23 @@ outputs agree to float32 precision, so no patch changes the maths):
    ``inv_freq``, scaling and tables; Phi-3's for its first int(D · partial_rotary_factor)
    channels) and of ``LlamaRMSNorm`` (float32 upcast; Qwen3's q/k norms are the same class):
    patches 4 (half-split) and 5 on each family's classes (:func:`_mistral_qwen_phi_patches`).
+9. ``GemmaRMSNorm`` / ``Gemma2RMSNorm`` compute x / √(mean(x²) + eps) · (1 + w) in float32
+   (``x.float()``, ``weight.float()``) and cast back: computed in the input's dtype.
+10. Gemma / Gemma 2 rotary embeddings: as 4 (half-split tables).
+11. Gemma / Gemma 2 ``*TextScaledWordEmbedding`` multiply by the ``embed_scale`` buffer, made
+    by ``torch.tensor(√C)`` in the default dtype: a model built in float32 and moved to float64
+    keeps √C rounded to float32 (6e-8 off). Multiplied by √C in the weights' dtype instead
+    (``from_pretrained(dtype=float64)`` already builds it so).
+12. Gemma 2's ``eager_attention_forward`` (the only attention it supports with soft-capping;
+    ``from_pretrained`` picks it) takes its softmax in float32: as 1, 2.
 
 :func:`float64_patches` lists the patches that touch one ``model_type``'s modeling code
 (``npformer compare --hf DIR`` prints them).
 
 Use ``with exact_float64(): hf = AutoModelForCausalLM.from_pretrained(...); hf(ids)`` —
 building and running inside. The eager softmax of some families also runs in float32; use
-the ``sdpa`` attention implementation (the default of ``from_pretrained``) for those.
+the ``sdpa`` attention implementation (the default of ``from_pretrained``) for those (Gemma 2
+has no sdpa: its eager attention is patched, 12).
 """
 
 from __future__ import annotations
@@ -122,6 +132,8 @@ def _patches():
     """(owner, attribute, replacement) for every patch of the module docstring."""
     import torch
     from transformers.models.cohere import modeling_cohere
+    from transformers.models.gemma import modeling_gemma
+    from transformers.models.gemma2 import modeling_gemma2
     from transformers.models.gpt_neo import modeling_gpt_neo
     from transformers.models.gpt_neox import modeling_gpt_neox
     from transformers.models.gptj import modeling_gptj
@@ -146,7 +158,24 @@ def _patches():
         rotate = modeling_cohere.rotate_half
         return q * cos + rotate(q) * sin, k * cos + rotate(k) * sin
 
-    return _mistral_qwen_phi_patches(float64_rotary_forward(), rmsnorm) + [
+    def gemma_rmsnorm(self, x):  # 9: x / √(mean(x²) + eps) · (1 + w)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1.0 + self.weight)
+
+    def gemma_scaled_embedding(self, input_ids):  # 11: lookup · √C in the weights' dtype
+        scale = torch.tensor(self.scalar_embed_scale, dtype=self.weight.dtype)
+        return torch.nn.Embedding.forward(self, input_ids) * scale
+
+    gemma = [  # issue 16
+        (modeling_gemma.GemmaRMSNorm, "forward", gemma_rmsnorm),
+        (modeling_gemma2.Gemma2RMSNorm, "forward", gemma_rmsnorm),
+        (modeling_gemma.GemmaRotaryEmbedding, "forward", float64_rotary_forward()),
+        (modeling_gemma2.Gemma2RotaryEmbedding, "forward", float64_rotary_forward()),
+        (modeling_gemma.GemmaTextScaledWordEmbedding, "forward", gemma_scaled_embedding),
+        (modeling_gemma2.Gemma2TextScaledWordEmbedding, "forward", gemma_scaled_embedding),
+        (modeling_gemma2, "eager_attention_forward",
+         in_model_dtype(modeling_gemma2.eager_attention_forward, torch)),
+    ]
+    return _mistral_qwen_phi_patches(float64_rotary_forward(), rmsnorm) + gemma + [
         (modeling_cohere, "apply_rotary_pos_emb", cohere_rotary),
         (modeling_gpt_neo.GPTNeoSelfAttention, "_attn",
          in_model_dtype(modeling_gpt_neo.GPTNeoSelfAttention._attn, torch)),

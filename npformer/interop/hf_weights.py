@@ -172,6 +172,32 @@ def _llama_rules(config: ModelConfig, params, model_type: str) -> List[Rule]:
     return rules
 
 
+def _gemma_rules(config: ModelConfig, params, model_type: str) -> List[Rule]:
+    """Gemma: Llama's names. Gemma 2's four norms per layer: input_layernorm before attention,
+    post_attention_layernorm on the attention's *output* (not before the MLP, as in Gemma and
+    Llama), pre_feedforward_layernorm before the MLP, post_feedforward_layernorm on its output.
+    The stored weights are w of the (1 + w) scale on both sides."""
+    rules = [_same("model.embed_tokens.weight", "embed.tokens.weight")]
+    norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm"))
+    if model_type == "gemma2":
+        norms = (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "attn_post_norm"),
+                 ("pre_feedforward_layernorm", "ffn_norm"),
+                 ("post_feedforward_layernorm", "ffn_post_norm"))
+    for l in range(config.n_layers):
+        h, ours = f"model.layers.{l}", f"layers.{l}"
+        for hf_norm, our_norm in norms:
+            _norm(rules, f"{h}.{hf_norm}", f"{ours}.{our_norm}", params)
+        for p in "qkv":
+            _linear(rules, f"{h}.self_attn.{p}_proj", f"{ours}.attn.{p}_proj", params)
+        _linear(rules, f"{h}.self_attn.o_proj", f"{ours}.attn.out_proj", params)
+        for p in ("gate", "up", "down"):
+            _linear(rules, f"{h}.mlp.{p}_proj", f"{ours}.ffn.{p}", params)
+    _norm(rules, "model.norm", "final_norm", params)
+    if not config.tie_embeddings:
+        _linear(rules, "lm_head", "lm_head", params)
+    return rules
+
+
 def rules_for(config: ModelConfig, params: Dict[str, np.ndarray], model_type: str) -> List[Rule]:
     """The rules mapping a model's parameters ``params`` to ``model_type``'s tensors."""
     if model_type in ("openai-gpt", "gpt2", "gpt_neo", "gptj"):
@@ -180,6 +206,8 @@ def rules_for(config: ModelConfig, params: Dict[str, np.ndarray], model_type: st
         rules = _neox_rules(config, params)
     elif model_type in ("llama", "cohere", "mistral", "qwen2", "qwen3", "phi3"):
         rules = _llama_rules(config, params, model_type)
+    elif model_type in ("gemma", "gemma2"):
+        rules = _gemma_rules(config, params, model_type)
     else:
         raise ValueError(f"unsupported model_type {model_type!r}")
     if config.tie_embeddings and config.lm_head_bias:
