@@ -303,6 +303,10 @@ def test_reorder_and_upcast_attn_changes_precision_only(tmp_path):
     ("gpt2", dict(add_cross_attention=True), r"field add_cross_attention=True is not supported"),
     ("cohere", dict(use_qk_norm=True), r"field use_qk_norm=True is not supported"),
     ("llama", dict(partial_rotary_factor=0.5), r"partial_rotary_factor=0.5 is not supported"),
+    # transformers' masking_utils then builds a bidirectional mask (llama: first-position logits
+    # 0.037 apart from the causal model we used to load silently)
+    ("llama", dict(is_causal=False), r"field is_causal=False is not supported"),
+    ("gpt2", dict(is_causal=False), r"field is_causal=False is not supported"),
 ])
 def test_unreproducible_fields_are_refused_by_name(tmp_path, model_type, changes, message):
     path = _saved(tmp_path, model_type)

@@ -84,10 +84,9 @@ PLAIN_ACTIVATIONS = {"gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_ta
 # function in ACT2FN) is SwiGLU; the exact erf GeLU is GeGLU (ours is the erf form); the tanh
 # GeLU under any of its five ACT2FN names (gelu_fast's rounded √(2/π) as above) is
 # geglu_tanh. Every other ACT2FN name (relu, quick_gelu, …) has no gated counterpart here.
+_GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_new", "gelu_python_tanh", "gelu_accurate", "gelu_fast")
 GLU_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu", "gelu_python": "geglu",
-                   **{name: "geglu_tanh" for name in ("gelu_new", "gelu_pytorch_tanh",
-                                                      "gelu_python_tanh", "gelu_accurate",
-                                                      "gelu_fast")}}
+                   **{name: "geglu_tanh" for name in _GELU_TANH_NAMES}}
 # openai-gpt's own ACT_FNS (not ACT2FN): its "gelu" is the tanh form; silu/swish are refused
 OPENAI_GPT_ACTIVATIONS = {"gelu": "gelu_tanh", "relu": "relu"}
 _FFN_TO_HF = {"relu": "relu", "gelu": "gelu", "gelu_tanh": "gelu_new"}
@@ -131,6 +130,8 @@ _COMMON = (
     ignore("chunk_size_feed_forward", "not read by these families (chunking computes the same)"),
     ignore("is_encoder_decoder", "AutoModelForCausalLM of these families is decoder-only"),
     ignore("is_decoder", "these families are always causal"),
+    only("is_causal", (True,), "masking_utils reads getattr(config, 'is_causal', True) for every "
+         "family but openai-gpt: false gives every layer a bidirectional mask"),
     ignore("attn_implementation", "eager/sdpa: the same maths, different rounding"),
     ignore("_attn_implementation", "eager/sdpa: the same maths, different rounding"),
 )
@@ -689,11 +690,9 @@ _QWEN_WINDOW_FIELDS = (
 # GemmaConfig.__post_init__ rewrites hidden_act "gelu" to "gelu_pytorch_tanh" (the released
 # Gemma configs say "gelu" and mean the tanh form), so for Gemma "gelu" is the tanh GeGLU;
 # the exact erf GeLU is spelled "gelu_python" there.
-_GELU_TANH_NAMES = ("gelu_pytorch_tanh", "gelu_new", "gelu_python_tanh", "gelu_accurate", "gelu_fast")
-GEMMA_ACTIVATIONS = {**{name: "geglu_tanh" for name in _GELU_TANH_NAMES}, "gelu": "geglu_tanh",
-                     "gelu_python": "geglu", "silu": "swiglu", "swish": "swiglu"}
+GEMMA_ACTIVATIONS = {**GLU_ACTIVATIONS, "gelu": "geglu_tanh"}
 # Gemma2Config rewrites nothing: its hidden_activation "gelu" is ACT2FN's exact erf GeLU.
-GEMMA2_ACTIVATIONS = {**{name: "geglu_tanh" for name in _GELU_TANH_NAMES}, **GLU_ACTIVATIONS}
+GEMMA2_ACTIVATIONS = GLU_ACTIVATIONS
 _GEMMA_GLU_TO_HF = {"geglu_tanh": "gelu_pytorch_tanh", "geglu": "gelu_python", "swiglu": "silu"}
 # Gemma2Model picks each layer's mask by name ({"full_attention", "sliding_attention"}: any
 # other type is a KeyError there); "attention" is the legacy spelling transformers remaps to
@@ -732,8 +731,6 @@ def _gemma_fields(defaults: dict, activation: str, activations: Dict[str, str]):
             "rotary tables cover the whole head)"),
         only("use_bidirectional_attention", (None, False), "non-causal attention (the "
              "embedding-model variant)"),
-        only("is_causal", (True,), "masking_utils reads getattr(config, 'is_causal', True): "
-             "false gives every layer a bidirectional mask"),
         ignore("attention_dropout", _TRAINING_DROPOUT + "; no npformer counterpart"),
     )
 
