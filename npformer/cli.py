@@ -2,7 +2,8 @@
 
     npformer gradcheck [NAME ...] [--json] [--list] [--preset NAME|all ...]
     npformer presets [--json]
-    npformer compare (--preset NAME|all ... | --hf DIR [--prompt TEXT]) [--dtype D] [--json]
+    npformer compare (--preset NAME|all ... | --family NAME|all ... | --hf DIR [--prompt TEXT])
+                     [--dtype D] [--json]
     npformer train [--preset NAME] [--steps N] [--out DIR] [--resume] ...
     npformer sample (--ckpt RUN_DIR | --hf DIR [--dtype D]) [--prompt TEXT] [--tokens N]
                     [--temperature T] [--top-k K] [--seed S]
@@ -91,17 +92,19 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         print(f"npformer compare needs torch and transformers (pip install -e \".[test]\"): "
               f"{error}", file=sys.stderr)
         return 2
-    from .interop.compare import compare_hf_dir, compare_preset
+    from .interop.compare import compare_example, compare_hf_dir, compare_preset
+    from .interop.hf_examples import EXAMPLES
     from .presets import get_preset, preset_names
 
-    if bool(args.preset) == bool(args.hf):
-        print("npformer compare: give --preset NAME (repeatable, or 'all') or --hf DIR",
-              file=sys.stderr)
+    if sum(map(bool, (args.preset, args.hf, args.family))) != 1:
+        print("npformer compare: give one of --preset NAME, --family NAME (each repeatable, or "
+              "'all') and --hf DIR", file=sys.stderr)
         return 2
     if args.prompt is not None and not args.hf:
         print("npformer compare: --prompt needs --hf DIR (a checkpoint with a tokenizer.json)",
               file=sys.stderr)
         return 2
+    transformers.utils.logging.disable_progress_bar()  # no bars between the table's lines
     reports = []
     try:
         if args.hf:
@@ -111,6 +114,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
                 from .interop.hf_float64 import float64_patches_line
 
                 print(float64_patches_line(args.hf), file=sys.stderr if args.json else sys.stdout)
+        elif args.family:
+            names = list(EXAMPLES) if "all" in args.family else args.family
+            unknown = sorted(set(names) - set(EXAMPLES))
+            if unknown:
+                raise ValueError(f"unknown --family {', '.join(unknown)}; choose among "
+                                 f"{list(EXAMPLES)} or 'all'")
+            for name in names:
+                reports += compare_example(name, args.dtype)
         else:
             names = preset_names() if "all" in args.preset else args.preset
             for name in names:
@@ -385,6 +396,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--preset", action="append", metavar="NAME",
                          help="a tiny instance of this preset with random weights (repeatable; 'all')")
     compare.add_argument("--hf", metavar="DIR", help="a local Hugging Face checkpoint directory")
+    compare.add_argument("--family", action="append", metavar="NAME",
+                         help="a tiny random-weight checkpoint of this Hugging Face family "
+                         "(mistral, qwen2, qwen3, phi3, gemma, gemma2, llama-rope-linear|"
+                         "dynamic|yarn|llama3) written by transformers' save_pretrained, "
+                         "compared as --hf DIR (repeatable; 'all')")
     compare.add_argument("--prompt", metavar="TEXT",
                          help="with --hf: compare on this text's tokens (encoded by the "
                          "checkpoint's tokenizer.json, special tokens included; each token "

@@ -62,6 +62,41 @@ def test_bad_requests_are_clear_errors(capsys):
     assert "unknown preset 'gpt5'" in capsys.readouterr().err
     assert main(["compare", "--hf", "/nonexistent/dir"]) == 2
     assert "not a Hugging Face checkpoint directory" in capsys.readouterr().err
+    assert main(["compare", "--family", "gemma3"]) == 2
+    assert "unknown --family gemma3" in capsys.readouterr().err
+    assert main(["compare", "--family", "gemma", "--preset", "gpt2"]) == 2
+    assert "give one of --preset NAME, --family NAME" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_every_family_example_passes(capsys, dtype):
+    """``npformer compare --family all``: a save_pretrained checkpoint of every issue-16 family
+    and RoPE scaling type, every tensor compared; the README's family table comes from it."""
+    from npformer.interop.hf_examples import EXAMPLES
+
+    assert main(["compare", "--family", "all", "--dtype", dtype, "--json"]) == 0
+    reports = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in reports} == set(EXAMPLES)
+    assert all(r["passed"] for r in reports)
+    # logits, loss and every gradient of each example: at least 10 tensors each
+    assert all(sum(r["name"] == name for r in reports) >= 10 for name in EXAMPLES)
+
+
+def test_a_family_example_mismatch_fails(monkeypatch, capsys):
+    """The example path catches a broken gradient like --hf does (Gemma's (1 + w) norm)."""
+    from npformer.nn import norm
+
+    original = norm.RMSNorm.backward
+
+    def broken(self, dy, cache):
+        dx = original(self, dy, cache)
+        self.grads["weight"] *= 1 + 1e-9
+        return dx
+
+    monkeypatch.setattr(norm.RMSNorm, "backward", broken)
+    assert main(["compare", "--family", "gemma"]) == 1
+    assert "model.norm.weight" in [line.split()[1] for line in capsys.readouterr().out.splitlines()
+                                   if line.rstrip().endswith("FAIL")]
 
 
 def _cohere_dir(tmp_path):

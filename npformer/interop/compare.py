@@ -163,3 +163,13 @@ def compare_preset(name: str, dtype: str = "float64", seed: int = 0) -> List[Ten
     with tempfile.TemporaryDirectory() as directory:
         save_hf(model, directory)
         return compare_hf_dir(directory, dtype, name=name)
+
+
+def compare_example(name: str, dtype: str = "float64", seed: int = 0) -> List[TensorReport]:
+    """A tiny random-weight checkpoint of a Hugging Face family, written by transformers'
+    ``save_pretrained`` (:mod:`npformer.interop.hf_examples`), through :func:`compare_hf_dir`."""
+    from .hf_examples import write_example
+
+    with tempfile.TemporaryDirectory() as directory:
+        write_example(name, directory, dtype, seed)
+        return compare_hf_dir(directory, dtype, name=name)
