@@ -205,3 +205,21 @@ def modules_of(model, kind) -> list:
             found.append(module)
         stack.extend(child for _, child in module.named_children())
     return found
+
+
+def edit_config_json(path, rename=(), drop=(), **values) -> dict:
+    """Rewrite ``path``/config.json as a hand-written or older config would be: keys renamed
+    (old → new), dropped, or set. Returns the new contents."""
+    import json
+
+    file = f"{path}/config.json"
+    with open(file) as f:
+        hf = json.load(f)
+    for old, new in dict(rename).items():
+        hf[new] = hf.pop(old)
+    for key in drop:
+        hf.pop(key, None)
+    hf.update(values)
+    with open(file, "w") as f:
+        json.dump(hf, f)
+    return hf

@@ -36,9 +36,9 @@ def test_every_preset_matches_its_torch_twin(dtype):
         assert tensors[:2] == ["logits", "loss"] and len(tensors) > 10
 
 
-def test_a_wrong_gradient_fails_the_comparison(monkeypatch, capsys):
-    # break the RMSNorm weight gradient by 1e-9 relative: far below float32 noise, far above
-    # float64 rounding — the float64 comparison must catch it
+def _break_rmsnorm_weight_gradient(monkeypatch) -> None:
+    """Every RMSNorm weight gradient 1e-9 relative off: far below float32 noise, far above
+    float64 rounding — a float64 comparison must catch it."""
     from npformer.nn import norm
 
     original = norm.RMSNorm.backward
@@ -49,9 +49,16 @@ def test_a_wrong_gradient_fails_the_comparison(monkeypatch, capsys):
         return dx
 
     monkeypatch.setattr(norm.RMSNorm, "backward", broken)
+
+
+def _failed_tensors(out: str):
+    return [line.split()[1] for line in out.splitlines() if line.rstrip().endswith("FAIL")]
+
+
+def test_a_wrong_gradient_fails_the_comparison(monkeypatch, capsys):
+    _break_rmsnorm_weight_gradient(monkeypatch)
     assert main(["compare", "--preset", "llama2"]) == 1
-    out = capsys.readouterr().out
-    failed = [line.split()[1] for line in out.splitlines() if line.rstrip().endswith("FAIL")]
+    failed = _failed_tensors(capsys.readouterr().out)
     assert "model.norm.weight" in failed and "logits" not in failed
 
 
@@ -84,19 +91,9 @@ def test_every_family_example_passes(capsys, dtype):
 
 def test_a_family_example_mismatch_fails(monkeypatch, capsys):
     """The example path catches a broken gradient like --hf does (Gemma's (1 + w) norm)."""
-    from npformer.nn import norm
-
-    original = norm.RMSNorm.backward
-
-    def broken(self, dy, cache):
-        dx = original(self, dy, cache)
-        self.grads["weight"] *= 1 + 1e-9
-        return dx
-
-    monkeypatch.setattr(norm.RMSNorm, "backward", broken)
+    _break_rmsnorm_weight_gradient(monkeypatch)
     assert main(["compare", "--family", "gemma"]) == 1
-    assert "model.norm.weight" in [line.split()[1] for line in capsys.readouterr().out.splitlines()
-                                   if line.rstrip().endswith("FAIL")]
+    assert "model.norm.weight" in _failed_tensors(capsys.readouterr().out)
 
 
 def _cohere_dir(tmp_path):

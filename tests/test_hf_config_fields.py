@@ -29,6 +29,7 @@ import pytest
 import torch
 import transformers
 
+from helpers import edit_config_json
 from npformer.interop import compare as compare_module
 from npformer.interop import load_hf, save_hf
 from npformer.interop.compare import compare_hf_dir
@@ -80,19 +81,6 @@ def _saved(path, model_type, **changes):
     return str(path)
 
 
-def _edit(path, rename=(), drop=(), **values):
-    """Rewrite path/config.json: keys renamed (old → new), dropped, or set."""
-    file = f"{path}/config.json"
-    with open(file) as f:
-        hf = json.load(f)
-    for old, new in dict(rename).items():
-        hf[new] = hf.pop(old)
-    for key in drop:
-        hf.pop(key, None)
-    hf.update(values)
-    with open(file, "w") as f:
-        json.dump(hf, f)
-    return hf
 
 
 def _assert_reproduced(path):
@@ -160,18 +148,18 @@ def test_every_config_attribute_the_modeling_code_reads_is_in_its_table():
 ])
 def test_attribute_map_aliases_are_read_like_the_names(tmp_path, model_type, rename):
     path = _saved(tmp_path, model_type)
-    hf = _edit(path, rename=rename)
+    hf = edit_config_json(path, rename=rename)
     assert not set(rename) & set(hf)
     _assert_reproduced(path)
 
 
 def test_the_same_field_spelled_twice_with_different_values_is_refused(tmp_path):
     path = _saved(tmp_path, "gpt2")
-    _edit(path, hidden_size=24)  # n_embd stays 12; transformers would silently take 24
+    edit_config_json(path, hidden_size=24)  # n_embd stays 12; transformers would silently take 24
     with pytest.raises(ValueError, match=r"config.json gives n_embd twice with different values "
                                          r"\(n_embd=12, hidden_size=24\)"):
         load_hf(path)
-    _edit(path, hidden_size=12)  # the same value twice is fine
+    edit_config_json(path, hidden_size=12)  # the same value twice is fine
     assert load_hf(path).config.d_model == 12
 
 
@@ -205,7 +193,7 @@ def test_accepted_activation_names_reproduce_the_model(tmp_path, model_type, fie
 ])
 def test_other_activation_names_are_refused_by_name(tmp_path, model_type, field, name):
     path = _saved(tmp_path, model_type)
-    _edit(path, **{field: name})
+    edit_config_json(path, **{field: name})
     with pytest.raises(ValueError, match=rf"config.json: config.json field {field}={name!r} is not "
                                          rf"supported for model_type {model_type!r}; supported: \["):
         load_hf(path)
@@ -224,7 +212,7 @@ def test_absent_fields_mean_transformers_defaults(tmp_path, model_type, drop):
     class default of transformers — the old reader used 1.0, 10000, no pad row, and a full
     rotation instead."""
     path = _saved(tmp_path, model_type)  # compare_hf_dir's batch holds id 0 (the pad row)
-    _edit(path, drop=drop)
+    edit_config_json(path, drop=drop)
     _assert_reproduced(path)
 
 
@@ -232,7 +220,7 @@ def test_gptj_absent_rotary_dim_is_64(tmp_path):
     """GPTJConfig's rotary_dim default is 64: with 72-channel heads, 64 are rotated (the old
     reader rotated all 72)."""
     path = _saved(tmp_path, "gptj", n_embd=144, n_head=2, rotary_dim=64)
-    _edit(path, drop=("rotary_dim",))
+    edit_config_json(path, drop=("rotary_dim",))
     assert load_hf(path).config.rotary_dim == 64
     _assert_reproduced(path)
 
@@ -246,7 +234,7 @@ def test_gptj_absent_rotary_dim_is_64(tmp_path):
 ])
 def test_legacy_rope_spellings_reproduce_the_model(tmp_path, model_type, changes):
     path = _saved(tmp_path, model_type)
-    _edit(path, drop=("rope_parameters",), **changes)
+    edit_config_json(path, drop=("rope_parameters",), **changes)
     _assert_reproduced(path)
 
 
@@ -254,13 +242,13 @@ def test_rope_scaling_wins_over_rope_parameters_as_in_transformers(tmp_path):
     """transformers 5 takes the legacy rope_scaling over rope_parameters; the old reader took
     rope_parameters and silently loaded a different theta (or an unscaled RoPE)."""
     path = _saved(tmp_path, "llama")
-    _edit(path, rope_scaling={"rope_type": "default", "rope_theta": 900.0})
+    edit_config_json(path, rope_scaling={"rope_type": "default", "rope_theta": 900.0})
     assert load_hf(path).config.rope_theta == 900.0
     _assert_reproduced(path)
-    _edit(path, rope_scaling={"rope_type": "linear", "factor": 2.0})  # now implemented
+    edit_config_json(path, rope_scaling={"rope_type": "linear", "factor": 2.0})  # now implemented
     assert (load_hf(path).config.rope_type, load_hf(path).config.rope_factor) == ("linear", 2.0)
     _assert_reproduced(path)
-    _edit(path, rope_scaling={"rope_type": "longrope", "factor": 2.0})
+    edit_config_json(path, rope_scaling={"rope_type": "longrope", "factor": 2.0})
     with pytest.raises(ValueError, match=r"rope_scaling rope_type='longrope' is not supported"):
         load_hf(path)
 
@@ -273,7 +261,7 @@ def test_rope_scaling_wins_over_rope_parameters_as_in_transformers(tmp_path):
 ])
 def test_other_implemented_fields_reproduce_the_model(tmp_path, model_type, changes):
     path = _saved(tmp_path, model_type, **changes)
-    _edit(path, **changes)  # as written, whatever save_pretrained dropped
+    edit_config_json(path, **changes)  # as written, whatever save_pretrained dropped
     _assert_reproduced(path)
 
 
@@ -310,7 +298,7 @@ def test_reorder_and_upcast_attn_changes_precision_only(tmp_path):
 ])
 def test_unreproducible_fields_are_refused_by_name(tmp_path, model_type, changes, message):
     path = _saved(tmp_path, model_type)
-    _edit(path, **changes)
+    edit_config_json(path, **changes)
     with pytest.raises(ValueError, match=message):
         load_hf(path)
 

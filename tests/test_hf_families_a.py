@@ -35,7 +35,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import assert_close, assert_hf_round_trip, max_errors
+from helpers import assert_close, assert_hf_round_trip, edit_config_json, max_errors
 from npformer.config import ModelConfig
 from npformer.interop import load_hf, save_hf
 from npformer.interop.compare import compare_hf_dir
@@ -157,17 +157,6 @@ def _checkpoint(case, path, **changes):
     return hf, str(path)
 
 
-def _edit(path, drop=(), **values):
-    """Rewrite path/config.json with keys dropped or set (a hand-written or older config)."""
-    file = f"{path}/config.json"
-    with open(file) as f:
-        hf = json.load(f)
-    for key in drop:
-        hf.pop(key, None)
-    hf.update(values)
-    with open(file, "w") as f:
-        json.dump(hf, f)
-    return hf
 
 
 def _assert_reports_pass(reports, label):
@@ -276,7 +265,7 @@ def test_qwen2_without_use_sliding_window_is_dense(tmp_path):
 ])
 def test_absent_fields_mean_transformers_defaults(tmp_path, case, drop, expected):
     _, directory = _checkpoint(case, tmp_path)
-    _edit(directory, drop=drop)
+    edit_config_json(directory, drop=drop)
     config = load_hf(directory).config
     assert {name: getattr(config, name) for name in expected} == expected
     _assert_reports_pass(compare_hf_dir(directory, "float64"), f"{case} without {drop}")
@@ -287,7 +276,7 @@ def test_mistral_absent_num_key_value_heads_is_8(tmp_path):
     None): a config.json without it has 8 key/value heads."""
     _, directory = _checkpoint("mistral-window", tmp_path, hidden_size=24,
                                num_attention_heads=8, head_dim=4, num_key_value_heads=8)
-    _edit(directory, drop=("num_key_value_heads",))
+    edit_config_json(directory, drop=("num_key_value_heads",))
     assert load_hf(directory).config.kv_heads == 8
     _assert_reports_pass(compare_hf_dir(directory, "float64"), "mistral default kv heads")
 
@@ -336,7 +325,7 @@ def test_unsupported_configs_are_clear_errors(tmp_path, case, values, field):
     """A config.json we cannot reproduce is refused with a ValueError naming the field and
     the value (and the file), never loaded into a model that computes something else."""
     _, directory = _checkpoint(case, tmp_path)
-    _edit(directory, **values)
+    edit_config_json(directory, **values)
     with pytest.raises(ValueError, match=rf"{directory}/config.json: .*{_escaped(field)}"):
         load_hf(directory)
 
@@ -351,7 +340,7 @@ def test_phi3_rope_types_outside_default_and_longrope_are_refused(tmp_path):
     """Phi3Config.validate_rope accepts only 'default' and 'longrope': a 'linear' Phi-3 is no
     model transformers builds, so load_hf refuses it by name too."""
     _, directory = _checkpoint("phi3-dense", tmp_path)
-    _edit(directory, rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=2.0))
+    edit_config_json(directory, rope_parameters=dict(rope_type="linear", rope_theta=500.0, factor=2.0))
     with pytest.raises(ValueError, match="rope_type='linear' is not accepted for phi3"):
         load_hf(directory)
 
@@ -383,7 +372,7 @@ def test_every_act2fn_name_is_accepted_or_refused():
 @pytest.mark.parametrize("name", sorted(_NOT_GATED))
 def test_gated_activations_without_a_counterpart_are_refused_by_name(tmp_path, name):
     _, directory = _checkpoint("qwen2-layer-types", tmp_path)
-    _edit(directory, hidden_act=name)
+    edit_config_json(directory, hidden_act=name)
     with pytest.raises(ValueError, match=rf"hidden_act={name!r} is not supported for model_type "
                                          r"'qwen2'; supported: \["):
         load_hf(directory)
@@ -392,7 +381,7 @@ def test_gated_activations_without_a_counterpart_are_refused_by_name(tmp_path, n
 @pytest.mark.parametrize("name", sorted(_NOT_PLAIN))
 def test_plain_activations_without_a_counterpart_are_refused_by_name(tmp_path, name):
     directory = _neox_checkpoint(tmp_path, "gelu")
-    _edit(directory, hidden_act=name)
+    edit_config_json(directory, hidden_act=name)
     with pytest.raises(ValueError, match=rf"hidden_act={name!r} is not supported for model_type "
                                          r"'gpt_neox'; supported: \["):
         load_hf(directory)
@@ -525,7 +514,7 @@ def test_each_family_table_declares_a_field_once():
 def test_qwen3_absent_head_dim_is_128(tmp_path):
     """Qwen3Config's head_dim default is 128, not hidden_size // heads (= 12 here)."""
     _, directory = _checkpoint("qwen3-dense", tmp_path, head_dim=128)
-    hf = _edit(directory, drop=("head_dim",))
+    hf = edit_config_json(directory, drop=("head_dim",))
     assert "head_dim" not in hf
     assert load_hf(directory).config.head_size == 128
     _assert_reports_pass(compare_hf_dir(directory, "float64"), "qwen3 default head_dim")
@@ -543,7 +532,7 @@ def test_qwen3_absent_head_dim_is_128(tmp_path):
 ])
 def test_legacy_rope_spellings_reproduce_the_model(tmp_path, case, drop, values):
     _, directory = _checkpoint(case, tmp_path)
-    _edit(directory, drop=drop, **values)
+    edit_config_json(directory, drop=drop, **values)
     config = load_hf(directory).config
     assert config.rope_theta == (10000.0 if case == "phi3-partial" else 1000000.0)
     if case == "phi3-partial":
