@@ -21,6 +21,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from npformer.cli import main, sample_hf
 from npformer.interop import load_hf
+from npformer.interop.hf_examples import EXAMPLES, write_example
 from npformer.interop.tokenizer import load_tokenizer, stop_token_ids
 
 transformers.logging.set_verbosity_error()
@@ -187,6 +188,23 @@ def test_sample_hf_greedy_equals_transformers_generate(checkpoint, capsys):
     assert main(argv + ["--no-cache"]) == 0
     assert capsys.readouterr().out == printed
     assert sample_hf(checkpoint, PROMPT, N_NEW, 0.0, dtype="float64", use_cache=False)[2] == new
+
+
+@pytest.mark.parametrize("name", sorted(EXAMPLES))
+def test_every_family_samples_from_a_prompt_as_transformers(tmp_path, name):
+    """Each issue-16 family example (npformer.interop.hf_examples: Mistral, Qwen2/3, Phi-3,
+    Gemma/Gemma 2, the scaled-RoPE llamas), given this tokenizer.json: greedy ``sample --hf``
+    with the KV cache gives transformers' greedy ``generate`` ids in float64."""
+    tokenizer = _byte_level_bpe()
+    path = str(tmp_path / name)
+    write_example(name, path, "float64", vocab_size=tokenizer.get_vocab_size(), bos_token_id=0,
+                  eos_token_id=1, pad_token_id=0)
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+    prompt, n_new = "ROMEO:", 6  # within the examples' 16 positions, past their windows
+    _, prompt_ids, new = sample_hf(path, prompt, n_new, temperature=0.0, dtype="float64")
+    assert len(prompt_ids) + n_new > 4  # past the windows and the scaled RoPEs' original 4
+    assert new == _hf_generate(path, prompt_ids, n_new) and len(new) == n_new
+    assert _greedy_margins(path, prompt_ids, np.asarray(new)).min() > 1e-9
 
 
 def test_sample_hf_stops_at_the_checkpoints_eos(checkpoint, tmp_path):

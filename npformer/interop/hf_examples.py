@@ -67,17 +67,19 @@ EXAMPLES: Dict[str, Tuple[str, dict]] = {
 }
 
 
-def write_example(name: str, path: str, dtype: str = "float64", seed: int = 0) -> str:
+def write_example(name: str, path: str, dtype: str = "float64", seed: int = 0,
+                  **changes) -> str:
     """Write example ``name`` into directory ``path`` with transformers' ``save_pretrained``
-    (weights in ``dtype``); returns ``path``."""
+    (weights in ``dtype``); returns ``path``. ``changes``: config fields to set or override
+    (e.g. a tokenizer's ``vocab_size``, ``bos_token_id``, ``eos_token_id``)."""
     import torch
     import transformers
 
     if name not in EXAMPLES:
         raise ValueError(f"unknown example {name!r}; choose among {sorted(EXAMPLES)}")
     model_type, fields = EXAMPLES[name]
-    fields = {"bos_token_id": 1, "eos_token_id": 2, **fields}
-    config = transformers.AutoConfig.for_model(model_type, vocab_size=VOCAB_SIZE, **fields)
+    fields = {"vocab_size": VOCAB_SIZE, "bos_token_id": 1, "eos_token_id": 2, **fields, **changes}
+    config = transformers.AutoConfig.for_model(model_type, **fields)
     model = transformers.AutoModelForCausalLM.from_config(config).to(getattr(torch, dtype))
     rng = np.random.default_rng(seed)
     with torch.no_grad():
