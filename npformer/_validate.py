@@ -114,6 +114,19 @@ def check_shape(x: np.ndarray, expected: tuple, name: str, meaning: str = "") ->
         raise ValueError(f"{name} must have shape {tuple(expected)}{extra}, got {tuple(x.shape)}")
 
 
+def check_channel_params(x, **params) -> None:
+    """A norm layer's inputs: x (..., C) float with C >= 1 channels, and each named parameter
+    (gain w, bias b) None or a float (C,) array in x's dtype."""
+    check_float(x, "x", min_ndim=1)
+    if x.shape[-1] == 0:
+        raise ValueError(f"x must have at least one channel (x.shape[-1] >= 1), got {x.shape}")
+    for name, param in params.items():
+        if param is not None:
+            check_float(param, name)
+            check_shape(param, (x.shape[-1],), name, "(C,) with C = x.shape[-1]")
+    check_same_dtype(x, "x", **params)
+
+
 def check_ids(ids, name: str, upper: int) -> np.ndarray:
     """Integer token ids with 0 <= id < upper (an ndarray, or a NumPy integer scalar)."""
     if isinstance(ids, np.integer):

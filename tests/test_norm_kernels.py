@@ -76,12 +76,12 @@ def check_rmsnorm(x, weight, dy, eps=1e-6, expected_dtype=None):
     y, cache = norms.rmsnorm_forward(x, weight, eps)
     y_ref, cache_ref = functional_rms.rmsnorm_forward(cast(x), cast(weight), eps)
     assert isinstance(cache, RMSNormCache)
-    assert cache.rinv.shape == cache_ref.rinv.shape and (cache.weight is None) == (weight is None)
+    assert cache.rstd.shape == cache_ref.rstd.shape and (cache.weight is None) == (weight is None)
     grads = norms.rmsnorm_backward(dy, cache)
     grads_ref = functional_rms.rmsnorm_backward(cast(dy), cache_ref)
     assert_kernel_matches(y, y_ref, dtype, "y")
     assert_kernel_matches(cache.xhat, cache_ref.xhat, dtype, "xhat")
-    assert_kernel_matches(cache.rinv, cache_ref.rinv, dtype, "rinv")
+    assert_kernel_matches(cache.rstd, cache_ref.rstd, dtype, "rstd")
     for name, got, want in zip(("dx", "dweight"), grads, grads_ref):
         assert (got is None) == (want is None), name
         if want is not None:

@@ -42,14 +42,10 @@ class DropoutCache(NamedTuple):
     dtype: np.dtype  # dtype of x
 
 
-def dropout_forward(x: np.ndarray, p: float, rng: np.random.Generator, training: bool = True):
-    """``y = x ⊙ mask / (1 − p)``, mask ~ Bernoulli(1 − p) drawn from ``rng``.
-
-    x: (...)  →  y: (...), x's dtype. p in [0, 1]. rng: a ``numpy.random.Generator``
-    (``np.random.default_rng(seed)``). training=False, or p = 0, is the identity and draws
-    nothing from rng.
-    """
-    x = check_float(x, "x")
+def _check_dropout_inputs(x, p, rng, training) -> float:
+    """x a finite float array, p in [0, 1] (returned as a float), rng a Generator, training a
+    bool."""
+    check_float(x, "x")
     p = check_probability(p, "p", allow_one=True)
     if not isinstance(rng, np.random.Generator):
         raise ValueError(
@@ -59,7 +55,17 @@ def dropout_forward(x: np.ndarray, p: float, rng: np.random.Generator, training:
     if not isinstance(training, (bool, np.bool_)):
         raise ValueError(f"training must be True or False, got {type(training).__name__} "
                          f"{training!r}")
+    return p
 
+
+def dropout_forward(x: np.ndarray, p: float, rng: np.random.Generator, training: bool = True):
+    """``y = x ⊙ mask / (1 − p)``, mask ~ Bernoulli(1 − p) drawn from ``rng``.
+
+    x: (...)  →  y: (...), x's dtype. p in [0, 1]. rng: a ``numpy.random.Generator``
+    (``np.random.default_rng(seed)``). training=False, or p = 0, is the identity and draws
+    nothing from rng.
+    """
+    p = _check_dropout_inputs(x, p, rng, training)
     if not training or p == 0.0:
         # identity; a copy, so that writing into y never changes the caller's x
         return x.copy(), DropoutCache(None, 1.0, x.shape, x.dtype)
@@ -67,9 +73,9 @@ def dropout_forward(x: np.ndarray, p: float, rng: np.random.Generator, training:
         mask = np.zeros(x.shape, dtype=bool)  # everything dropped
         scale = 0.0  # y = 0; 1/(1 − p) would be 1/0
     else:
-        mask = rng.random(x.shape) >= p  # kept with probability 1 − p    (...) bool
+        mask = rng.random(x.shape) >= p  # m ~ Bernoulli(1 − p)    (...) bool
         scale = 1.0 / (1.0 - p)  # a Python float: keeps float32 arrays float32
-    y = x * mask * scale  # (...)
+    y = x * mask * scale  # y = x ⊙ m / (1 − p)    (...)
     return np.asarray(y), DropoutCache(mask, scale, x.shape, x.dtype)
 
 

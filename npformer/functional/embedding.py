@@ -8,9 +8,9 @@ Flatten ids into N positions. The lookup copies one row per position,
 
     out[n, c] = W[ids[n], c] = Σ_v [ids[n] = v] W[v, c]
 
-([·] is 1 when true, 0 otherwise: a one-hot row times W). Given dout = ∂L/∂out (N, C):
+([·] is 1 when true, 0 otherwise: a one-hot row times W). Given dout = ∂ℓ/∂out (N, C):
 
-    ∂L/∂W[v, c] = Σ_n [ids[n] = v] dout[n, c]
+    ∂ℓ/∂W[v, c] = Σ_n [ids[n] = v] dout[n, c]
 
 Row v of dW is the sum of dout over every position that holds token v: a scatter-add. A
 token that occurs k times receives k contributions; a token that does not occur gets 0.
@@ -63,6 +63,18 @@ def _check_padding_idx(padding_idx, vocab_size: int) -> Optional[int]:
     return padding_idx % vocab_size
 
 
+def _check_embedding_inputs(ids, weight, padding_idx):
+    """weight (V, C) float; ids integers in [0, V); padding_idx None or in [−V, V).
+    Returns ``(ids, padding_idx)``, padding_idx counted in [0, V)."""
+    check_float(weight, "weight", min_ndim=2)
+    if weight.ndim != 2:
+        raise ValueError(
+            f"weight must be 2-D (V, C) as in torch.nn.Embedding, got shape {weight.shape}"
+        )
+    vocab_size = weight.shape[0]
+    return check_ids(ids, "ids", vocab_size), _check_padding_idx(padding_idx, vocab_size)
+
+
 def embedding_forward(ids: np.ndarray, weight: np.ndarray, padding_idx: Optional[int] = None):
     """``out = weight[ids]``.
 
@@ -74,16 +86,10 @@ def embedding_forward(ids: np.ndarray, weight: np.ndarray, padding_idx: Optional
     pad = eos), the token's row silently stops learning. padding_idx does not remove padding
     positions from the loss either; mask them there (cross-entropy's ignore_index).
     """
-    weight = check_float(weight, "weight", min_ndim=2)
-    if weight.ndim != 2:
-        raise ValueError(
-            f"weight must be 2-D (V, C) as in torch.nn.Embedding, got shape {weight.shape}"
-        )
-    vocab_size = weight.shape[0]
-    ids = check_ids(ids, "ids", vocab_size)
-    padding_idx = _check_padding_idx(padding_idx, vocab_size)
-    out = weight[ids]  # (..., C), a copy: one row of W per id
-    return out, EmbeddingCache(ids, vocab_size, weight.shape[1], padding_idx, weight.dtype)
+    ids, padding_idx = _check_embedding_inputs(ids, weight, padding_idx)
+    vocab_size, channels = weight.shape  # V, C
+    out = weight[ids]  # out[n] = W[ids[n]]    (..., C), a copy
+    return out, EmbeddingCache(ids, vocab_size, channels, padding_idx, weight.dtype)
 
 
 def embedding_backward(dout: np.ndarray, cache: EmbeddingCache) -> np.ndarray:

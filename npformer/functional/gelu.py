@@ -65,6 +65,12 @@ def _check_approximate(approximate) -> str:
     return approximate
 
 
+def _check_gelu_inputs(x, approximate) -> str:
+    """x a float array with no NaN/inf; approximate "none" or "tanh" (returned)."""
+    check_float(x, "x")
+    return _check_approximate(approximate)
+
+
 def _normal_cdf(x: np.ndarray) -> np.ndarray:
     """Φ(x) = ½ (1 + erf(x/√2)) in x's dtype."""
     z = np.asarray(x * _INV_SQRT2)  # x/√2; asarray because a 0-d x gives a NumPy scalar
@@ -92,8 +98,7 @@ class GeluCache(NamedTuple):
 
 def gelu_forward(x: np.ndarray, approximate: str = "none"):
     """``y = x Φ(x)`` (exact) or its tanh approximation.  x: (...)  →  y: (...), same dtype."""
-    x = check_float(x, "x")
-    approximate = _check_approximate(approximate)
+    approximate = _check_gelu_inputs(x, approximate)
     if approximate == "none":
         cdf = _normal_cdf(x)  # Φ(x)    (...)
         y = x * cdf  # (...)

@@ -26,7 +26,7 @@ a config matter, not this file's.
 Derivation
 ----------
 Each line above is a piece with its own backward: :mod:`.linear` for the three projections,
-:mod:`.silu` / :mod:`.gelu` for the activation. Given dy = ∂L/∂y, run them in reverse:
+:mod:`.silu` / :mod:`.gelu` for the activation. Given dy = ∂ℓ/∂y, run them in reverse:
 
     y = h W_downᵀ         →  dh = dy W_down,             dW_down = Σ_n dyᵀ h
     h = act(g) ⊙ u        →  dg = dh ⊙ u ⊙ act'(g),      du = dh ⊙ act(g)
@@ -39,6 +39,7 @@ x feeds two branches, so its gradients add: dx = dg W_gate + du W_up.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -62,7 +63,11 @@ class GluCache(NamedTuple):
     down: LinearCache  # y = h W_downᵀ
 
 
-def _check_glu_inputs(x, w_gate, w_up, w_down):
+def _check_glu_inputs(x, w_gate, w_up, w_down, approximate=None):
+    """x (..., C), w_gate and w_up (F, C), w_down (C, F), one float dtype, all finite; with
+    ``approximate`` (GeGLU) also the GeLU form, checked first and returned."""
+    if approximate is not None:
+        approximate = _check_approximate(approximate)
     x = check_float(x, "x", min_ndim=1)
     w_gate = check_float(w_gate, "w_gate")
     w_up = check_float(w_up, "w_up")
@@ -82,11 +87,11 @@ def _check_glu_inputs(x, w_gate, w_up, w_down):
     check_shape(
         w_down, (width, ffn_width), "w_down", f"(C, F) with (F, C) = w_gate.shape {w_gate.shape}"
     )
-    return x, w_gate, w_up, w_down
+    return approximate
 
 
 def _glu_forward(x, w_gate, w_up, w_down, activation, act_forward):
-    x, w_gate, w_up, w_down = _check_glu_inputs(x, w_gate, w_up, w_down)
+    """The gated FFN on checked inputs; act_forward(g) -> (act(g), its cache)."""
     g, gate_cache = linear_forward(x, w_gate)  # g = x W_gateᵀ    (..., F)
     u, up_cache = linear_forward(x, w_up)  # u = x W_upᵀ      (..., F)
     a, act_cache = act_forward(g)  # a = act(g)       (..., F)
@@ -116,6 +121,7 @@ def swiglu_forward(x: np.ndarray, w_gate: np.ndarray, w_up: np.ndarray, w_down: 
 
     x: (..., C), w_gate: (F, C), w_up: (F, C), w_down: (C, F)  →  y: (..., C)
     """
+    _check_glu_inputs(x, w_gate, w_up, w_down)
     return _glu_forward(x, w_gate, w_up, w_down, "silu", silu_forward)
 
 
@@ -133,11 +139,8 @@ def geglu_forward(
     approximate: "none" (exact erf GeLU) or "tanh" (T5 v1.1 "gated-gelu", Gemma); see
     :mod:`.gelu`.  x: (..., C), w_gate: (F, C), w_up: (F, C), w_down: (C, F)  →  y: (..., C)
     """
-    approximate = _check_approximate(approximate)
-
-    def act_forward(g):
-        return gelu_forward(g, approximate)
-
+    approximate = _check_glu_inputs(x, w_gate, w_up, w_down, approximate)
+    act_forward = functools.partial(gelu_forward, approximate=approximate)  # a = gelu(g)
     return _glu_forward(x, w_gate, w_up, w_down, "gelu", act_forward)
 
 

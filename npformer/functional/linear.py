@@ -9,11 +9,11 @@ Flatten every leading dimension into one row index n (N rows in all):
 
     y[n, o] = Σ_i x[n, i] W[o, i] + b[o]
 
-Given the upstream gradient dy = ∂L/∂y (N, out), the chain rule gives
+Given the upstream gradient dy = ∂ℓ/∂y (N, out), the chain rule gives
 
-    ∂L/∂x[n, i] = Σ_o dy[n, o] W[o, i]          →  dx = dy W            (N, in)
-    ∂L/∂W[o, i] = Σ_n dy[n, o] x[n, i]          →  dW = dyᵀ x           (out, in)
-    ∂L/∂b[o]    = Σ_n dy[n, o]                  →  db = Σ_n dy[n, :]    (out,)
+    ∂ℓ/∂x[n, i] = Σ_o dy[n, o] W[o, i]          →  dx = dy W            (N, in)
+    ∂ℓ/∂W[o, i] = Σ_n dy[n, o] x[n, i]          →  dW = dyᵀ x           (out, in)
+    ∂ℓ/∂b[o]    = Σ_n dy[n, o]                  →  db = Σ_n dy[n, :]    (out,)
 
 The weight and bias gradients sum over every row: each row used the same W and b.
 """
@@ -33,13 +33,10 @@ class LinearCache(NamedTuple):
     has_bias: bool
 
 
-def linear_forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None):
-    """``y = x @ weightᵀ + bias``.
-
-    x: (..., in), weight: (out, in), bias: (out,) or None  →  y: (..., out)
-    """
-    x = check_float(x, "x", min_ndim=1)
-    weight = check_float(weight, "weight", min_ndim=2)
+def _check_linear_inputs(x, weight, bias) -> None:
+    """x (..., in), weight (out, in), bias (out,) or None: float, finite, one dtype."""
+    check_float(x, "x", min_ndim=1)
+    check_float(weight, "weight", min_ndim=2)
     if weight.ndim != 2:
         raise ValueError(f"weight must be 2-D (out, in), got shape {weight.shape}")
     check_same_dtype(x, "x", weight=weight, bias=bias)
@@ -49,15 +46,23 @@ def linear_forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray]
             f"{weight.shape[1]} (weight.shape[1]); weight is (out, in) as in torch.nn.Linear"
         )
     if bias is not None:
-        bias = check_float(bias, "bias")
+        check_float(bias, "bias")
         check_shape(bias, (weight.shape[0],), "bias", "(out,) with out = weight.shape[0]")
+
+
+def linear_forward(x: np.ndarray, weight: np.ndarray, bias: Optional[np.ndarray] = None):
+    """``y = x Wᵀ + b``.
+
+    x: (..., in), weight W: (out, in), bias b: (out,) or None  →  y: (..., out)
+    """
+    _check_linear_inputs(x, weight, bias)
     # One 2-D product over all N rows: on a (B, T, in) array ``x @ Wᵀ`` would run NumPy's
     # batched matmul, B products of T rows, measured 1.5–1.9× slower than the same product on
     # the (N, in) view (gpt2's default shapes).
     x_rows = x.reshape(-1, x.shape[-1])  # (N, in); a view when x is contiguous
     y = x_rows @ weight.T  # (N, out)
     if bias is not None:
-        y += bias
+        y += bias  # + b    (N, out)
     return y.reshape(x.shape[:-1] + (weight.shape[0],)), LinearCache(x, weight, bias is not None)
 
 

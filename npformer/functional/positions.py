@@ -48,12 +48,12 @@ Derivation
 ----------
 Both are a sum, so the input's gradient passes through unchanged:
 
-    ∂L/∂x = dy                                       (dx = dy)
+    ∂ℓ/∂x = dy                                       (dx = dy)
 
 The sinusoidal table has no parameters. The learned table is a lookup, exactly like the
 token embedding (embedding.py): with every leading index and t flattened into n,
 
-    y[n, c] = x[n, c] + W[pos[n], c]   →   ∂L/∂W[p, c] = Σ_{n : pos[n] = p} dy[n, c]
+    y[n, c] = x[n, c] + W[pos[n], c]   →   ∂ℓ/∂W[p, c] = Σ_{n : pos[n] = p} dy[n, c]
 
 Row p of dW sums dy over every batch element and every time step at position p: a
 scatter-add. Summing over the batch is the usual "shared parameter" rule; repeated positions
@@ -180,22 +180,38 @@ def _check_even_dim(dim, name: str, meaning: str) -> int:
     return dim
 
 
+def _check_sinusoidal_table_inputs(num_positions, dim, base, dtype):
+    """P >= 1, C = dim even, base > 0, dtype float32/float64; returned as (int, int, float,
+    np.dtype)."""
+    num_positions = check_int(num_positions, "num_positions", 1)
+    dim = _check_even_dim(dim, "dim", "")
+    base = check_positive(base, "base")
+    return num_positions, dim, base, _check_float_dtype(dtype)
+
+
 def sinusoidal_table(num_positions: int, dim: int, base: float = 10000.0,
                      dtype=np.float64) -> np.ndarray:
     """The 2017 paper's table PE (P, C): PE[pos, 2i] = sin(pos/base^(2i/C)), PE[pos, 2i+1] = cos.
 
     Computed in float64 and cast to ``dtype`` (float32 or float64). C = dim must be even.
     """
-    num_positions = check_int(num_positions, "num_positions", 1)
-    dim = _check_even_dim(dim, "dim", "")
-    base = check_positive(base, "base")
-    dtype = _check_float_dtype(dtype)
+    num_positions, dim, base, dtype = _check_sinusoidal_table_inputs(num_positions, dim, base,
+                                                                      dtype)
     return _sinusoid(np.arange(num_positions), dim, base).astype(dtype)  # (P, C)
 
 
 class SinusoidalCache(NamedTuple):
     shape: tuple  # x.shape (..., T, C)
     dtype: np.dtype  # x's dtype
+
+
+def _check_sinusoidal_inputs(x, position_ids, base):
+    """x (..., T, C) float with C even, base > 0, position_ids as :func:`_check_position_ids`.
+    Returns ``(positions, base)``: positions ready to broadcast against (..., T)."""
+    check_float(x, "x", min_ndim=2)
+    _check_even_dim(x.shape[-1], "C", f" (x.shape[-1], x of shape {x.shape})")
+    base = check_positive(base, "base")
+    return _check_position_ids(position_ids, x.shape), base
 
 
 def sinusoidal_forward(x: np.ndarray, position_ids: Optional[np.ndarray] = None,
@@ -205,10 +221,7 @@ def sinusoidal_forward(x: np.ndarray, position_ids: Optional[np.ndarray] = None,
     x: (..., T, C) with C even; position_ids: None (0 .. T−1), (T,) or (B, T) integers
     →  y: (..., T, C), x's dtype.
     """
-    x = check_float(x, "x", min_ndim=2)
-    _check_even_dim(x.shape[-1], "C", f" (x.shape[-1], x of shape {x.shape})")
-    base = check_positive(base, "base")
-    positions = _check_position_ids(position_ids, x.shape)  # (T,) or (B, 1, ..., 1, T)
+    positions, base = _check_sinusoidal_inputs(x, position_ids, base)  # (T,) or (B, 1.., T)
     pe = _sinusoid(positions, x.shape[-1], base).astype(x.dtype)  # (T, C) or (B, 1.., T, C)
     y = x + pe  # (..., T, C)
     return y, SinusoidalCache(x.shape, x.dtype)
@@ -232,15 +245,11 @@ class LearnedPositionsCache(NamedTuple):
     dtype: np.dtype  # x's (and the table's) dtype
 
 
-def learned_positions_forward(x: np.ndarray, table: np.ndarray,
-                              position_ids: Optional[np.ndarray] = None):
-    """``y = x + table[position_ids]`` with a trainable table (GPT-1, GPT-2's ``wpe``).
-
-    x: (..., T, C); table: (P, C); position_ids: None (0 .. T−1), (T,) or (B, T) integers
-    in [0, P)  →  y: (..., T, C), x's dtype.
-    """
-    x = check_float(x, "x", min_ndim=2)
-    table = check_float(table, "table", min_ndim=2)
+def _check_learned_positions_inputs(x, table, position_ids) -> np.ndarray:
+    """x (..., T, C) and table (P, C) float in one dtype, position_ids in [0, P) as
+    :func:`_check_position_ids`; returns the positions ready to broadcast against (..., T)."""
+    check_float(x, "x", min_ndim=2)
+    check_float(table, "table", min_ndim=2)
     if table.ndim != 2:
         raise ValueError(f"table must be 2-D (P, C), got shape {table.shape}")
     check_same_dtype(x, "x", table=table)
@@ -250,10 +259,20 @@ def learned_positions_forward(x: np.ndarray, table: np.ndarray,
             f"{x.shape[-1]} (x.shape[-1]); table is (P, C)"
         )
     num_positions = table.shape[0]
-    positions = _check_position_ids(
+    return _check_position_ids(
         position_ids, x.shape, upper=num_positions,
         upper_meaning=f"the table has P = {num_positions} positions, table.shape[0]",
-    )  # (T,) or (B, 1, ..., 1, T)
+    )
+
+
+def learned_positions_forward(x: np.ndarray, table: np.ndarray,
+                              position_ids: Optional[np.ndarray] = None):
+    """``y = x + table[position_ids]`` with a trainable table (GPT-1, GPT-2's ``wpe``).
+
+    x: (..., T, C); table: (P, C); position_ids: None (0 .. T−1), (T,) or (B, T) integers
+    in [0, P)  →  y: (..., T, C), x's dtype.
+    """
+    positions = _check_learned_positions_inputs(x, table, position_ids)  # (T,) or (B, 1.., T)
     every_position = np.broadcast_to(positions, x.shape[:-1])  # (..., T) the position of each row
     position_vectors, lookup = embedding_forward(every_position, table)  # (..., T, C)
     y = x + position_vectors  # (..., T, C)

@@ -214,8 +214,8 @@ def _layernorm_backward_kernel(dy, xhat, rstd, weight, with_weight, with_bias,
 
 
 @njit(cache=True, parallel=True)
-def _rmsnorm_forward_kernel(x, weight, eps, dtype_max, y, xhat, rinv):
-    """x, y, xhat: (N, C); weight: (C,) (ones when absent); rinv: (N,).
+def _rmsnorm_forward_kernel(x, weight, eps, dtype_max, y, xhat, rstd):
+    """x, y, xhat: (N, C); weight: (C,) (ones when absent); rstd: (N,).
     Returns the number of rows whose mean square overflowed."""
     n_rows, channels = x.shape
     n_overflowed = 0
@@ -225,7 +225,7 @@ def _rmsnorm_forward_kernel(x, weight, eps, dtype_max, y, xhat, rinv):
         if _statistic_overflowed(mean_square, row, dtype_max):
             n_overflowed += 1
         inv_rms = 1.0 / np.sqrt(mean_square + eps)  # 1/r, float64
-        rinv[i] = inv_rms
+        rstd[i] = inv_rms
         xhat_row = xhat[i]
         y_row = y[i]
         for j in range(channels):
@@ -236,8 +236,8 @@ def _rmsnorm_forward_kernel(x, weight, eps, dtype_max, y, xhat, rinv):
 
 
 @njit(cache=True, parallel=True)
-def _rmsnorm_backward_kernel(dy, xhat, rinv, weight, with_weight, n_chunks, dx, dweight_parts):
-    """dy, xhat, dx: (N, C); rinv: (N,); weight: (C,) (ones when absent);
+def _rmsnorm_backward_kernel(dy, xhat, rstd, weight, with_weight, n_chunks, dx, dweight_parts):
+    """dy, xhat, dx: (N, C); rstd: (N,); weight: (C,) (ones when absent);
     dweight_parts: (n_chunks, C) float64, zeroed."""
     n_rows, channels = dy.shape
     for chunk in prange(n_chunks):
@@ -247,7 +247,7 @@ def _rmsnorm_backward_kernel(dy, xhat, rinv, weight, with_weight, n_chunks, dx, 
             dx_row = dx[i]
             _, sum_gx = _gradient_sums(dy_row, weight, xhat_row)
             mean_gx = sum_gx / channels
-            inv_rms = np.float64(rinv[i])
+            inv_rms = np.float64(rstd[i])
             # dx = (1/r) (g − x̂ ⊙ mean(g ⊙ x̂)), g = dy ⊙ w
             for j in range(channels):
                 g = dy_row[j] * weight[j]
@@ -397,21 +397,21 @@ def rmsnorm_forward(x: np.ndarray, weight: Optional[np.ndarray] = None, eps: flo
     eps = check_positive(eps, "eps")
     channels = x.shape[-1]
     xhat = np.empty_like(x)  # (..., C)
-    rinv = np.empty(x.shape[:-1] + (1,), dtype=x.dtype)  # (..., 1)
+    rstd = np.empty(x.shape[:-1] + (1,), dtype=x.dtype)  # (..., 1)
     n_overflowed = _rmsnorm_forward_kernel(
         x.reshape(-1, channels), weight_or_ones, eps, float(np.finfo(x.dtype).max),
-        y.reshape(-1, channels), xhat.reshape(-1, channels), rinv.reshape(-1))
+        y.reshape(-1, channels), xhat.reshape(-1, channels), rstd.reshape(-1))
     if n_overflowed:
         _raise_overflow(n_overflowed, x, "rmsnorm: the mean of x²")
     cache_weight = None if weight is None else weight_or_ones
-    return y, RMSNormCache(xhat, rinv, cache_weight)
+    return y, RMSNormCache(xhat, rstd, cache_weight)
 
 
 def rmsnorm_backward(dy: np.ndarray, cache: RMSNormCache, *,
                      dx_out: Optional[np.ndarray] = None):
     """Returns ``(dx, dweight)``; dweight is None when the forward had no weight.
     dx_out: optional buffer for dx, returned as dx."""
-    xhat, rinv, weight = cache
+    xhat, rstd, weight = cache
     xhat = np.ascontiguousarray(xhat)
     channels = xhat.shape[-1]
     dy = _check_dy(dy, xhat)
@@ -423,7 +423,7 @@ def rmsnorm_backward(dy: np.ndarray, cache: RMSNormCache, *,
     dweight_parts = np.zeros((n_chunks if with_weight else 1, channels))  # float64
     _rmsnorm_backward_kernel(
         dy.reshape(-1, channels), xhat.reshape(-1, channels),
-        np.ascontiguousarray(rinv).reshape(-1), weight_or_ones, with_weight, n_chunks,
+        np.ascontiguousarray(rstd).reshape(-1), weight_or_ones, with_weight, n_chunks,
         dx.reshape(-1, channels), dweight_parts)
     dweight = dweight_parts.sum(axis=0).astype(xhat.dtype) if with_weight else None
     return dx, dweight
