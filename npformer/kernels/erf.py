@@ -22,20 +22,8 @@ import math
 import numpy as np
 from numba import njit
 
-from .._validate import FLOAT_DTYPES
+from ..functional.erf import check_float_array as _check_float_array
 from ._exp import exp_nonpositive
-
-
-def _check_float_array(x, name: str = "x") -> np.ndarray:
-    # Not _validate.check_float: erf(±inf) = ±1 and erf(NaN) = NaN are well defined here,
-    # so only the type and dtype are checked.
-    if not isinstance(x, np.ndarray):
-        raise ValueError(f"{name} must be a numpy.ndarray, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise ValueError(
-            f"{name} must be a floating-point array (float32 or float64), got dtype {x.dtype}"
-        )
-    return x
 
 
 @njit(cache=True)
@@ -72,6 +60,8 @@ def erf_reference(x: np.ndarray) -> np.ndarray:
 #                 s = (2|x| − 7)/5, whose error in erfc is ≤ 7e-19 (0.006 ulp of erf near 1)
 #   |x| ≥ 6       erfc(6) = 2e-17 < half an ulp of 1, so the same formula at |x| = 6 gives 1
 # Measured against math.erf: tests/test_activation_kernels.py (max ulp error stated there).
+# npformer.functional.erf.erf is the same algorithm with the same coefficients vectorised in
+# NumPy (the exact GeLU of npformer.functional, which must import without numba).
 
 @njit(inline="always", error_model="numpy", fastmath={"contract"})
 def erf_float64(x):
