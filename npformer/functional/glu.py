@@ -68,10 +68,9 @@ def _check_glu_inputs(x, w_gate, w_up, w_down, approximate=None):
     ``approximate`` (GeGLU) also the GeLU form, checked first and returned."""
     if approximate is not None:
         approximate = _check_approximate(approximate)
-    x = check_float(x, "x", min_ndim=1)
-    w_gate = check_float(w_gate, "w_gate")
-    w_up = check_float(w_up, "w_up")
-    w_down = check_float(w_down, "w_down")
+    check_float(x, "x", min_ndim=1)
+    for name, weight in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        check_float(weight, name)
     check_same_dtype(x, "x", w_gate=w_gate, w_up=w_up, w_down=w_down)
     if w_gate.ndim != 2:
         raise ValueError(

@@ -4,18 +4,19 @@ Attention is permutation-equivariant: shuffle the tokens and the outputs shuffle
 Word order must therefore be put in by hand. The first transformers added a vector that
 depends only on the position to every token's embedding:
 
-    y[..., t, :] = x[..., t, :] + PE[pos_t, :]        x (..., T, C), PE (P, C)
+    y[..., t, :] = x[..., t, :] + PE[m_t, :]          x (..., T, C), PE (P, C)
 
-with pos_t = t unless ``position_ids`` say otherwise (for example when a KV cache decodes
-token T + 1, or when packed documents restart their positions at 0).
+where m_t is the position of token t: m_t = t unless ``position_ids`` say otherwise (for
+example when a KV cache decodes token T + 1, or when packed documents restart their
+positions at 0).
 
 Sinusoidal table ("Attention Is All You Need", Vaswani et al. 2017, §3.5)
 -------------------------------------------------------------------------
 Channel pair i (channels 2i and 2i+1, i in [0, C/2)) is a sine/cosine of one frequency:
 
     ω_i = base^(−2i/C)                               base = 10000
-    PE[pos, 2i]   = sin(pos · ω_i)
-    PE[pos, 2i+1] = cos(pos · ω_i)
+    PE[m, 2i]   = sin(m ω_i)
+    PE[m, 2i+1] = cos(m ω_i)
 
 The wavelengths 2π/ω_i grow geometrically from 2π (i = 0) to nearly 2π · base. The table is
 fixed, not learned, so it is defined for any position, including ones longer than any
@@ -25,11 +26,11 @@ Why sine and cosine: a fixed linear map expresses every relative offset. For one
 an offset k, the angle-sum identities sin(a + b) = sin a cos b + cos a sin b and
 cos(a + b) = cos a cos b − sin a sin b give
 
-    ⎡sin((p+k)ω)⎤   ⎡ cos kω   sin kω⎤ ⎡sin pω⎤
-    ⎣cos((p+k)ω)⎦ = ⎣−sin kω   cos kω⎦ ⎣cos pω⎦
+    ⎡sin((m+k)ω)⎤   ⎡ cos kω   sin kω⎤ ⎡sin mω⎤
+    ⎣cos((m+k)ω)⎦ = ⎣−sin kω   cos kω⎦ ⎣cos mω⎦
 
-The 2 × 2 matrix is a rotation by −kω that depends on k and not on p. Stacking one such block
-per pair gives PE[p + k] = M_k PE[p] with M_k the same for every p, which is what the paper
+The 2 × 2 matrix is a rotation by −kω that depends on k and not on m. Stacking one such block
+per pair gives PE[m + k] = M_k PE[m] with M_k the same for every m, which is what the paper
 means by "PE_{pos+k} can be represented as a linear function of PE_pos": a layer can learn to
 attend "k tokens back" with one linear map. RoPE (rope.py) uses the same rotations
 multiplicatively on queries and keys instead of additively on the input.
@@ -41,7 +42,7 @@ input's dtype, so float32 models get correctly rounded entries even at large pos
 
 Learned positions (GPT-1, GPT-2's ``wpe``)
 -------------------------------------------
-A trainable table W (P, C) replaces PE: y[..., t, :] = x[..., t, :] + W[pos_t, :]. P is the
+A trainable table W (P, C) replaces PE: y[..., t, :] = x[..., t, :] + W[m_t, :]. P is the
 context length (1024 for GPT-2); a position ≥ P has no row and is refused.
 
 Derivation
@@ -53,9 +54,9 @@ Both are a sum, so the input's gradient passes through unchanged:
 The sinusoidal table has no parameters. The learned table is a lookup, exactly like the
 token embedding (embedding.py): with every leading index and t flattened into n,
 
-    y[n, c] = x[n, c] + W[pos[n], c]   →   ∂ℓ/∂W[p, c] = Σ_{n : pos[n] = p} dy[n, c]
+    y[n, c] = x[n, c] + W[m_n, c]   →   ∂ℓ/∂W[j, c] = Σ_{n : m_n = j} dy[n, c]
 
-Row p of dW sums dy over every batch element and every time step at position p: a
+Row j of dW sums dy over every batch element and every time step at position j: a
 scatter-add. Summing over the batch is the usual "shared parameter" rule; repeated positions
 within one row (packed documents, each restarting at 0) add up as well. So the learned pair is
 written as x plus the embedding pair applied to the positions, and reuses its backward.
@@ -164,10 +165,10 @@ def _check_position_ids(position_ids, x_shape: tuple, upper: Optional[int] = Non
 def _sinusoid(positions: np.ndarray, dim: int, base: float) -> np.ndarray:
     """PE[positions] in float64: (...) integer positions → (..., C) with C = dim."""
     omega = base ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)  # ω_i = base^(−2i/C) (C/2,)
-    angles = positions.astype(np.float64)[..., None] * omega  # pos · ω_i    (..., C/2)
+    angles = positions.astype(np.float64)[..., None] * omega  # m ω_i    (..., C/2)
     pe = np.empty(positions.shape + (dim,), dtype=np.float64)  # (..., C)
-    pe[..., 0::2] = np.sin(angles)  # PE[pos, 2i]   = sin(pos · ω_i)
-    pe[..., 1::2] = np.cos(angles)  # PE[pos, 2i+1] = cos(pos · ω_i)
+    pe[..., 0::2] = np.sin(angles)  # PE[m, 2i]   = sin(m ω_i)
+    pe[..., 1::2] = np.cos(angles)  # PE[m, 2i+1] = cos(m ω_i)
     return pe
 
 
@@ -191,7 +192,7 @@ def _check_sinusoidal_table_inputs(num_positions, dim, base, dtype):
 
 def sinusoidal_table(num_positions: int, dim: int, base: float = 10000.0,
                      dtype=np.float64) -> np.ndarray:
-    """The 2017 paper's table PE (P, C): PE[pos, 2i] = sin(pos/base^(2i/C)), PE[pos, 2i+1] = cos.
+    """The 2017 paper's table PE (P, C): PE[m, 2i] = sin(m/base^(2i/C)), PE[m, 2i+1] = cos.
 
     Computed in float64 and cast to ``dtype`` (float32 or float64). C = dim must be even.
     """
@@ -230,7 +231,7 @@ def sinusoidal_forward(x: np.ndarray, position_ids: Optional[np.ndarray] = None,
 def sinusoidal_backward(dy: np.ndarray, cache: SinusoidalCache) -> np.ndarray:
     """Returns ``dx`` (= dy: the table is a constant)."""
     dy = check_grad(dy, cache.shape, cache.dtype)
-    # forward: y = x + PE[pos], so dx = dy
+    # forward: y = x + PE[m], so dx = dy
     return dy.copy()  # a copy: the caller may accumulate into dx in place
 
 
@@ -283,8 +284,8 @@ def learned_positions_backward(dy: np.ndarray, cache: LearnedPositionsCache):
     """Returns ``(dx, dtable)``; dtable (P, C) is dy scatter-added into the positions' rows."""
     lookup, shape, dtype = cache
     dy = check_grad(dy, shape, dtype)
-    # forward: y = x + W[pos], so dx = dy
+    # forward: y = x + W[m], so dx = dy
     dx = dy.copy()  # (..., T, C)
-    # and dW[p] = Σ_{n: pos[n] = p} dy[n]: the embedding's scatter-add over batch and repeats
+    # and dW[j] = Σ_{n: m_n = j} dy[n]: the embedding's scatter-add over batch and repeats
     dtable = embedding_backward(dy, lookup)  # (P, C)
     return dx, dtable
