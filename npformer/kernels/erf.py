@@ -13,6 +13,10 @@ correctly rounded float64 value rather than a float32 approximation; the two fun
 exactly (tests/test_erf_kernel.py checks 1e-12 in float64 and 1e-5 in float32).
 
 With ``NUMBA_DISABLE_JIT=1`` the ``@njit`` loop is ordinary Python: slower, same results.
+
+The functional (reference) GeLU does not use this module: ``npformer.functional`` imports with
+NumPy alone, so its erf is :func:`npformer.functional.erf.erf`, the algorithm of
+:func:`erf_float64` below vectorised in NumPy. The fused GeLU kernels use :func:`erf_float64`.
 """
 
 from __future__ import annotations
