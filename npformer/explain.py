@@ -253,7 +253,7 @@ def _grouped(text: str) -> str:
 def latex_to_text(tex: str) -> str:
     """One LaTeX maths string (without its ``$`` delimiters) as terminal-readable Unicode."""
     converted = _Parser(tex).sequence()
-    lines = [re.sub(r"[ \t]+", " ", line).strip(" ").replace(_QUAD, " ")
+    lines = [re.sub(f" *({_QUAD}+) *", r"\1", re.sub(r"[ \t]+", " ", line)).strip(" ").replace(_QUAD, " ")
              for line in converted.split("\n")]
     return "\n".join(lines).strip("\n")
 
@@ -279,6 +279,7 @@ def _prose_to_text(text: str) -> str:
 
 
 def _prose_piece(text: str) -> str:
+    text = _DISPLAY.sub(lambda m: latex_to_text(m.group(1)), text)  # $$…$$ within a line
     text = _INLINE.sub(lambda m: latex_to_text(m.group(1)), text)
     text = _LINK.sub(lambda m: m.group(1), text)
     return _BOLD.sub(lambda m: m.group(1), text)

@@ -58,7 +58,7 @@ def pictures_for(subject) -> List[str]:
     if subject.page in SOFTMAX_PAGES or subject.run in SOFTMAX_NAMES:
         kinds.append("softmax_jacobian")
     if (subject.page in ATTENTION_PAGES or subject.page.startswith("lineage/")
-            or subject.run in ATTENTION_NAMES):
+            or subject.run in ATTENTION_NAMES or subject.run.startswith(("attention_", "kernel_"))):
         kinds.append("attention_masks")
     if subject.page in ROPE_PAGES or subject.run in ROPE_NAMES:
         kinds.append("rope_rotation")
