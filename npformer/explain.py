@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -66,6 +67,8 @@ SYMBOLS = {
     "mp": "∓", "ldots": "…", "cdots": "⋯", "dots": "…", "langle": "⟨", "rangle": "⟩",
     "lvert": "|", "rvert": "|", "lVert": "‖", "rVert": "‖", "|": "‖", "gg": "≫", "ll": "≪",
     "top": "⊤", "intercal": "⊤", "forall": "∀", "exists": "∃", "circ": "∘", "star": "⋆",
+    "Longrightarrow": "⟹", "Leftrightarrow": "⇔", "iff": "⟺", "implies": "⟹",
+    "lesssim": "≲", "gtrsim": "≳", "parallel": "∥", "perp": "⊥", "cap": "∩", "cup": "∪",
     "lfloor": "⌊", "rfloor": "⌋", "lceil": "⌈", "rceil": "⌉", "emptyset": "∅",
     "quad": _QUAD * 2, "qquad": _QUAD * 4, ",": " ", ";": " ", ":": " ", "!": "", " ": " ",
     "{": "{", "}": "}", "_": "_", "%": "%", "#": "#", "&": "&", "$": "$",
@@ -73,7 +76,8 @@ SYMBOLS = {
 # operators and relations, written with a space either side
 BINARY = {"odot", "otimes", "oplus", "cdot", "times", "le", "leq", "ge", "geq", "ne", "neq",
           "approx", "equiv", "sim", "propto", "in", "notin", "subset", "to", "rightarrow",
-          "leftarrow", "Rightarrow", "mapsto", "pm", "mp", "circ", "gg", "ll"}
+          "leftarrow", "Rightarrow", "mapsto", "pm", "mp", "circ", "gg", "ll", "Longrightarrow",
+          "Leftrightarrow", "iff", "implies", "lesssim", "gtrsim", "parallel", "cap", "cup"}
 # the space after these is not a separation: \partial \ell is ∂ℓ
 TIGHT = {"partial", "nabla", "langle", "lvert", "lVert", "lfloor", "lceil"}
 # multi-line layouts whose & only aligns and whose \\ only breaks the line
@@ -87,7 +91,10 @@ SIZES = {"left", "right", "big", "Big", "bigg", "Bigg", "bigl", "bigr", "Bigl", 
          "limits", "nolimits"}
 # one argument, written as its content
 TEXT_LIKE = {"text", "textrm", "textit", "textbf", "mathrm", "operatorname", "mathit", "mathbf",
-             "boldsymbol", "bm", "mathsf", "mathtt", "boxed", "underbrace", "overbrace"}
+             "boldsymbol", "bm", "mathsf", "mathtt", "boxed", "underbrace", "overbrace",
+             "mathcal", "mathscr", "mathrel", "mathop", "mathbin", "underline"}
+# matrices, written inline row by row: [[a, b], [c, d]]; cases: { a if …; b otherwise }
+MATRICES = {"pmatrix", "bmatrix", "matrix", "vmatrix", "Bmatrix", "smallmatrix"}
 BLACKBOARD = {"R": "ℝ", "N": "ℕ", "Z": "ℤ", "Q": "ℚ", "C": "ℂ", "E": "𝔼", "1": "𝟙"}
 ACCENTS = {"bar": "\u0304", "overline": "\u0305", "hat": "\u0302", "widehat": "\u0302",
            "tilde": "\u0303", "widetilde": "\u0303", "dot": "\u0307", "vec": "\u20d7"}
@@ -211,7 +218,7 @@ class _Parser:
             return BLACKBOARD.get(letter, letter)
         if name in ACCENTS:
             base = self.argument()
-            if len(base) == 1:
+            if sum(not unicodedata.combining(c) for c in base) == 1:  # x, or x̂ for \bar{\hat x}
                 return base + ACCENTS[name]
             return f"\\{name}{{{base}}}"
         if name == "begin":
@@ -222,6 +229,12 @@ class _Parser:
             self.pos = len(self.tex) if end < 0 else end + len(closing)
             if environment in ALIGNED and end >= 0:
                 return _Parser(body.replace("&", " ")).sequence()
+            if environment in MATRICES | {"cases"} and end >= 0:
+                rows = [[" ".join(_Parser(cell).sequence().split()) for cell in row.split("&")]
+                        for row in body.split("\\\\") if row.strip()]
+                if environment == "cases":
+                    return "{ " + "; ".join(", ".join(row) for row in rows) + " }"
+                return "[" + ", ".join("[" + ", ".join(row) + "]" for row in rows) + "]"
             return f"\\begin{{{environment}}}{body}{closing if end >= 0 else ''}"
         return written + self.raw_groups()  # unknown: left as LaTeX, its arguments too
 
@@ -260,8 +273,8 @@ def latex_to_text(tex: str) -> str:
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _DISPLAY = re.compile(r"\$\$(.+?)\$\$", re.S)
-_INLINE = re.compile(r"(?<![\\$])\$(?!\$)(.+?)(?<![\\$])\$(?!\$)")
-_INLINE_CODE = re.compile(r"(`+)(.+?)\1")
+_INLINE = re.compile(r"(?<![\\$])\$(?![$\s])([^$]+?)(?<![\\$])\$(?!\$)")
+_INLINE_CODE = re.compile(r"(`+)([^`]+?)\1")
 _LINK = re.compile(r"!?\[([^\]]+)\](?:\([^)]*\)|\[[^\]]*\])")
 _BOLD = re.compile(r"\*\*(.+?)\*\*")
 
@@ -342,7 +355,7 @@ def markdown_to_text(markdown: str, indent: str = "    ") -> str:
             converted = latex_to_text(text)
             out.append("\n".join(indent + line if line else "" for line in converted.split("\n")))
         else:
-            lines = []
+            lines: List[str] = []
             skipping_options = False
             for line in text.split("\n"):
                 if line.startswith(":::"):
@@ -353,8 +366,8 @@ def markdown_to_text(markdown: str, indent: str = "    ") -> str:
                         skipping_options = False
                     continue
                 skipping_options = False
-                lines.append(_prose_to_text(line))
-            out.append("\n".join(lines))
+                lines.append(line)
+            out.append(_prose_to_text("\n".join(lines)))  # inline maths may wrap a line
     return re.sub(r"\n{3,}", "\n\n", "\n".join(out)).strip("\n")
 
 

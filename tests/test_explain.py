@@ -275,14 +275,20 @@ def test_recorded_entries_are_the_ones_each_report_summarises():
     (r"\text{if } s > c \qquad \tanh(s/c)", "if s > c    tanh(s/c)"),
     (r"W^{-1} x^2 \cdot \Omega_{ij}", "W⁻¹ x² · Ωᵢⱼ"),
     (r"\begin{aligned} a &= b \\ c &= d \end{aligned}", "a = b\nc = d"),
+    (r"R = \begin{pmatrix} \cos m\theta & -\sin m\theta \\ \sin m\theta & \cos m\theta \end{pmatrix}",
+     "R = [[cos mθ, -sin mθ], [sin mθ, cos mθ]]"),
+    (r"f(x) = \begin{cases} x & x > 0 \\ 0 & \text{otherwise} \end{cases}",
+     "f(x) = { x, x > 0; 0, otherwise }"),
+    (r"a \qquad\Longrightarrow\qquad b \lesssim c", "a    ⟹    b ≲ c"),
+    (r"\bar{\hat x}_j", "x\u0302\u0304ⱼ"),
 ])
 def test_latex_to_text(tex, text):
     assert latex_to_text(tex) == text
 
 
 @pytest.mark.parametrize("tex", [
-    r"\mathcal{L} + \foo{x}{y}",  # unknown macros keep their backslash and arguments
-    r"\begin{pmatrix} a & b \end{pmatrix}",  # a layout it does not draw
+    r"\mathfrak{g} + \foo{x}{y}",  # unknown macros keep their backslash and arguments
+    r"\begin{array}{cc} a & b \end{array}",  # a layout it does not draw
 ])
 def test_latex_it_cannot_convert_stays_latex(tex):
     assert latex_to_text(tex) == tex
