@@ -266,8 +266,8 @@ def _grouped(text: str) -> str:
 def latex_to_text(tex: str) -> str:
     """One LaTeX maths string (without its ``$`` delimiters) as terminal-readable Unicode."""
     converted = _Parser(tex).sequence()
-    lines = [re.sub(f" *({_QUAD}+) *", r"\1", re.sub(r"[ \t]+", " ", line)).strip(" ").replace(_QUAD, " ")
-             for line in converted.split("\n")]
+    lines = [re.sub(f" *({_QUAD}+) *", r"\1", re.sub(r"[ \t]+", " ", line)).strip(" ")
+             .replace(" ⟩", "⟩").replace(_QUAD, " ") for line in converted.split("\n")]
     return "\n".join(lines).strip("\n")
 
 
@@ -492,7 +492,7 @@ def resolve(name: str) -> Subject:
         return Subject(name, pages[name], kind, run)
     import difflib
 
-    close = difflib.get_close_matches(name, list(checks) + list(pages), n=3)
+    close = difflib.get_close_matches(name, sorted(set(checks) | set(pages)), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     raise ValueError(f"unknown name {name!r}{hint} Give a registered gradient check "
                      f"(npformer gradcheck --list: {len(checks)} of them) or a docs page: "
