@@ -88,7 +88,7 @@ def recording_entries():
     try:
         yield entries
     finally:
-        _ENTRY_RECORDERS.remove(entries)
+        _ENTRY_RECORDERS.pop()  # this block's list: recorders nest, last in first out
 
 
 def _entries_to_check(size: int, max_entries: int, rng: np.random.Generator) -> np.ndarray:
