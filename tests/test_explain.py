@@ -256,6 +256,11 @@ def test_recorded_entries_are_the_ones_each_report_summarises():
         assert np.array_equal(recorded.analytic, analytic[report.tensor].reshape(-1)[recorded.flat_indices])
         assert np.max(np.abs(recorded.analytic - recorded.numeric)) == report.max_abs_err
     assert len(set(entries[1].flat_indices)) == 50
+    with recording_entries() as outer:  # nested recorders: each keeps its own block's
+        with recording_entries() as inner:
+            check_gradients("n", loss, {"x": x}, {"x": analytic["x"]})
+        check_gradients("m", loss, {"x": x}, {"x": analytic["x"]})
+    assert [e.name for e in inner] == ["n"] and [e.name for e in outer] == ["n", "m"]
 
 
 # ---- LaTeX for a terminal ----------------------------------------------------------------
