@@ -2,6 +2,7 @@
 
     npformer gradcheck [NAME ...] [--json] [--list] [--preset NAME|all ...]
     npformer presets [--json]
+    npformer explain NAME [--png DIR] [--docs DIR]
     npformer compare (--preset NAME|all ... | --family NAME|all ... | --hf DIR [--prompt TEXT])
                      [--dtype D] [--json]
     npformer train [--preset NAME] [--steps N] [--out DIR] [--resume] ...
@@ -159,6 +160,16 @@ def _cmd_gradcheck(args: argparse.Namespace) -> int:
         return 2
     _print_reports(reports, args.json)
     return 0 if all(r.passed for r in reports) else 1
+
+
+def _cmd_explain(args: argparse.Namespace) -> int:
+    from .explain import explain_command
+
+    try:
+        return explain_command(args.name, args.png, args.docs)
+    except ValueError as error:
+        print(f"npformer explain: {error}", file=sys.stderr)
+        return 2
 
 
 def lineage_rows() -> List[dict]:
@@ -385,6 +396,19 @@ def build_parser() -> argparse.ArgumentParser:
         "'all' for every preset); layer checks run only if named as well",
     )
     gradcheck.set_defaults(run=_cmd_gradcheck)
+
+    explain = commands.add_parser(
+        "explain", help="a layer's derivation (from docs/), its gradient check live, pictures",
+        description="Prints the Forward and Derivation sections of the layer's docs page "
+        "(LaTeX made readable), runs its gradient check and shows analytic and "
+        "finite-difference gradients side by side. NAME: a registered check (npformer "
+        "gradcheck --list) or a docs page (rmsnorm, attention, llama3, ...). Exit code 1 if "
+        "the check fails.")
+    explain.add_argument("name", metavar="NAME")
+    explain.add_argument("--png", metavar="DIR", help="also draw pictures into DIR (PNG)")
+    explain.add_argument("--docs", metavar="DIR", help="the docs directory (default: docs/ "
+                         "beside the package, or $NPFORMER_DOCS)")
+    explain.set_defaults(run=_cmd_explain)
 
     compare = commands.add_parser(
         "compare", help="npformer vs its PyTorch / Hugging Face twin: logits, loss, every gradient",

@@ -33,6 +33,7 @@ seeded generator, so a failing run is reproducible.
 from __future__ import annotations
 
 import importlib
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
 
@@ -60,6 +61,34 @@ class TensorReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class GradientEntries:
+    """The entries one report summarises: the compared flat indices of a tensor of ``shape``
+    and the analytic and numeric gradient at each (``npformer explain`` prints them)."""
+
+    name: str
+    tensor: str
+    shape: tuple
+    flat_indices: np.ndarray  # (n_checked,)
+    analytic: np.ndarray  # (n_checked,)
+    numeric: np.ndarray  # (n_checked,)
+
+
+_ENTRY_RECORDERS: List[List[GradientEntries]] = []
+
+
+@contextmanager
+def recording_entries():
+    """Within the block, every tensor :func:`check_gradients` compares appends its
+    :class:`GradientEntries` to the yielded list, in the order of the reports."""
+    entries: List[GradientEntries] = []
+    _ENTRY_RECORDERS.append(entries)
+    try:
+        yield entries
+    finally:
+        _ENTRY_RECORDERS.pop()  # this block's list: recorders nest, last in first out
 
 
 def _entries_to_check(size: int, max_entries: int, rng: np.random.Generator) -> np.ndarray:
@@ -145,9 +174,11 @@ def check_gradients(
         rng = np.random.default_rng([seed, index])
         flat_indices = _entries_to_check(tensor.size, max_entries, rng)
         numeric = numerical_gradient(loss_fn, tensor, flat_indices, step)
-        reports.append(
-            compare(name, tensor_name, grad.reshape(-1)[flat_indices], numeric, rtol, tensor.size)
-        )
+        compared = grad.reshape(-1)[flat_indices]
+        for recorded in _ENTRY_RECORDERS:
+            recorded.append(GradientEntries(name, tensor_name, tensor.shape, flat_indices,
+                                            np.array(compared, dtype=np.float64), numeric))
+        reports.append(compare(name, tensor_name, compared, numeric, rtol, tensor.size))
     return reports
 
 
