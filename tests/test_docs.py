@@ -143,18 +143,61 @@ def build_site(site_dir: Path, **overrides) -> None:
     mkdocs_build(config)
 
 
-def test_strict_build_succeeds(tmp_path):
-    site = tmp_path / "site"
-    build_site(site)
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """The whole guide, built once for this module's checks of the result."""
+    site_dir = tmp_path_factory.mktemp("site")
+    build_site(site_dir)
+    return site_dir
+
+
+def page_text(html: str) -> str:
+    """A built page's article with its mathematics, code and tags removed: the prose a reader
+    sees as text (a `$` left in it is mathematics arithmatex did not recognise)."""
+    article = html[html.index("<article"):html.index("</article>")]
+    for pattern in (r'<(span|div) class="arithmatex">.*?</\1>', r"<pre.*?</pre>",
+                    r"<code.*?</code>", r"<[^>]+>"):
+        article = re.sub(pattern, " ", article, flags=re.S)
+    return article
+
+
+def test_strict_build_succeeds(site):
     # the code link renders: the RMSNorm page shows rmsnorm_backward's source
     html = (site / "functional" / "rmsnorm" / "index.html").read_text(encoding="utf-8")
-    assert "rmsnorm_backward" in html and "mean_gx" in html
+    assert ("rmsnorm_backward" in html
+            and "Source code in <code>npformer/functional/rmsnorm.py</code>" in html)
     # the maths is left for MathJax (arithmatex generic), which the page loads
     assert 'class="arithmatex"' in html and "mathjax" in html.lower()
-    # no fence was printed as text (e.g. an info string superfences refused)
-    printed_fences = [str(p.relative_to(site)) for p in site.rglob("*.html")
-                      if re.search(r"<p>\s*(```|~~~)", p.read_text(encoding="utf-8"))]
+
+
+def test_every_built_page_renders_its_fences_and_math(site):
+    """No page shows a code fence as text (an info string superfences refused) or a `$` as
+    text (mathematics arithmatex did not take: `$x = $` with a space before the closing
+    dollar, or a `$$` block inside a list item without blank lines around it)."""
+    pages = {p.relative_to(site).as_posix(): p.read_text(encoding="utf-8")
+             for p in site.rglob("index.html") if p.parent.name not in ("search", "assets")}
+    assert "functional/rmsnorm/index.html" in pages
+    printed_fences = sorted(name for name, html in pages.items()
+                            if re.search(r"<p>\s*(```|~~~)", html))
     assert not printed_fences, f"pages showing a code fence as text: {printed_fences}"
+    stray = {}
+    for name, html in pages.items():
+        if "<article" not in html:
+            continue
+        text = page_text(html)
+        contexts = [" ".join(text[max(0, m.start() - 40):m.end() + 20].split())
+                    for m in re.finditer(r"\$", text)]
+        if contexts:
+            stray[name] = contexts[:3]
+    assert not stray, f"pages showing '$' as text (unrendered mathematics): {stray}"
+
+
+def test_page_text_finds_unrendered_math():
+    """The check above on a hand-made page: rendered maths and code pass, a stray $ is seen."""
+    rendered = ('<article><p><span class="arithmatex">\\(x\\)</span> and <code>$HOME</code></p>'
+                '<div class="arithmatex">\\[y\\]</div><pre>$</pre></article>')
+    assert "$" not in page_text(rendered)
+    assert "$" in page_text("<article><p>with $\\alpha = $ and</p></article>")
 
 
 _GOOD_PAGE = "# Home\n\nSee [the other page](other.md#a-section).\n"
