@@ -89,10 +89,10 @@ computes θ'_i and t in float64 exactly as transformers 5's ``modeling_rope_util
   high_freq_factor > low_freq_factor): λ_i < λ_high keeps θ_i, λ_i > λ_low takes θ_i / s,
   and in between
 
-      σ_i = (L₀/λ_i − low_freq_factor) / (high_freq_factor − low_freq_factor) ∈ [0, 1]
-      θ'_i = (1 − σ_i) · θ_i / s + σ_i · θ_i
+      η_i = (L₀/λ_i − low_freq_factor) / (high_freq_factor − low_freq_factor) ∈ [0, 1]
+      θ'_i = (1 − η_i) · θ_i / s + η_i · θ_i
 
-  which is continuous: σ = 0 at λ_low, σ = 1 at λ_high. t = 1.
+  which is continuous: η = 0 at λ_low, η = 1 at λ_high. t = 1.
 
 Scaling with t ≠ 1 makes the forward y = t·R_m x: the cache holds t·cos and t·sin.
 
@@ -209,15 +209,21 @@ def attention_factor(scaling: RopeScaling) -> float:
     return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
 
 
+def _check_frequency_inputs(rotary_dim, theta, scaling) -> tuple:
+    """``(rotary_dim, theta, scaling)``: an even rotary_dim >= 2, theta > 0, and a valid
+    schedule (None → the default :class:`RopeScaling`)."""
+    rotary_dim = check_rotary_dim(rotary_dim)
+    theta = check_positive(theta, "theta")
+    return rotary_dim, theta, check_rope_scaling(scaling, rotary_dim)
+
+
 def rope_frequencies(rotary_dim: int, theta: float = 10000.0,
                      scaling: Optional[RopeScaling] = None, seq_len: Optional[int] = None):
     """``(inv_freq, t)``: the frequencies θ'_i (float64, (rotary_dim/2,)) and the attention
     factor of the schedule ``scaling`` (None: the default RoPE), in the order of operations
     of transformers 5's ``ROPE_INIT_FUNCTIONS``. seq_len: L of the call, read by dynamic
     only (None or ≤ L₀: no scaling)."""
-    d = check_rotary_dim(rotary_dim)
-    theta = check_positive(theta, "theta")
-    scaling = check_rope_scaling(scaling, d)
+    d, theta, scaling = _check_frequency_inputs(rotary_dim, theta, scaling)
     kind, s = scaling.rope_type, float(scaling.rope_factor)
     L0 = scaling.rope_original_max_seq_len
     exponents = np.arange(0, d, 2, dtype=np.float64) / d  # 2i/d    (d/2,)
@@ -245,11 +251,18 @@ def rope_frequencies(rotary_dim: int, theta: float = 10000.0,
         low_wavelength, high_wavelength = L0 / low_factor, L0 / high_factor
         wavelength = 2 * math.pi / inv_freq  # λ_i    (d/2,)
         slowed = np.where(wavelength > low_wavelength, inv_freq / s, inv_freq)
-        smooth = (L0 / wavelength - low_factor) / (high_factor - low_factor)  # σ_i
+        smooth = (L0 / wavelength - low_factor) / (high_factor - low_factor)  # η_i
         smoothed = (1 - smooth) * slowed / s + smooth * slowed
         medium = ~(wavelength < high_wavelength) & ~(wavelength > low_wavelength)
         inv_freq = np.where(medium, smoothed, slowed)
     return inv_freq, attention_factor(scaling)
+
+
+def _check_angle_inputs(position_ids, rotary_dim, dtype) -> tuple:
+    """``(position_ids, rotary_dim, dtype)``: non-negative integer positions, an even
+    rotary_dim, float32 or float64 (theta and scaling: :func:`rope_frequencies` checks them)."""
+    return (_check_int_positions(position_ids), check_rotary_dim(rotary_dim),
+            _check_float_dtype(dtype))
 
 
 def rope_angles(position_ids: np.ndarray, rotary_dim: int, theta: float = 10000.0,
@@ -261,13 +274,11 @@ def rope_angles(position_ids: np.ndarray, rotary_dim: int, theta: float = 10000.
     L = max(position_ids) + 1 from them
     →  cos, sin: (..., rotary_dim/2) in ``dtype`` (angles and t·cos in float64, then cast).
     """
-    position_ids = _check_int_positions(position_ids)
-    rotary_dim = check_rotary_dim(rotary_dim)
-    dtype = _check_float_dtype(dtype)
+    position_ids, rotary_dim, dtype = _check_angle_inputs(position_ids, rotary_dim, dtype)
     seq_len = int(position_ids.max()) + 1 if position_ids.size else 0
     inv_freq, t = rope_frequencies(rotary_dim, theta, scaling, seq_len)  # θ'_i, t
     angles = position_ids.astype(np.float64)[..., None] * inv_freq  # m·θ'_i    (..., rd/2)
-    cos, sin = np.cos(angles), np.sin(angles)
+    cos, sin = np.cos(angles), np.sin(angles)  # (..., rd/2) each
     if t != 1.0:
         cos, sin = cos * t, sin * t
     return cos.astype(dtype), sin.astype(dtype)
@@ -292,6 +303,31 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rotary_dim: int,
     return y
 
 
+def check_rope_options(shape: tuple, position_ids, theta, rotary_dim, layout, scaling) -> tuple:
+    """The checks of a rotation of an input of ``shape`` (..., T, D), shared by
+    :func:`rope_forward` and the kernel :func:`npformer.kernels.rope.rope_forward` (each checks
+    its x first). Returns ``(positions, theta, rotary_dim, layout, scaling)``: positions (T,)
+    or (B, 1, ..., 1, T), rotary_dim even in [1, D] (None → D)."""
+    head_dim = shape[-1]
+    if rotary_dim is None:
+        rotary_dim = head_dim
+        meaning = f" (D = x.shape[-1]; rotary_dim=None means D, here {head_dim})"
+    else:
+        meaning = " (D = x.shape[-1], the head dim)"
+    rotary_dim = check_rotary_dim(rotary_dim, head_dim, meaning)
+    layout = _check_layout(layout)
+    theta = check_positive(theta, "theta")
+    positions = _check_position_ids(position_ids, shape)  # (T,) or (B, 1, ..., 1, T)
+    return positions, theta, rotary_dim, layout, check_rope_scaling(scaling, rotary_dim)
+
+
+def _check_rope_inputs(x, position_ids, theta, rotary_dim, layout, scaling) -> tuple:
+    """The one check of :func:`rope_forward`: x a float array (..., T, D), then
+    :func:`check_rope_options`. Returns ``(x, positions, theta, rotary_dim, layout, scaling)``."""
+    x = check_float(x, "x", min_ndim=2)  # (..., T, D)
+    return (x,) + check_rope_options(x.shape, position_ids, theta, rotary_dim, layout, scaling)
+
+
 class RopeCache(NamedTuple):
     cos: np.ndarray  # t·cos (T, rd/2) or (B, 1, ..., 1, T, rd/2), x's dtype
     sin: np.ndarray  # t·sin, same shape as cos
@@ -313,18 +349,8 @@ def rope_forward(x: np.ndarray, position_ids: Optional[np.ndarray] = None, *,
     llama3: y = t·R'_m x with the scaled angles, see the module docstring)
     →  y: (..., T, D), x's dtype.
     """
-    x = check_float(x, "x", min_ndim=2)
-    head_size = x.shape[-1]
-    if rotary_dim is None:
-        rotary_dim = head_size
-        meaning = f" (D = x.shape[-1]; rotary_dim=None means D, here {head_size})"
-    else:
-        meaning = " (D = x.shape[-1], the head size)"
-    rotary_dim = check_rotary_dim(rotary_dim, head_size, meaning)
-    layout = _check_layout(layout)
-    theta = check_positive(theta, "theta")
-    positions = _check_position_ids(position_ids, x.shape)  # (T,) or (B, 1, ..., 1, T)
-    scaling = check_rope_scaling(scaling, rotary_dim)
+    x, positions, theta, rotary_dim, layout, scaling = _check_rope_inputs(
+        x, position_ids, theta, rotary_dim, layout, scaling)  # positions (T,) or (B, 1, …, 1, T)
     # t·cos, t·sin of m·θ'_i    (..., T, rd/2) each
     cos, sin = rope_angles(positions, rotary_dim, theta, x.dtype, scaling)
     y = _rotate(x, cos, sin, rotary_dim, layout)  # y = t·R_m x    (..., T, D)
