@@ -163,7 +163,7 @@ def _check_qkv(q, k, v):
         raise ValueError(f"q, k and v must share the batch size B (axis 0), got q {q.shape}, "
                          f"k {k.shape}, v {v.shape}")
     if k.shape[3] != head_dim:
-        raise ValueError(f"k must have the head dim D = q.shape[3] = {head_dim} (axis 3), got k "
+        raise ValueError(f"k must have the head size D = q.shape[3] = {head_dim} (axis 3), got k "
                          f"{k.shape}; scores are dot products of a query and a key")
     if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
         raise ValueError(f"v must have the kv heads and length of k (axes 1, 2: K, S), got "

@@ -313,7 +313,7 @@ def check_rope_options(shape: tuple, position_ids, theta, rotary_dim, layout, sc
         rotary_dim = head_dim
         meaning = f" (D = x.shape[-1]; rotary_dim=None means D, here {head_dim})"
     else:
-        meaning = " (D = x.shape[-1], the head dim)"
+        meaning = " (D = x.shape[-1], the head size)"
     rotary_dim = check_rotary_dim(rotary_dim, head_dim, meaning)
     layout = _check_layout(layout)
     theta = check_positive(theta, "theta")
