@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import forward_backward, random_weight_model
+from helpers import forward_backward, random_weight_model, tiny_train_options
 from npformer.optim import AdamW
 from npformer.presets import preset_names
+from npformer.train import Trainer
 
 KERNELS_DIR = str(Path(__file__).resolve().parents[1] / "npformer" / "kernels") + os.sep
 
@@ -98,6 +99,20 @@ def test_the_readable_path_calls_no_kernel(name, kernel_calls):
     AdamW(model.parameters(), lr=1e-3, impl=model.config.layer_impl).step(model.gradients(), lr=1e-3)
     assert not kernel_calls, sorted(set(kernel_calls))
     assert np.isfinite(logits).all() and all(np.isfinite(g).all() for g in grads.values())
+
+
+@pytest.mark.parametrize("preset", ["gpt2", "llama3"])
+def test_a_readable_training_step_calls_no_kernel(tmp_path, preset, kernel_calls):
+    """Trainer.train_step with both switches "numpy": the loss is the functional
+    cross-entropy, the gradient norm and AdamW the NumPy ones."""
+    options = tiny_train_options(tmp_path, preset=preset, dtype="float64")
+    options.model_overrides = dict(options.model_overrides, layer_impl="numpy",
+                                   attention_impl="numpy", dropout=0.1)
+    trainer = Trainer(options, progress=False)
+    assert not trainer.fused
+    row = trainer.train_step()
+    assert not kernel_calls, sorted(set(kernel_calls))
+    assert np.isfinite(row["loss"]) and np.isfinite(row["grad_norm"])
 
 
 @pytest.mark.parametrize("fields", [dict(softmax="clipped"), dict(softmax="softmax1"),
