@@ -39,9 +39,9 @@ So the whole chain collapses to one subtraction, scaled by the upstream gradient
     dz_n = g_n (p_n − t_n),   g_n = dloss / N_valid ("mean"), dloss ("sum"), dloss_n ("none"),
     and g_n = 0 for an ignored row.
 
-This is the fused gradient ``p − onehot(y)`` (with ε = 0: t = onehot(y)). It needs neither the gradient
-with respect to log p nor its row sums, and every entry lies in [−1, 1] whatever the size
-of the logits. :func:`cross_entropy_forward` / :func:`cross_entropy_backward` are the fused
+This is the fused gradient ``p − onehot(y)`` (with ε = 0, t = onehot(y)). It needs neither
+the gradient with respect to log p nor its row sums, and every entry lies in [−1, 1]
+whatever the size of the logits. :func:`cross_entropy_forward` / :func:`cross_entropy_backward` are the fused
 pair; :func:`nll_forward` / :func:`nll_backward` on top of :func:`.softmax.log_softmax_forward`
 are the step-by-step version, and the tests check that both agree to rounding.
 
