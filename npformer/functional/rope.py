@@ -170,6 +170,9 @@ class RopeScaling(NamedTuple):
         return cls(**{name: getattr(config, name) for name in cls._fields})
 
 
+_DEFAULT_SCALING = RopeScaling()  # what scaling=None means; passed on, it is not re-checked
+
+
 @functools.lru_cache(maxsize=64)
 def _validated(scaling: RopeScaling) -> RopeScaling:
     """The ModelConfig checks of the rope_* fields, run once per distinct schedule."""
@@ -182,7 +185,7 @@ def _validated(scaling: RopeScaling) -> RopeScaling:
 def check_rope_scaling(scaling, rotary_dim: int) -> RopeScaling:
     """None (the default RoPE) or a valid :class:`RopeScaling` for ``rotary_dim``."""
     if scaling is None:
-        return RopeScaling()
+        return _DEFAULT_SCALING
     if not isinstance(scaling, RopeScaling):
         raise ValueError(f"scaling must be None or a npformer.functional.rope.RopeScaling "
                          f"(e.g. RopeScaling.from_config(config)), got {type(scaling).__name__}")
@@ -190,7 +193,8 @@ def check_rope_scaling(scaling, rotary_dim: int) -> RopeScaling:
         hash(scaling)
     except TypeError:
         raise ValueError(f"scaling fields must be numbers, strings or None, got {scaling!r}") from None
-    scaling = _validated(scaling)
+    if scaling is not _DEFAULT_SCALING:  # ours, from scaling=None: nothing to check
+        scaling = _validated(scaling)
     if scaling.rope_type == "dynamic" and rotary_dim == 2:
         raise ValueError("rotary_dim=2 cannot use rope_type='dynamic': its base exponent "
                          "d/(d−2) divides by zero (transformers raises ZeroDivisionError); "
