@@ -5,16 +5,16 @@ targets (...)), with one deliberate difference for a batch whose targets are all
 
 Definition
 ----------
-For one row n with logits z (V,), integer target y and label smoothing ε ∈ [0, 1], the
+For one row n with logits z (V,), integer target y and label smoothing ε_ls ∈ [0, 1], the
 target distribution is
 
-    t_v = (1 − ε)·[v = y] + ε / V          (V,)   Σ_v t_v = 1
+    t_v = (1 − ε_ls)·[v = y] + ε_ls / V          (V,)   Σ_v t_v = 1
 
 and the row's loss is the cross-entropy between t and p = softmax(z) (V,):
 
-    ℓ_n = −Σ_v t_v log p_v = (1 − ε)·(−log p_y) + ε·(−(1/V) Σ_v log p_v)
+    ℓ_n = −Σ_v t_v log p_v = (1 − ε_ls)·(−log p_y) + ε_ls·(−(1/V) Σ_v log p_v)
 
-(the right-hand form is how PyTorch writes it; with ε = 0 it is the familiar −log p_y).
+(the right-hand form is how PyTorch writes it; with ε_ls = 0 it is the familiar −log p_y).
 A row whose target equals ``ignore_index`` has no target: ℓ_n = 0 and it is not counted.
 With N_valid the number of counted rows, the reductions are
 
@@ -39,7 +39,7 @@ So the whole chain collapses to one subtraction, scaled by the upstream gradient
     dz_n = g_n (p_n − t_n),   g_n = dloss / N_valid ("mean"), dloss ("sum"), dloss_n ("none"),
     and g_n = 0 for an ignored row.
 
-This is the fused gradient ``p − onehot(y)`` (with ε = 0, t = onehot(y)). It needs neither
+This is the fused gradient ``p − onehot(y)`` (with ε_ls = 0, t = onehot(y)). It needs neither
 the gradient with respect to log p nor its row sums, and every entry lies in [−1, 1]
 whatever the size of the logits. :func:`cross_entropy_forward` / :func:`cross_entropy_backward` are the fused
 pair; :func:`nll_forward` / :func:`nll_backward` on top of :func:`.softmax.log_softmax_forward`
@@ -52,16 +52,16 @@ optimizer, the weights. Here that case gives loss 0 and a zero gradient (the sum
 rows is 0, and we divide by max(N_valid, 1)): a batch made only of padding contributes
 nothing. This is the one intended difference from PyTorch; "sum" and "none" already agree.
 
-Logits must be finite: a −inf logit has log p = −inf, which label smoothing (ε / V > 0)
+Logits must be finite: a −inf logit has log p = −inf, which label smoothing (ε_ls / V > 0)
 would weight into an infinite loss. To leave a position out of the loss, use
 ``ignore_index``.
 
 Large finite logits
 -------------------
 Each row's loss is assembled from two pieces, each evaluated only when its weight is not 0:
-−log p_y (weight 1 − ε), and the smoothing term −(1/V) Σ_v log p_v (weight ε), which is
-computed in float64 as (m − mean(z)) + log Σ_v exp(z_v − m), m the row's max — never as a
-sum of V log-probabilities, which overflows float32 for logits near 1e37 (and with ε = 0 it
+−log p_y (weight 1 − ε_ls), and the smoothing term −(1/V) Σ_v log p_v (weight ε_ls), which
+is computed in float64 as (m − mean(z)) + log Σ_v exp(z_v − m), m the row's max — never as a
+sum of V log-probabilities, which overflows float32 for logits near 1e37 (and with ε_ls = 0 it
 used to be evaluated anyway: 0 · (−inf) = NaN for a loss that is really 0). When the true loss of a
 counted row, or its sum over rows, is not representable in the logits' dtype (log-probabilities
 beyond −3.4e38 in float32), a :class:`NonFiniteError` (a ValueError) says so instead of
@@ -92,7 +92,7 @@ class CrossEntropyCache(NamedTuple):
     targets: np.ndarray  # (...) integer class ids
     valid: np.ndarray  # (...) bool, False where targets == ignore_index
     n_valid: int  # N_valid, the number of counted rows
-    label_smoothing: float  # ε
+    label_smoothing: float  # ε_ls
     reduction: str
 
 
@@ -162,8 +162,8 @@ def _check_dloss(dloss, valid: np.ndarray, reduction: str, dtype) -> np.ndarray:
 
 
 def _target_distribution(targets, valid, vocab: int, eps: float, dtype) -> np.ndarray:
-    """t = (1 − ε)·onehot(y) + ε/V per counted row, all zeros for an ignored row. (..., V)"""
-    t = np.full(targets.shape + (vocab,), eps / vocab, dtype=dtype)  # ε/V on every class
+    """t = (1 − ε_ls)·onehot(y) + ε_ls/V per counted row, 0 for an ignored row. (..., V)"""
+    t = np.full(targets.shape + (vocab,), eps / vocab, dtype=dtype)  # ε_ls/V on every class
     safe = np.where(valid, targets, 0)  # (...) an ignored row points at class 0, zeroed below
     np.put_along_axis(t, safe[..., None], (1.0 - eps) + eps / vocab, axis=-1)
     t[~valid] = 0  # no target, no loss, no gradient
@@ -190,10 +190,10 @@ def _mean_log_softmax(logits: np.ndarray, logp: np.ndarray) -> np.ndarray:
 
 
 def _smoothed_row_losses(logp_y, mean_logp, valid, eps: float, name: str) -> np.ndarray:
-    """ℓ_n = (1 − ε)(−log p_y) + ε (−mean_v log p_v) per row, 0 where ignored. (...)
+    """ℓ_n = (1 − ε_ls)(−log p_y) + ε_ls (−mean_v log p_v) per row, 0 where ignored. (...)
 
     logp_y: (...) log p_y in the dtype; mean_logp: (...) float64 mean of the row's log p,
-    or None when ε = 0. A term whose weight is 0 is not evaluated (0 · (−inf) would be NaN
+    or None when ε_ls = 0. A term whose weight is 0 is not evaluated (0 · (−inf) would be NaN
     for a loss that is finite). NonFiniteError when a counted row's loss is not
     representable in the dtype (its log p_y or mean log p overflowed it).
     """
@@ -281,7 +281,7 @@ def nll_forward(logp: np.ndarray, targets: np.ndarray, ignore_index: int = -100,
     t = _target_distribution(targets, valid, logp.shape[-1], eps, logp.dtype)  # (..., V)
     logp_y = _at_targets(logp, targets, valid)  # (...) log p_y
     mean_logp = _mean_float64(logp) if eps > 0 else None  # (...) (1/V) Σ_v log p_v, float64
-    # ℓ_n = −Σ_v t_v log p_v = (1 − ε)(−log p_y) + ε (−(1/V) Σ_v log p_v), 0 if ignored
+    # ℓ_n = −Σ_v t_v log p_v = (1 − ε_ls)(−log p_y) + ε_ls (−(1/V) Σ_v log p_v); 0: ignored
     loss_rows = _smoothed_row_losses(logp_y, mean_logp, valid, eps, "nll")  # (...)
     n_valid = int(np.count_nonzero(valid))  # N_valid
     loss = _reduce(loss_rows, n_valid, reduction, "nll")  # 0-d, or (...) for "none"
@@ -319,7 +319,7 @@ def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray, ignore_index:
     p = log_softmax_cache.p  # (..., V) p = softmax(z), for the backward
     logp_y = _at_targets(logp, targets, valid)  # (...) log p_y
     mean_logp = _mean_log_softmax(logits, logp) if eps > 0 else None  # (...) Σ_v log p_v / V
-    # ℓ_n = −Σ_v t_v log p_v = (1 − ε)(−log p_y) + ε (−(1/V) Σ_v log p_v), 0 if ignored
+    # ℓ_n = −Σ_v t_v log p_v = (1 − ε_ls)(−log p_y) + ε_ls (−(1/V) Σ_v log p_v); 0: ignored
     loss_rows = _smoothed_row_losses(logp_y, mean_logp, valid, eps, "cross_entropy")  # (...)
     n_valid = int(np.count_nonzero(valid))  # N_valid
     loss = _reduce(loss_rows, n_valid, reduction, "cross_entropy")  # 0-d, or (...) for "none"
@@ -336,10 +336,10 @@ def cross_entropy_backward(dloss, cache: CrossEntropyCache):
     V = p.shape[-1]
     g = _row_scale(dloss, valid, n_valid, reduction)  # (...)
     # forward: ℓ_n = −Σ_v t_v log softmax(z)_v with Σ_v t_v = 1, so ∂ℓ_n/∂z = p − t,
-    # t = (1 − ε)·onehot(y) + ε/V
-    dlogits = p - eps / V  # (..., V) p − ε/V on every class
+    # t = (1 − ε_ls)·onehot(y) + ε_ls/V
+    dlogits = p - eps / V  # (..., V) p − ε_ls/V on every class
     rows = dlogits.reshape(-1, V)  # (N, V) view
     counted = np.flatnonzero(valid)  # counted rows, as flat row indices
-    rows[counted, targets.reshape(-1)[counted]] -= 1.0 - eps  # − (1 − ε) at the target
+    rows[counted, targets.reshape(-1)[counted]] -= 1.0 - eps  # − (1 − ε_ls) at the target
     dlogits *= g[..., None]  # (..., V) dz_n = g_n (p_n − t_n); ignored rows: g_n = 0
     return dlogits

@@ -24,7 +24,7 @@ The Jacobian
 ------------
 With Z = Σ_k exp(x_k) (so ∂Z/∂x_j = exp(x_j)), the quotient rule gives
 
-    ∂p_i/∂x_j = (δ_ij exp(x_i) Z − exp(x_i) exp(x_j)) / Z² = p_i (δ_ij − p_j)
+    ∂p_i/∂x_j = ([i = j] exp(x_i) Z − exp(x_i) exp(x_j)) / Z² = p_i ([i = j] − p_j)
 
 which in matrix form is
 
@@ -37,7 +37,7 @@ The backward never needs J
 --------------------------
 Given dp = ∂ℓ/∂p, the chain rule is dx = Jᵀ dp = J dp (J is symmetric):
 
-    dx_j = Σ_i dp_i p_i (δ_ij − p_j) = p_j dp_j − p_j Σ_i dp_i p_i
+    dx_j = Σ_i dp_i p_i ([i = j] − p_j) = p_j dp_j − p_j Σ_i dp_i p_i
 
     dx = p ⊙ (dp − ⟨dp, p⟩)
 
@@ -53,8 +53,8 @@ Log-softmax
 [0, log n] and y is exact even when p_i itself would underflow to 0). The derivative of
 log Σ_k exp(x_k) with respect to x_j is p_j, so
 
-    ∂y_i/∂x_j = δ_ij − p_j
-    dx_j = Σ_i dy_i (δ_ij − p_j) = dy_j − p_j Σ_i dy_i
+    ∂y_i/∂x_j = [i = j] − p_j
+    dx_j = Σ_i dy_i ([i = j] − p_j) = dy_j − p_j Σ_i dy_i
 
     dx = dy − softmax(x) · Σ_i dy_i
 
@@ -182,6 +182,6 @@ def log_softmax_backward(dy: np.ndarray, cache: LogSoftmaxCache):
     """Returns ``dx`` (shape of x)."""
     p, axis = cache
     dy = check_grad(dy, p.shape, p.dtype)
-    # forward: y = x − log Σ_k exp(x_k), so ∂y_i/∂x_j = δ_ij − p_j and
+    # forward: y = x − log Σ_k exp(x_k), so ∂y_i/∂x_j = [i = j] − p_j and
     # dx = dy − p Σ_i dy_i
     return dy - p * np.sum(dy, axis=axis, keepdims=True)  # (..., n, ...)

@@ -23,8 +23,8 @@ row has max_k x_k = −inf, so m = 0 and p = 0 / 1 = 0 without any special case.
 Derivative. With Z = 1 + Σ_k exp(x_k), ∂Z/∂x_j = exp(x_j) (the constant 1 has none), so the
 quotient rule gives the same form as softmax:
 
-    ∂p_i/∂x_j = (δ_ij exp(x_i) Z − exp(x_i) exp(x_j)) / Z² = p_i (δ_ij − p_j)
-    dx_j = Σ_i dp_i p_i (δ_ij − p_j)    →    dx = p ⊙ (dp − ⟨dp, p⟩)
+    ∂p_i/∂x_j = ([i = j] exp(x_i) Z − exp(x_i) exp(x_j)) / Z² = p_i ([i = j] − p_j)
+    dx_j = Σ_i dp_i p_i ([i = j] − p_j)    →    dx = p ⊙ (dp − ⟨dp, p⟩)
 
 The difference is hidden in p: its entries no longer sum to 1, so J = diag(p) − p pᵀ has
 rows that do not sum to 0 (J·1 = p (1 − Σp) = p / Z): adding one constant to every score
@@ -32,21 +32,21 @@ now changes the output. That is the point — it is how a head lowers all its we
 
 Clipped softmax (Bondarenko et al. 2023, "Quantizable Transformers")
 --------------------------------------------------------------------
-    p̃ = softmax(x),    u = (ζ − γ)·p̃ + γ,    p = clip(u, 0, 1)          (..., S) each
+    p′ = softmax(x),    u = (ζ − γ)·p′ + γ,    p = clip(u, 0, 1)          (..., S) each
 
 with γ ≤ 0 and ζ ≥ 1 (γ = 0, ζ = 1 is plain softmax). Stretching [0, 1] to [γ, ζ] and
 clipping back lets a probability reach exactly 0 (or 1) with finite scores, so attention
 heads that want to "do nothing" no longer push their scores towards ±inf (which produces
-the outliers that make quantisation hard). A masked entry has p̃ = 0, u = γ ≤ 0, so p = 0;
-a fully masked row (p̃ = 0 everywhere, see softmax) gives p = 0.
+the outliers that make quantisation hard). A masked entry has p′ = 0, u = γ ≤ 0, so p = 0;
+a fully masked row (p′ = 0 everywhere, see softmax) gives p = 0.
 
 Derivative: clip passes the gradient where 0 ≤ u ≤ 1 and blocks it where u was clipped:
 
-    du = dp ⊙ [0 ≤ u ≤ 1],    dp̃ = (ζ − γ) du,    dx = p̃ ⊙ (dp̃ − ⟨dp̃, p̃⟩)
+    du = dp ⊙ [0 ≤ u ≤ 1],    dp′ = (ζ − γ) du,    dx = p′ ⊙ (dp′ − ⟨dp′, p′⟩)
 
 (the last step is softmax's backward). At exactly u = 0 or u = 1 the gradient passes, the
 convention of ``torch.clamp``; with γ = 0, ζ = 1 this makes clipped softmax equal to
-softmax in value and gradient (masked entries sit at u = 0 but have p̃ = 0, so their
+softmax in value and gradient (masked entries sit at u = 0 but have p′ = 0, so their
 gradient is 0 anyway).
 
 Logit soft-capping (Gemma 2: attention scores and final logits)
@@ -80,7 +80,7 @@ class Softmax1Cache(NamedTuple):
 
 
 class ClippedSoftmaxCache(NamedTuple):
-    softmax: SoftmaxCache  # p̃ = softmax(x), (..., S)
+    softmax: SoftmaxCache  # p′ = softmax(x), (..., S)
     inside: np.ndarray  # (..., S) bool: 0 <= u <= 1, where the gradient passes the clip
     stretch: float  # ζ − γ
 
@@ -152,7 +152,7 @@ def softmax1_backward(dp: np.ndarray, cache: Softmax1Cache):
     """Returns ``dx`` (..., S)."""
     (p,) = cache
     dp = check_grad(dp, p.shape, p.dtype, "dp")
-    # forward: p_i = exp(x_i) / (1 + Σ_k exp(x_k)), so ∂p_i/∂x_j = p_i (δ_ij − p_j) and
+    # forward: p_i = exp(x_i) / (1 + Σ_k exp(x_k)), so ∂p_i/∂x_j = p_i ([i = j] − p_j) and
     # dx = p ⊙ (dp − ⟨dp, p⟩)   (as softmax, but Σ_i p_i < 1)
     dot = np.sum(dp * p, axis=-1, keepdims=True)  # (..., 1) ⟨dp, p⟩
     return p * (dp - dot)  # (..., S) masked entries (p = 0) get exactly 0
@@ -168,8 +168,8 @@ def clipped_softmax_forward(x: np.ndarray, gamma: float = -0.03, zeta: float = 1
     """
     x, gamma, zeta = _check_clipped_softmax_inputs(x, gamma, zeta)
     stretch = zeta - gamma  # ζ − γ ≥ 1, a Python float: keeps x's dtype
-    p_tilde, softmax_cache = softmax_forward(x, axis=-1)  # (..., S) p̃ = softmax(x)
-    u = stretch * p_tilde + gamma  # (..., S) in [γ, ζ]; a masked entry sits at γ ≤ 0
+    p_prime, softmax_cache = softmax_forward(x, axis=-1)  # (..., S) p′ = softmax(x)
+    u = stretch * p_prime + gamma  # (..., S) in [γ, ζ]; a masked entry sits at γ ≤ 0
     inside = (u >= 0) & (u <= 1)  # (..., S) not clipped (boundaries pass, as torch.clamp)
     p = np.clip(u, 0, 1)  # (..., S)
     return p, ClippedSoftmaxCache(softmax_cache, inside, stretch)
@@ -181,10 +181,10 @@ def clipped_softmax_backward(dp: np.ndarray, cache: ClippedSoftmaxCache):
     dp = check_grad(dp, inside.shape, softmax_cache.p.dtype, "dp")
     # forward: p = clip(u, 0, 1), so du = dp where 0 ≤ u ≤ 1, else 0
     du = np.where(inside, dp, 0).astype(dp.dtype, copy=False)  # (..., S)
-    # forward: u = (ζ − γ)·p̃ + γ, so dp̃ = (ζ − γ)·du
-    dp_tilde = stretch * du  # (..., S)
-    # forward: p̃ = softmax(x), so dx = p̃ ⊙ (dp̃ − ⟨dp̃, p̃⟩)
-    return softmax_backward(dp_tilde, softmax_cache)  # (..., S)
+    # forward: u = (ζ − γ)·p′ + γ, so dp′ = (ζ − γ)·du
+    dp_prime = stretch * du  # (..., S)
+    # forward: p′ = softmax(x), so dx = p′ ⊙ (dp′ − ⟨dp′, p′⟩)
+    return softmax_backward(dp_prime, softmax_cache)  # (..., S)
 
 
 # ---- soft-capping ---------------------------------------------------------------------------
