@@ -48,7 +48,7 @@ def hand_mask(B, T, S, causal=False, window=None, doc_ids=None, key_padding_mask
 def _clip_preactivations(q, k, v, gamma, zeta, **kwargs):
     """u = (ζ − γ)·softmax(s) + γ at the allowed entries (to keep FD inputs off the kinks)."""
     _, cache = attention_forward(q, k, v, softmax="softmax", **kwargs)
-    u = (zeta - gamma) * cache.p + gamma
+    u = (zeta - gamma) * cache.P + gamma
     if cache.allowed is not None:
         u = u[np.broadcast_to(cache.allowed, u.shape)]
     return u

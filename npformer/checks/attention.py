@@ -118,7 +118,7 @@ def _clip_inputs() -> dict:
 def clipped_preactivations(inputs: dict) -> np.ndarray:
     """u = (ζ − γ)·softmax(s) + γ at the allowed entries of the clipped check's inputs."""
     _, cache = attention_forward(**{**inputs, "softmax": "softmax"})
-    q_soft = cache.p  # (B, K, G, T, S) softmax probabilities
+    q_soft = cache.P  # (B, K, G, T, S) softmax probabilities
     allowed = np.broadcast_to(cache.allowed, q_soft.shape)
     return ((CLIP_ZETA - CLIP_GAMMA) * q_soft + CLIP_GAMMA)[allowed]
 

@@ -4,7 +4,7 @@ The readable version: it materialises every score (B, H, T, S). The fused numba 
 (npformer.kernels) compute the same thing block by block and are tested against this file.
 
 Shapes: q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv)  →  o (B, H, T, Dv), with B batch,
-T queries, S keys, H query heads, K key/value heads, D head size (Dv the value head size,
+T queries, S keys, H query heads, K key/value heads, D head dim (`head_dim`; Dv the value head dim,
 usually D).
 
 Head sharing
@@ -24,31 +24,37 @@ Forward, for one (batch, query head) pair
     s = scale · q kᵀ                       (T, S)   scale = 1/√D by default (GPT-Neo: 1)
     c = cap · tanh(s / cap)                (T, S)   soft-capping, only if softcap is set (Gemma 2)
     z = s, or c,  with −inf where masked   (T, S)
-    p = softmax(z) along S                 (T, S)   or softmax₁ / clipped softmax
-    o = p v                                (T, Dv)
+    P = softmax(z) along S                 (T, S)   or softmax₁ / clipped softmax
+    o = P v                                (T, Dv)
 
-Masks are exact: a masked score is −inf, its probability exactly 0 (see
+Masks are exact: a masked score is −inf, its probability P exactly 0 (see
 npformer.functional.attention_mask for causal, window, document and padding masks, and
 the "bottom-right" causal alignment when T < S: query i sits at position i + S − T, as
-when decoding with a KV cache). A query row with every key masked gets p = 0, so o = 0 and
+when decoding with a KV cache). A query row with every key masked gets P = 0, so o = 0 and
 every gradient through it is 0 — not the NaN of 0/0 that a naive softmax gives.
 
 Backward
 --------
-Given do = ∂L/∂o (T, Dv), walk the forward lines in reverse.
+Given do = ∂ℓ/∂o (T, Dv), walk the forward lines in reverse.
 
-1. o = p v. Each o[t, e] = Σ_j p[t, j] v[j, e], so
+1. o = P v. Each o[t, e] = Σ_j P[t, j] v[j, e], so
 
-       dp = do vᵀ        (T, S)     ∂L/∂p[t, j] = Σ_e do[t, e] v[j, e]
-       dv = pᵀ do        (S, Dv)    ∂L/∂v[j, e] = Σ_t p[t, j] do[t, e]
+       dP = do vᵀ        (T, S)     ∂ℓ/∂P[t, j] = Σ_e do[t, e] v[j, e]
+       dv = Pᵀ do        (S, Dv)    ∂ℓ/∂v[j, e] = Σ_t P[t, j] do[t, e]
 
-2. p = softmax(z), row by row: the vector-Jacobian product of npformer.functional.softmax,
+2. P = softmax(z), row by row: the vector-Jacobian product of npformer.functional.softmax,
 
-       dz = p ⊙ (dp − ⟨dp, p⟩_row)          (T, S)
+       dz = P ⊙ (dP − delta),    delta = ⟨dP, P⟩_row            (T, S), delta (T, 1)
 
-   (softmax₁ has the same form; clipped softmax first zeroes dp where it clipped and
+   (softmax₁ has the same form; clipped softmax first zeroes dP where it clipped and
    multiplies by ζ − γ, see npformer.functional.softmax_variants). Masked entries have
-   p = 0, so dz = 0 there; a fully masked row has dz = 0 everywhere.
+   P = 0, so dz = 0 there; a fully masked row has dz = 0 everywhere.
+   For softmax and softmax₁ (o = P v with these P) the row sum is also
+
+       delta[t] = Σ_j P[t, j] Σ_e do[t, e] v[j, e] = Σ_e do[t, e] o[t, e] = rowsum(do ⊙ o)
+
+   which is how FlashAttention gets δ without the (T, S) matrix dP
+   (npformer.kernels.flash_attention); this file forms dP and takes ⟨dP, P⟩ directly.
 
 3. z = where(allowed, c, −inf): the mask is a constant, so dc = dz where allowed, 0 elsewhere.
 
@@ -68,7 +74,7 @@ gradient is the sum of the G contributions (the multivariate chain rule: a varia
 several times receives the sum of the gradients of every use):
 
        dk[b, κ] = Σ_{g < G} scale · ds[b, κG + g]ᵀ q[b, κG + g]
-       dv[b, κ] = Σ_{g < G} p[b, κG + g]ᵀ do[b, κG + g]
+       dv[b, κ] = Σ_{g < G} P[b, κG + g]ᵀ do[b, κG + g]
 
 Computed as (B, K, G, T, S) products and an explicit sum over the G axis, so dk and dv
 come out (B, K, S, ·) — never a silently broadcast (B, H, S, ·).
@@ -107,7 +113,7 @@ class AttentionCache(NamedTuple):
     q: np.ndarray  # (B, K, G, T, D) the queries, grouped by their kv head
     k: np.ndarray  # (B, K, S, D)
     v: np.ndarray  # (B, K, S, Dv)
-    p: np.ndarray  # (B, K, G, T, S) the attention weights
+    P: np.ndarray  # (B, K, G, T, S) the attention probabilities
     scale: float
     softcap: object  # SoftcapCache, or None without soft-capping
     allowed: Optional[np.ndarray]  # (B, 1, 1, T, S) bool, True = attended; None: no mask
@@ -152,24 +158,51 @@ def _check_qkv(q, k, v):
             raise ValueError(f"{name} must be 4-D {layout}, got shape {x.shape}")
         if 0 in x.shape:
             raise ValueError(f"{name} must have no empty axis {layout}, got shape {x.shape}")
-    B, H, T, D = q.shape
+    B, H, T, head_dim = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"q, k and v must share the batch size B (axis 0), got q {q.shape}, "
                          f"k {k.shape}, v {v.shape}")
-    if k.shape[3] != D:
-        raise ValueError(f"k must have the head size D = q.shape[3] = {D} (axis 3), got k "
+    if k.shape[3] != head_dim:
+        raise ValueError(f"k must have the head size D = q.shape[3] = {head_dim} (axis 3), got k "
                          f"{k.shape}; scores are dot products of a query and a key")
     if v.shape[1] != k.shape[1] or v.shape[2] != k.shape[2]:
         raise ValueError(f"v must have the kv heads and length of k (axes 1, 2: K, S), got "
                          f"k {k.shape}, v {v.shape}")
-    n_kv = k.shape[1]
-    if H % n_kv:
+    n_kv_heads = k.shape[1]
+    if H % n_kv_heads:
         raise ValueError(
-            f"n_heads H = q.shape[1] = {H} must be divisible by n_kv_heads K = k.shape[1] = {n_kv} "
-            f"(each kv head serves H / K query heads); valid n_kv_heads for H = {H}: "
+            f"n_heads H = q.shape[1] = {H} must be divisible by n_kv_heads K = k.shape[1] = "
+            f"{n_kv_heads} (each kv head serves H / K query heads); valid n_kv_heads for H = {H}: "
             f"{[d for d in range(1, H + 1) if H % d == 0]}"
         )
     return q, k, v
+
+
+def _check_attention_inputs(q, k, v, scale, softmax, clip_gamma, clip_zeta, softcap):
+    """The one check of :func:`attention_forward` (the mask's arguments are checked by
+    :func:`~npformer.functional.attention_mask.attention_mask` as it builds the mask).
+
+    Returns ``(q, k, v, scale, clip_gamma, clip_zeta, softcap)`` with scale = 1/√D when None.
+    """
+    q, k, v = _check_qkv(q, k, v)
+    scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else check_positive(scale, "scale")
+    if not isinstance(softmax, str) or softmax not in SOFTMAX_VARIANTS:
+        raise ValueError(f"softmax must be one of {sorted(SOFTMAX_VARIANTS)}, got {softmax!r}")
+    clip_gamma, clip_zeta = check_clip_range(clip_gamma, clip_zeta, "clip_gamma", "clip_zeta")
+    if softcap is not None:
+        softcap = check_positive(softcap, "softcap")
+    return q, k, v, scale, clip_gamma, clip_zeta, softcap
+
+
+def _allowed_keys(B: int, T: int, S: int, causal, window, doc_ids, key_padding_mask):
+    """The mask as (B, 1, 1, T, S) bool (True = attended), broadcasting over K and G; None
+    when no mask is asked for (every query sees every key)."""
+    if (causal is False and window is None and doc_ids is None
+            and key_padding_mask is None):
+        return None
+    allowed = attention_mask(B, T, S, causal=causal, window=window, doc_ids=doc_ids,
+                             key_padding_mask=key_padding_mask)  # (B, 1, T, S), validates them
+    return allowed[:, :, None]  # (B, 1, 1, T, S)
 
 
 def attention_forward(
@@ -190,7 +223,7 @@ def attention_forward(
     """``o = softmax(mask(softcap(scale · q kᵀ))) v`` with shared kv heads.
 
     q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv)  →  o (B, H, T, Dv); H divisible by K,
-    query head h uses kv head h // (H // K).
+    query head h uses kv head h // G with G = H / K.
     causal, window, doc_ids (B, S), key_padding_mask (B, S): see
     :func:`npformer.functional.attention_mask.attention_mask` (bottom-right alignment).
     scale: None → 1/√D. softmax: "softmax" | "softmax1" | "clipped" (with clip_gamma <= 0,
@@ -198,40 +231,28 @@ def attention_forward(
     A score scale · q·k that overflows the dtype (±inf or NaN from finite q and k) where the
     mask allows it raises ValueError, here and in the numba kernels; masked ones do not count.
     """
-    q, k, v = _check_qkv(q, k, v)
-    B, H, T, D = q.shape
-    n_kv, S, Dv = k.shape[1], k.shape[2], v.shape[3]  # K, S, Dv
-    G = H // n_kv  # query heads per kv head
-    scale = 1.0 / math.sqrt(D) if scale is None else check_positive(scale, "scale")
-    if not isinstance(softmax, str) or softmax not in SOFTMAX_VARIANTS:
-        raise ValueError(f"softmax must be one of {sorted(SOFTMAX_VARIANTS)}, got {softmax!r}")
-    clip_gamma, clip_zeta = check_clip_range(clip_gamma, clip_zeta, "clip_gamma", "clip_zeta")
-    if softcap is not None:
-        softcap = check_positive(softcap, "softcap")
-    allowed = None  # no mask at all: every query sees every key
-    if (causal is not False or window is not None or doc_ids is not None
-            or key_padding_mask is not None):  # attention_mask validates each of them
-        allowed = attention_mask(B, T, S, causal=causal, window=window, doc_ids=doc_ids,
-                                 key_padding_mask=key_padding_mask)[:, :, None]  # (B, 1, 1, T, S)
+    q, k, v, scale, clip_gamma, clip_zeta, softcap = _check_attention_inputs(
+        q, k, v, scale, softmax, clip_gamma, clip_zeta, softcap)
+    B, H, T, head_dim = q.shape
+    K, S, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
+    G = H // K  # query heads per kv head
+    allowed = _allowed_keys(B, T, S, causal, window, doc_ids, key_padding_mask)  # or None
 
-    qg = q.reshape(B, n_kv, G, T, D)  # (B, K, G, T, D) query head h = κ·G + g
+    qg = q.reshape(B, K, G, T, head_dim)  # (B, K, G, T, D) query head h = κ·G + g
     kt = np.swapaxes(k, -1, -2)[:, :, None]  # (B, K, 1, D, S) one kv head for its G query heads
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is refused just below
         s = scale * (qg @ kt)  # (B, K, G, T, S) s = scale · q kᵀ
-    s = _refuse_overflowed_scores(s, allowed)
-    softcap_cache = None
-    if softcap is not None:
-        s, softcap_cache = softcap_forward(s, softcap)  # (B, K, G, T, S) c = cap tanh(s / cap)
-    if allowed is not None:
-        s = np.where(allowed, s, -np.inf).astype(q.dtype, copy=False)  # (B, K, G, T, S) exact mask
+    s = _refuse_overflowed_scores(s, allowed)  # (B, K, G, T, S)
+    # (B, K, G, T, S) c = cap tanh(s / cap) with soft-capping, else c = s
+    c, softcap_cache = (s, None) if softcap is None else softcap_forward(s, softcap)
+    # (B, K, G, T, S) z = c where allowed, exactly −inf where masked
+    z = c if allowed is None else np.where(allowed, c, -np.inf).astype(q.dtype, copy=False)
     forward, _ = SOFTMAX_VARIANTS[softmax]
-    if softmax == "clipped":
-        p, softmax_cache = forward(s, clip_gamma, clip_zeta)  # (B, K, G, T, S)
-    else:
-        p, softmax_cache = forward(s)  # (B, K, G, T, S) rows over the S keys
-    o = p @ v[:, :, None]  # (B, K, G, T, Dv) o = p v
-    o = o.reshape(B, H, T, Dv)  # (B, H, T, Dv)
-    cache = AttentionCache(qg, k, v, p, scale, softcap_cache, allowed, softmax, softmax_cache)
+    clip = (clip_gamma, clip_zeta) if softmax == "clipped" else ()  # clipped softmax's γ, ζ
+    P, softmax_cache = forward(z, *clip)  # (B, K, G, T, S) P = softmax(z), rows over the S keys
+    o = P @ v[:, :, None]  # (B, K, G, T, Dv) o = P v
+    o = o.reshape(B, H, T, head_dim_v)  # (B, H, T, Dv)
+    cache = AttentionCache(qg, k, v, P, scale, softcap_cache, allowed, softmax, softmax_cache)
     return o, cache
 
 
@@ -240,30 +261,28 @@ def attention_backward(do: np.ndarray, cache: AttentionCache):
 
     dk and dv sum the gradients of the G = H / K query heads that share each kv head.
     """
-    qg, k, v, p, scale, softcap_cache, allowed, softmax, softmax_cache = cache
-    B, n_kv, G, T, D = qg.shape
-    Dv = v.shape[3]
-    H = n_kv * G
-    do = check_grad(do, (B, H, T, Dv), qg.dtype, "do")
-    dog = do.reshape(B, n_kv, G, T, Dv)  # (B, K, G, T, Dv) grouped like q
+    qg, k, v, P, scale, softcap_cache, allowed, softmax, softmax_cache = cache
+    B, K, G, T, head_dim = qg.shape
+    H, head_dim_v = K * G, v.shape[3]
+    do = check_grad(do, (B, H, T, head_dim_v), qg.dtype, "do")  # (B, H, T, Dv)
+    dog = do.reshape(B, K, G, T, head_dim_v)  # (B, K, G, T, Dv) grouped like q
 
-    # forward: o = p v, so dp = do vᵀ and dv = pᵀ do (summed over the G heads of each group)
-    dp = dog @ np.swapaxes(v, -1, -2)[:, :, None]  # (B, K, G, T, S)
-    dv = (np.swapaxes(p, -1, -2) @ dog).sum(axis=2)  # (B, K, G, S, Dv) → (B, K, S, Dv)
+    # forward: o = P v, so dP = do vᵀ and dv = Pᵀ do (summed over the G heads of each group)
+    dP = dog @ np.swapaxes(v, -1, -2)[:, :, None]  # (B, K, G, T, S)
+    dv = (np.swapaxes(P, -1, -2) @ dog).sum(axis=2)  # (B, K, G, S, Dv) → (B, K, S, Dv)
 
-    # forward: p = softmax(z) (or a variant), so dz = p ⊙ (dp − ⟨dp, p⟩) (see its backward)
+    # forward: P = softmax(z) (or a variant), so dz = P ⊙ (dP − ⟨dP, P⟩_row) (see its
+    # backward); for softmax ⟨dP, P⟩_row = rowsum(do ⊙ o) = delta, FlashAttention's δ
     _, backward = SOFTMAX_VARIANTS[softmax]
-    ds = backward(dp, softmax_cache)  # (B, K, G, T, S)
+    dz = backward(dP, softmax_cache)  # (B, K, G, T, S)
 
     # forward: z = where(allowed, c, −inf), so dc = dz where allowed, 0 where masked
-    if allowed is not None:
-        ds = np.where(allowed, ds, 0).astype(qg.dtype, copy=False)  # (B, K, G, T, S)
+    dc = dz if allowed is None else np.where(allowed, dz, 0).astype(qg.dtype, copy=False)
 
-    # forward: c = cap tanh(s / cap), so ds = dc ⊙ (1 − tanh²(s / cap))
-    if softcap_cache is not None:
-        ds = softcap_backward(ds, softcap_cache)  # (B, K, G, T, S)
+    # forward: c = cap tanh(s / cap), so ds = dc ⊙ (1 − tanh²(s / cap)); without it c = s
+    ds = dc if softcap_cache is None else softcap_backward(dc, softcap_cache)  # (B, K, G, T, S)
 
     # forward: s = scale · q kᵀ, so dq = scale · ds k and dk = scale · dsᵀ q (summed over G)
     dq = scale * (ds @ k[:, :, None])  # (B, K, G, T, D)
     dk = scale * (np.swapaxes(ds, -1, -2) @ qg).sum(axis=2)  # (B, K, G, S, D) → (B, K, S, D)
-    return dq.reshape(B, H, T, D), dk, dv
+    return dq.reshape(B, H, T, head_dim), dk, dv

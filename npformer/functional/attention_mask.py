@@ -51,6 +51,60 @@ def _check_flag(value, name: str) -> bool:
     return bool(value)
 
 
+def _check_doc_ids(doc_ids, batch: int, T: int, S: int) -> None:
+    """doc_ids: an integer ndarray (B, S), for self-attention (T <= S)."""
+    if not isinstance(doc_ids, np.ndarray):
+        raise ValueError(
+            f"doc_ids must be a numpy.ndarray of integers, got {type(doc_ids).__name__}"
+        )
+    if not np.issubdtype(doc_ids.dtype, np.integer):
+        raise ValueError(f"doc_ids must be an integer array (document id per position), "
+                         f"got dtype {doc_ids.dtype}")
+    check_shape(doc_ids, (batch, S), "doc_ids", "(B, S): the document id of every key position")
+    if T > S:
+        raise ValueError(
+            f"doc_ids needs T <= S (self-attention: the queries are the last T of the S key "
+            f"positions), got T={T}, S={S}"
+        )
+
+
+def _check_key_padding_mask(key_padding_mask, batch: int, S: int) -> None:
+    """key_padding_mask: a bool ndarray (B, S), True = padding."""
+    if not isinstance(key_padding_mask, np.ndarray) or key_padding_mask.dtype != np.bool_:
+        got = (f"dtype {key_padding_mask.dtype}" if isinstance(key_padding_mask, np.ndarray)
+               else type(key_padding_mask).__name__)
+        raise ValueError(f"key_padding_mask must be a bool numpy.ndarray (True = padding key), "
+                         f"got {got}")
+    check_shape(key_padding_mask, (batch, S), "key_padding_mask",
+                "(B, S): True where the key is padding")
+
+
+def _check_attention_mask_inputs(batch, T, S, causal, window, doc_ids, key_padding_mask):
+    """The one check of :func:`attention_mask`; returns ``(batch, T, S, causal, window)`` as
+    Python ints and bool (doc_ids and key_padding_mask are used as given)."""
+    batch = check_int(batch, "batch", 1)
+    T = check_int(T, "T (number of queries)", 1)
+    S = check_int(S, "S (number of keys)", 1)
+    causal = _check_flag(causal, "causal")
+    if causal and T > S:
+        raise ValueError(
+            f"causal attention needs T <= S (query i sits at position i + S − T, so a query "
+            f"would have no key to see), got T={T}, S={S}"
+        )
+    if window is not None:
+        window = check_int(window, "window", 1)
+        if not causal:
+            raise ValueError(
+                f"window={window} needs causal=True: a sliding window is the w most recent keys "
+                "(qpos − w < j <= qpos), as in GPT-Neo's local attention"
+            )
+    if doc_ids is not None:
+        _check_doc_ids(doc_ids, batch, T, S)
+    if key_padding_mask is not None:
+        _check_key_padding_mask(key_padding_mask, batch, S)
+    return batch, T, S, causal, window
+
+
 def attention_mask(
     batch: int,
     T: int,
@@ -69,23 +123,8 @@ def attention_mask(
     doc_ids: int (B, S) document id of every position; same-document keys only (T <= S).
     key_padding_mask: bool (B, S), True = padding key, excluded.
     """
-    batch = check_int(batch, "batch", 1)
-    T = check_int(T, "T (number of queries)", 1)
-    S = check_int(S, "S (number of keys)", 1)
-    causal = _check_flag(causal, "causal")
-    if causal and T > S:
-        raise ValueError(
-            f"causal attention needs T <= S (query i sits at position i + S − T, so a query "
-            f"would have no key to see), got T={T}, S={S}"
-        )
-    if window is not None:
-        window = check_int(window, "window", 1)
-        if not causal:
-            raise ValueError(
-                f"window={window} needs causal=True: a sliding window is the w most recent keys "
-                "(qpos − w < j <= qpos), as in GPT-Neo's local attention"
-            )
-
+    batch, T, S, causal, window = _check_attention_mask_inputs(
+        batch, T, S, causal, window, doc_ids, key_padding_mask)
     qpos = np.arange(T)[:, None] + (S - T)  # (T, 1) absolute position of every query
     kpos = np.arange(S)[None, :]  # (1, S) absolute position of every key
     allowed = np.ones((batch, 1, T, S), dtype=bool)  # (B, 1, T, S)
@@ -94,28 +133,8 @@ def attention_mask(
     if window is not None:
         allowed &= kpos > qpos - window  # (T, S): only the window most recent keys
     if doc_ids is not None:
-        if not isinstance(doc_ids, np.ndarray):
-            raise ValueError(
-                f"doc_ids must be a numpy.ndarray of integers, got {type(doc_ids).__name__}"
-            )
-        if not np.issubdtype(doc_ids.dtype, np.integer):
-            raise ValueError(f"doc_ids must be an integer array (document id per position), "
-                             f"got dtype {doc_ids.dtype}")
-        check_shape(doc_ids, (batch, S), "doc_ids", "(B, S): the document id of every key position")
-        if T > S:
-            raise ValueError(
-                f"doc_ids needs T <= S (self-attention: the queries are the last T of the S key "
-                f"positions), got T={T}, S={S}"
-            )
         query_docs = doc_ids[:, S - T:]  # (B, T) document of every query
         allowed &= query_docs[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, T, S)
     if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, np.ndarray) or key_padding_mask.dtype != np.bool_:
-            got = (f"dtype {key_padding_mask.dtype}" if isinstance(key_padding_mask, np.ndarray)
-                   else type(key_padding_mask).__name__)
-            raise ValueError(f"key_padding_mask must be a bool numpy.ndarray (True = padding key), "
-                             f"got {got}")
-        check_shape(key_padding_mask, (batch, S), "key_padding_mask",
-                    "(B, S): True where the key is padding")
         allowed &= ~key_padding_mask[:, None, None, :]  # (B, 1, 1, S) padding keys excluded
     return allowed

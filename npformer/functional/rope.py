@@ -47,12 +47,12 @@ Scaled RoPE: running past the trained length L₀ (``scaling``, a :class:`RopeSc
 ---------------------------------------------------------------------------------------
 A model trained on sequences of at most L₀ tokens has only seen angles m·θ_i < L₀·θ_i. To
 run it on longer sequences, transformers' ``rope_parameters`` (``rope_type``) replace the
-frequencies θ_i by θ'_i (and may multiply cos and sin by an attention factor t). Write
+frequencies θ_i by θ'_i (and may multiply cos and sin by an attention factor A). Write
 s = factor, d = rotary_dim, λ_i = 2π/θ_i the wavelength of pair i (in tokens), and
 r_i = L₀/λ_i the number of turns pair i makes over the trained length. :func:`rope_frequencies`
-computes θ'_i and t in float64 exactly as transformers 5's ``modeling_rope_utils.py`` does:
+computes θ'_i and A in float64 exactly as transformers 5's ``modeling_rope_utils.py`` does:
 
-- ``default``: θ'_i = θ_i = theta^(−2i/d), t = 1.
+- ``default``: θ'_i = θ_i = theta^(−2i/d), A = 1.
 - ``linear`` (position interpolation; kaiokendev, Chen et al. 2023): positions are squeezed
   by s, m → m/s, so every angle stays in the trained range up to s·L₀. Since the angle is
   m·θ_i, squeezing m is dividing the frequency: θ'_i = θ_i / s.
@@ -81,20 +81,20 @@ computes θ'_i and t in float64 exactly as transformers 5's ``modeling_rope_util
       γ_i = clip((i − low) / (high − low), 0, 1)                     (high += 0.001 if equal)
       θ'_i = (θ_i / s) · γ_i + θ_i · (1 − γ_i)
 
-  and cos and sin are multiplied by t = attention_factor, default 0.1·ln(s) + 1 (1 for
-  s ≤ 1): q and k both grow by t, so the scores by t² — the paper's softmax temperature,
+  and cos and sin are multiplied by A = attention_factor, default 0.1·ln(s) + 1 (1 for
+  s ≤ 1): q and k both grow by A, so the scores by A² — the paper's softmax temperature,
   which keeps the attention entropy of the longer context near that of L₀.
 - ``llama3`` (Llama 3.1): the same three bands by wavelength, with a ramp in 1/λ_i instead
   of in i. With λ_low = L₀/low_freq_factor > λ_high = L₀/high_freq_factor (as
   high_freq_factor > low_freq_factor): λ_i < λ_high keeps θ_i, λ_i > λ_low takes θ_i / s,
   and in between
 
-      σ_i = (L₀/λ_i − low_freq_factor) / (high_freq_factor − low_freq_factor) ∈ [0, 1]
-      θ'_i = (1 − σ_i) · θ_i / s + σ_i · θ_i
+      η_i = (L₀/λ_i − low_freq_factor) / (high_freq_factor − low_freq_factor) ∈ [0, 1]
+      θ'_i = (1 − η_i) · θ_i / s + η_i · θ_i
 
-  which is continuous: σ = 0 at λ_low, σ = 1 at λ_high. t = 1.
+  which is continuous: η = 0 at λ_low, η = 1 at λ_high. A = 1.
 
-Scaling with t ≠ 1 makes the forward y = t·R_m x: the cache holds t·cos and t·sin.
+Scaling with A ≠ 1 makes the forward y = A·R_m x: the cache holds A·cos and A·sin.
 
 Derivation of the backward
 --------------------------
@@ -106,9 +106,9 @@ da' = ∂L/∂a' and db' = ∂L/∂b',
     ⎣db⎦ = ⎣−sin mθ_i  cos mθ_i⎦ ⎣db'⎦      db = db' cos mθ_i − da' sin mθ_i
 
 i.e. the forward formula with sin → −sin. The pass-through channels have dx = dy. The
-positions are integers: no gradient. With an attention factor the forward is y = t·R_m x
-(cos and sin of the table both carry t), still linear in x, so dx = t·R_mᵀ dy: the same
-inverse rotation with the cached t·cos and −t·sin, nothing else changes. (The scaling only
+positions are integers: no gradient. With an attention factor the forward is y = A·R_m x
+(cos and sin of the table both carry A), still linear in x, so dx = A·R_mᵀ dy: the same
+inverse rotation with the cached A·cos and −A·sin, nothing else changes. (The scaling only
 changes the angles, which do not depend on x; dynamic's base depends on the positions, which
 are integers: no gradient either.)
 """
@@ -162,12 +162,15 @@ class RopeScaling(NamedTuple):
     rope_beta_fast: float = 32.0  # yarn
     rope_beta_slow: float = 1.0  # yarn
     rope_truncate: bool = True  # yarn
-    rope_attention_factor: Optional[float] = None  # yarn: t; None = 0.1 ln s + 1
+    rope_attention_factor: Optional[float] = None  # yarn: A; None = 0.1 ln s + 1
 
     @classmethod
     def from_config(cls, config) -> "RopeScaling":
         """The schedule of a (validated) ModelConfig."""
         return cls(**{name: getattr(config, name) for name in cls._fields})
+
+
+_DEFAULT_SCALING = RopeScaling()  # what scaling=None means; passed on, it is not re-checked
 
 
 @functools.lru_cache(maxsize=64)
@@ -182,7 +185,7 @@ def _validated(scaling: RopeScaling) -> RopeScaling:
 def check_rope_scaling(scaling, rotary_dim: int) -> RopeScaling:
     """None (the default RoPE) or a valid :class:`RopeScaling` for ``rotary_dim``."""
     if scaling is None:
-        return RopeScaling()
+        return _DEFAULT_SCALING
     if not isinstance(scaling, RopeScaling):
         raise ValueError(f"scaling must be None or a npformer.functional.rope.RopeScaling "
                          f"(e.g. RopeScaling.from_config(config)), got {type(scaling).__name__}")
@@ -190,7 +193,8 @@ def check_rope_scaling(scaling, rotary_dim: int) -> RopeScaling:
         hash(scaling)
     except TypeError:
         raise ValueError(f"scaling fields must be numbers, strings or None, got {scaling!r}") from None
-    scaling = _validated(scaling)
+    if scaling is not _DEFAULT_SCALING:  # ours, from scaling=None: nothing to check
+        scaling = _validated(scaling)
     if scaling.rope_type == "dynamic" and rotary_dim == 2:
         raise ValueError("rotary_dim=2 cannot use rope_type='dynamic': its base exponent "
                          "d/(d−2) divides by zero (transformers raises ZeroDivisionError); "
@@ -199,7 +203,7 @@ def check_rope_scaling(scaling, rotary_dim: int) -> RopeScaling:
 
 
 def attention_factor(scaling: RopeScaling) -> float:
-    """t, the factor on cos and sin: yarn's ``attention_factor`` or its default
+    """A, the factor on cos and sin: yarn's ``attention_factor`` or its default
     0.1·ln(s) + 1 (1 for s ≤ 1); 1 for every other type."""
     if scaling.rope_type != "yarn":
         return 1.0
@@ -209,15 +213,21 @@ def attention_factor(scaling: RopeScaling) -> float:
     return 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
 
 
+def _check_frequency_inputs(rotary_dim, theta, scaling) -> tuple:
+    """``(rotary_dim, theta, scaling)``: an even rotary_dim >= 2, theta > 0, and a valid
+    schedule (None → the default :class:`RopeScaling`)."""
+    rotary_dim = check_rotary_dim(rotary_dim)
+    theta = check_positive(theta, "theta")
+    return rotary_dim, theta, check_rope_scaling(scaling, rotary_dim)
+
+
 def rope_frequencies(rotary_dim: int, theta: float = 10000.0,
                      scaling: Optional[RopeScaling] = None, seq_len: Optional[int] = None):
-    """``(inv_freq, t)``: the frequencies θ'_i (float64, (rotary_dim/2,)) and the attention
+    """``(inv_freq, A)``: the frequencies θ'_i (float64, (rotary_dim/2,)) and the attention
     factor of the schedule ``scaling`` (None: the default RoPE), in the order of operations
     of transformers 5's ``ROPE_INIT_FUNCTIONS``. seq_len: L of the call, read by dynamic
     only (None or ≤ L₀: no scaling)."""
-    d = check_rotary_dim(rotary_dim)
-    theta = check_positive(theta, "theta")
-    scaling = check_rope_scaling(scaling, d)
+    d, theta, scaling = _check_frequency_inputs(rotary_dim, theta, scaling)
     kind, s = scaling.rope_type, float(scaling.rope_factor)
     L0 = scaling.rope_original_max_seq_len
     exponents = np.arange(0, d, 2, dtype=np.float64) / d  # 2i/d    (d/2,)
@@ -245,31 +255,36 @@ def rope_frequencies(rotary_dim: int, theta: float = 10000.0,
         low_wavelength, high_wavelength = L0 / low_factor, L0 / high_factor
         wavelength = 2 * math.pi / inv_freq  # λ_i    (d/2,)
         slowed = np.where(wavelength > low_wavelength, inv_freq / s, inv_freq)
-        smooth = (L0 / wavelength - low_factor) / (high_factor - low_factor)  # σ_i
+        smooth = (L0 / wavelength - low_factor) / (high_factor - low_factor)  # η_i
         smoothed = (1 - smooth) * slowed / s + smooth * slowed
         medium = ~(wavelength < high_wavelength) & ~(wavelength > low_wavelength)
         inv_freq = np.where(medium, smoothed, slowed)
     return inv_freq, attention_factor(scaling)
 
 
+def _check_angle_inputs(position_ids, rotary_dim, dtype) -> tuple:
+    """``(position_ids, rotary_dim, dtype)``: non-negative integer positions, an even
+    rotary_dim, float32 or float64 (theta and scaling: :func:`rope_frequencies` checks them)."""
+    return (_check_int_positions(position_ids), check_rotary_dim(rotary_dim),
+            _check_float_dtype(dtype))
+
+
 def rope_angles(position_ids: np.ndarray, rotary_dim: int, theta: float = 10000.0,
                 dtype=np.float64, scaling: Optional[RopeScaling] = None):
-    """``(t·cos, t·sin)`` of the angles pos · θ'_i of :func:`rope_frequencies` (θ'_i =
-    theta^(−2i/rotary_dim) and t = 1 without ``scaling``), i < rotary_dim/2.
+    """``(A·cos, A·sin)`` of the angles m · θ'_i of :func:`rope_frequencies` (θ'_i =
+    theta^(−2i/rotary_dim) and A = 1 without ``scaling``), i < rotary_dim/2.
 
     position_ids: (...) non-negative integers, usually (T,) or (B, T); dynamic scaling reads
     L = max(position_ids) + 1 from them
-    →  cos, sin: (..., rotary_dim/2) in ``dtype`` (angles and t·cos in float64, then cast).
+    →  cos, sin: (..., rotary_dim/2) in ``dtype`` (angles and A·cos in float64, then cast).
     """
-    position_ids = _check_int_positions(position_ids)
-    rotary_dim = check_rotary_dim(rotary_dim)
-    dtype = _check_float_dtype(dtype)
+    position_ids, rotary_dim, dtype = _check_angle_inputs(position_ids, rotary_dim, dtype)
     seq_len = int(position_ids.max()) + 1 if position_ids.size else 0
-    inv_freq, t = rope_frequencies(rotary_dim, theta, scaling, seq_len)  # θ'_i, t
+    inv_freq, A = rope_frequencies(rotary_dim, theta, scaling, seq_len)  # θ'_i, A
     angles = position_ids.astype(np.float64)[..., None] * inv_freq  # m·θ'_i    (..., rd/2)
-    cos, sin = np.cos(angles), np.sin(angles)
-    if t != 1.0:
-        cos, sin = cos * t, sin * t
+    cos, sin = np.cos(angles), np.sin(angles)  # (..., rd/2) each
+    if A != 1.0:
+        cos, sin = cos * A, sin * A  # A·cos, A·sin
     return cos.astype(dtype), sin.astype(dtype)
 
 
@@ -292,9 +307,34 @@ def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, rotary_dim: int,
     return y
 
 
+def check_rope_options(shape: tuple, position_ids, theta, rotary_dim, layout, scaling) -> tuple:
+    """The checks of a rotation of an input of ``shape`` (..., T, D), shared by
+    :func:`rope_forward` and the kernel :func:`npformer.kernels.rope.rope_forward` (each checks
+    its x first). Returns ``(positions, theta, rotary_dim, layout, scaling)``: positions (T,)
+    or (B, 1, ..., 1, T), rotary_dim even in [1, D] (None → D)."""
+    head_dim = shape[-1]
+    if rotary_dim is None:
+        rotary_dim = head_dim
+        meaning = f" (D = x.shape[-1]; rotary_dim=None means D, here {head_dim})"
+    else:
+        meaning = " (D = x.shape[-1], the head size)"
+    rotary_dim = check_rotary_dim(rotary_dim, head_dim, meaning)
+    layout = _check_layout(layout)
+    theta = check_positive(theta, "theta")
+    positions = _check_position_ids(position_ids, shape)  # (T,) or (B, 1, ..., 1, T)
+    return positions, theta, rotary_dim, layout, check_rope_scaling(scaling, rotary_dim)
+
+
+def _check_rope_inputs(x, position_ids, theta, rotary_dim, layout, scaling) -> tuple:
+    """The one check of :func:`rope_forward`: x a float array (..., T, D), then
+    :func:`check_rope_options`. Returns ``(x, positions, theta, rotary_dim, layout, scaling)``."""
+    x = check_float(x, "x", min_ndim=2)  # (..., T, D)
+    return (x,) + check_rope_options(x.shape, position_ids, theta, rotary_dim, layout, scaling)
+
+
 class RopeCache(NamedTuple):
-    cos: np.ndarray  # t·cos (T, rd/2) or (B, 1, ..., 1, T, rd/2), x's dtype
-    sin: np.ndarray  # t·sin, same shape as cos
+    cos: np.ndarray  # A·cos (T, rd/2) or (B, 1, ..., 1, T, rd/2), x's dtype
+    sin: np.ndarray  # A·sin, same shape as cos
     rotary_dim: int
     layout: str  # "half" or "interleaved"
     shape: tuple  # x.shape (..., T, D)
@@ -310,32 +350,22 @@ def rope_forward(x: np.ndarray, position_ids: Optional[np.ndarray] = None, *,
     (T,), or (B, T) with B = x.shape[0] (broadcast over heads); rotary_dim: even, in [1, D],
     None → D; layout: "half" (GPT-NeoX, Llama) or "interleaved" (GPT-J, Cohere);
     scaling: None (the default RoPE) or a :class:`RopeScaling` (linear, dynamic, yarn,
-    llama3: y = t·R'_m x with the scaled angles, see the module docstring)
+    llama3: y = A·R'_m x with the scaled angles, see the module docstring)
     →  y: (..., T, D), x's dtype.
     """
-    x = check_float(x, "x", min_ndim=2)
-    head_size = x.shape[-1]
-    if rotary_dim is None:
-        rotary_dim = head_size
-        meaning = f" (D = x.shape[-1]; rotary_dim=None means D, here {head_size})"
-    else:
-        meaning = " (D = x.shape[-1], the head size)"
-    rotary_dim = check_rotary_dim(rotary_dim, head_size, meaning)
-    layout = _check_layout(layout)
-    theta = check_positive(theta, "theta")
-    positions = _check_position_ids(position_ids, x.shape)  # (T,) or (B, 1, ..., 1, T)
-    scaling = check_rope_scaling(scaling, rotary_dim)
-    # t·cos, t·sin of m·θ'_i    (..., T, rd/2) each
+    x, positions, theta, rotary_dim, layout, scaling = _check_rope_inputs(
+        x, position_ids, theta, rotary_dim, layout, scaling)  # positions (T,) or (B, 1, …, 1, T)
+    # A·cos, A·sin of m·θ'_i    (..., T, rd/2) each
     cos, sin = rope_angles(positions, rotary_dim, theta, x.dtype, scaling)
-    y = _rotate(x, cos, sin, rotary_dim, layout)  # y = t·R_m x    (..., T, D)
+    y = _rotate(x, cos, sin, rotary_dim, layout)  # y = A·R_m x    (..., T, D)
     return y, RopeCache(cos, sin, rotary_dim, layout, x.shape, x.dtype)
 
 
 def rope_backward(dy: np.ndarray, cache: RopeCache) -> np.ndarray:
     """Returns ``dx``: dy rotated back by −position · θ_i (the transpose of a rotation),
-    times the attention factor t (the cached tables carry it)."""
+    times the attention factor A (the cached tables carry it)."""
     cos, sin, rotary_dim, layout, shape, dtype = cache
     dy = check_grad(dy, shape, dtype)
-    # forward: y = t R(mθ) x, so dx = t R(mθ)ᵀ dy = t R(−mθ) dy: cos(−α) = cos α,
-    # sin(−α) = −sin α, and the cached (t cos, t sin) give (t cos, −t sin)
+    # forward: y = A R(mθ) x, so dx = A R(mθ)ᵀ dy = A R(−mθ) dy: cos(−α) = cos α,
+    # sin(−α) = −sin α, and the cached (A cos, A sin) give (A cos, −A sin)
     return _rotate(dy, cos, -sin, rotary_dim, layout)  # (..., T, D)

@@ -6,10 +6,12 @@ other axes are independent slices.
 
 Forward, stably
 ---------------
-    p_i = exp(x_i) / Σ_k exp(x_k)
+    p_i = exp(x_i) / Σ_k exp(x_k)                  x, p: (..., n, ...)
+
+(x is any input: attention's scores s, or the logits z of a language model.)
 
 Softmax does not change when a constant is subtracted from every x_i (the factor exp(−c)
-cancels between numerator and denominator). Subtracting m = max_k x_k makes every exponent
+cancels between numerator and denominator). Subtracting the row max m = max_k x_k makes every exponent
 ≤ 0, so exp never overflows, and one term equals exp(0) = 1, so the sum lies in [1, n]: no
 division by a number that underflowed to 0. Logits of ±1e4 are then harmless in float32.
 
@@ -20,9 +22,9 @@ zeros) instead of 0/0. Its gradient is then 0 as well (below, dx = p ⊙ (...)),
 
 The Jacobian
 ------------
-With s = Σ_k exp(x_k), the quotient rule gives
+With Z = Σ_k exp(x_k) (so ∂Z/∂x_j = exp(x_j)), the quotient rule gives
 
-    ∂p_i/∂x_j = (δ_ij exp(x_i) s − exp(x_i) exp(x_j)) / s² = p_i (δ_ij − p_j)
+    ∂p_i/∂x_j = ([i = j] exp(x_i) Z − exp(x_i) exp(x_j)) / Z² = p_i ([i = j] − p_j)
 
 which in matrix form is
 
@@ -33,9 +35,9 @@ whatever x is) and it is singular along the all-ones vector (the shift invarianc
 
 The backward never needs J
 --------------------------
-Given dp = ∂L/∂p, the chain rule is dx = Jᵀ dp = J dp (J is symmetric):
+Given dp = ∂ℓ/∂p, the chain rule is dx = Jᵀ dp = J dp (J is symmetric):
 
-    dx_j = Σ_i dp_i p_i (δ_ij − p_j) = p_j dp_j − p_j Σ_i dp_i p_i
+    dx_j = Σ_i dp_i p_i ([i = j] − p_j) = p_j dp_j − p_j Σ_i dp_i p_i
 
     dx = p ⊙ (dp − ⟨dp, p⟩)
 
@@ -51,8 +53,8 @@ Log-softmax
 [0, log n] and y is exact even when p_i itself would underflow to 0). The derivative of
 log Σ_k exp(x_k) with respect to x_j is p_j, so
 
-    ∂y_i/∂x_j = δ_ij − p_j
-    dx_j = Σ_i dy_i (δ_ij − p_j) = dy_j − p_j Σ_i dy_i
+    ∂y_i/∂x_j = [i = j] − p_j
+    dx_j = Σ_i dy_i ([i = j] − p_j) = dy_j − p_j Σ_i dy_i
 
     dx = dy − softmax(x) · Σ_i dy_i
 
@@ -99,20 +101,41 @@ def _check_axis(axis, x: np.ndarray, name: str) -> int:
     return axis
 
 
+def _check_softmax_inputs(x, axis, name: str = "x", *, allow_neg_inf: bool = True):
+    """``(x, axis)`` for a softmax along ``axis``: a float array of rank >= 1 (finite, and
+    -inf where ``allow_neg_inf``), axis an integer naming a non-empty axis (returned >= 0)."""
+    x = check_float(x, name, allow_neg_inf=allow_neg_inf, min_ndim=1)
+    return x, _check_axis(axis, x, name)
+
+
+def _check_log_softmax_inputs(x, axis):
+    """``(x, axis)`` as for softmax, but -inf refused with its reason (module docstring)."""
+    x = check_float(x, "x", allow_neg_inf=True, min_ndim=1)  # NaN and +inf: the usual error
+    masked = np.isneginf(x)
+    if masked.any():
+        raise ValueError(
+            f"x contains {int(masked.sum())} -inf value(s) "
+            f"(first at index {np.unravel_index(int(np.argmax(masked)), x.shape)}); "
+            "log_softmax needs finite inputs: a masked entry's log-probability is -inf, which "
+            "turns any loss that uses it into NaN or inf (and a fully masked slice into "
+            "-inf - (-inf) = NaN). Mask with softmax_forward, or use cross_entropy's ignore_index"
+        )
+    return x, _check_axis(axis, x, "x")
+
+
 def softmax_forward(x: np.ndarray, axis: int = -1):
     """``p = softmax(x)`` along ``axis``; ``-inf`` entries are masked (p = 0 there).
 
     x: any shape (n = x.shape[axis] ≥ 1)  →  p: same shape, each slice sums to 1 (or is all
     zeros when the whole slice is -inf). NaN and +inf are refused.
     """
-    x = check_float(x, "x", allow_neg_inf=True, min_ndim=1)
-    axis = _check_axis(axis, x, "x")
+    x, axis = _check_softmax_inputs(x, axis)
     m = np.max(x, axis=axis, keepdims=True)  # (..., 1, ...) the shift
     m[np.isneginf(m)] = 0  # all masked: −inf − 0 = −inf, not −inf − (−inf) = NaN
-    e = np.exp(x - m)  # every exponent ≤ 0; a masked entry gives exactly 0
-    s = np.sum(e, axis=axis, keepdims=True)  # (..., 1, ...) in [1, n], or 0 if fully masked
-    s[s == 0] = 1  # fully masked slice: p = 0 / 1 = 0, never 0 / 0
-    p = e / s  # same shape as x
+    e = np.exp(x - m)  # (..., n, ...) every exponent ≤ 0; a masked entry gives exactly 0
+    Z = np.sum(e, axis=axis, keepdims=True)  # (..., 1, ...) in [1, n], or 0 if fully masked
+    Z[Z == 0] = 1  # fully masked slice: p = 0 / 1 = 0, never 0 / 0
+    p = e / Z  # (..., n, ...) p = exp(x − m) / Σ_k exp(x_k − m)
     return p, SoftmaxCache(p, axis)
 
 
@@ -122,8 +145,8 @@ def softmax_backward(dp: np.ndarray, cache: SoftmaxCache):
     dp = check_grad(dp, p.shape, p.dtype, "dp")
     # forward: p = exp(x − m) / Σ exp(x − m), so J = diag(p) − p pᵀ and
     # dx = J dp = p ⊙ dp − p ⟨dp, p⟩ = p ⊙ (dp − ⟨dp, p⟩)
-    dot = np.sum(dp * p, axis=axis, keepdims=True)  # ⟨dp, p⟩ per slice (..., 1, ...)
-    return p * (dp - dot)  # masked entries (p = 0) get exactly 0
+    dot = np.sum(dp * p, axis=axis, keepdims=True)  # (..., 1, ...) ⟨dp, p⟩ per slice
+    return p * (dp - dot)  # (..., n, ...) masked entries (p = 0) get exactly 0
 
 
 def softmax_jacobian(p: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -133,8 +156,7 @@ def softmax_jacobian(p: np.ndarray, axis: int = -1) -> np.ndarray:
     p: softmax output, n = p.shape[axis]  →  J: (..., n, n), where ``...`` are p's other axes
     in order (the softmax axis moved last) and ``J[..., i, j] = ∂p_i / ∂x_j``.
     """
-    p = check_float(p, "p", min_ndim=1)
-    axis = _check_axis(axis, p, "p")
+    p, axis = _check_softmax_inputs(p, axis, "p", allow_neg_inf=False)
     p_last = np.moveaxis(p, axis, -1)  # (..., n)
     eye = np.eye(p_last.shape[-1], dtype=p.dtype)  # (n, n)
     col = p_last[..., :, None]  # (..., n, 1)
@@ -147,21 +169,12 @@ def log_softmax_forward(x: np.ndarray, axis: int = -1):
 
     x: any shape, finite (no -inf masks: see the module docstring)  →  y: same shape.
     """
-    x = check_float(x, "x", allow_neg_inf=True, min_ndim=1)
-    if np.isneginf(x).any():
-        raise ValueError(
-            f"x contains {int(np.isneginf(x).sum())} -inf value(s) "
-            f"(first at index {np.unravel_index(int(np.argmax(np.isneginf(x))), x.shape)}); "
-            "log_softmax needs finite inputs: a masked entry's log-probability is -inf, which "
-            "turns any loss that uses it into NaN or inf (and a fully masked slice into "
-            "-inf - (-inf) = NaN). Mask with softmax_forward, or use cross_entropy's ignore_index"
-        )
-    axis = _check_axis(axis, x, "x")
-    z = x - np.max(x, axis=axis, keepdims=True)  # x − m: every entry ≤ 0, one per slice is 0
-    e = np.exp(z)  # same shape as x
-    s = np.sum(e, axis=axis, keepdims=True)  # (..., 1, ...) in [1, n]
-    y = z - np.log(s)  # log p = (x − m) − log Σ exp(x − m)
-    p = e / s  # softmax(x), needed by the backward
+    x, axis = _check_log_softmax_inputs(x, axis)
+    shifted = x - np.max(x, axis=axis, keepdims=True)  # (..., n, ...) x − m: all ≤ 0, one is 0
+    e = np.exp(shifted)  # (..., n, ...)
+    Z = np.sum(e, axis=axis, keepdims=True)  # (..., 1, ...) in [1, n]
+    y = shifted - np.log(Z)  # (..., n, ...) log p = (x − m) − log Σ_k exp(x_k − m)
+    p = e / Z  # (..., n, ...) softmax(x), needed by the backward
     return y, LogSoftmaxCache(p, axis)
 
 
@@ -169,6 +182,6 @@ def log_softmax_backward(dy: np.ndarray, cache: LogSoftmaxCache):
     """Returns ``dx`` (shape of x)."""
     p, axis = cache
     dy = check_grad(dy, p.shape, p.dtype)
-    # forward: y = x − log Σ_k exp(x_k), so ∂y_i/∂x_j = δ_ij − p_j and
+    # forward: y = x − log Σ_k exp(x_k), so ∂y_i/∂x_j = [i = j] − p_j and
     # dx = dy − p Σ_i dy_i
-    return dy - p * np.sum(dy, axis=axis, keepdims=True)
+    return dy - p * np.sum(dy, axis=axis, keepdims=True)  # (..., n, ...)

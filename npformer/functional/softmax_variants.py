@@ -23,8 +23,8 @@ row has max_k x_k = −inf, so m = 0 and p = 0 / 1 = 0 without any special case.
 Derivative. With Z = 1 + Σ_k exp(x_k), ∂Z/∂x_j = exp(x_j) (the constant 1 has none), so the
 quotient rule gives the same form as softmax:
 
-    ∂p_i/∂x_j = (δ_ij exp(x_i) Z − exp(x_i) exp(x_j)) / Z² = p_i (δ_ij − p_j)
-    dx_j = Σ_i dp_i p_i (δ_ij − p_j)    →    dx = p ⊙ (dp − ⟨dp, p⟩)
+    ∂p_i/∂x_j = ([i = j] exp(x_i) Z − exp(x_i) exp(x_j)) / Z² = p_i ([i = j] − p_j)
+    dx_j = Σ_i dp_i p_i ([i = j] − p_j)    →    dx = p ⊙ (dp − ⟨dp, p⟩)
 
 The difference is hidden in p: its entries no longer sum to 1, so J = diag(p) − p pᵀ has
 rows that do not sum to 0 (J·1 = p (1 − Σp) = p / Z): adding one constant to every score
@@ -32,21 +32,21 @@ now changes the output. That is the point — it is how a head lowers all its we
 
 Clipped softmax (Bondarenko et al. 2023, "Quantizable Transformers")
 --------------------------------------------------------------------
-    q = softmax(x),    u = (ζ − γ)·q + γ,    p = clip(u, 0, 1)
+    p′ = softmax(x),    u = (ζ − γ)·p′ + γ,    p = clip(u, 0, 1)          (..., S) each
 
 with γ ≤ 0 and ζ ≥ 1 (γ = 0, ζ = 1 is plain softmax). Stretching [0, 1] to [γ, ζ] and
 clipping back lets a probability reach exactly 0 (or 1) with finite scores, so attention
 heads that want to "do nothing" no longer push their scores towards ±inf (which produces
-the outliers that make quantisation hard). A masked entry has q = 0, u = γ ≤ 0, so p = 0;
-a fully masked row (q = 0 everywhere, see softmax) gives p = 0.
+the outliers that make quantisation hard). A masked entry has p′ = 0, u = γ ≤ 0, so p = 0;
+a fully masked row (p′ = 0 everywhere, see softmax) gives p = 0.
 
 Derivative: clip passes the gradient where 0 ≤ u ≤ 1 and blocks it where u was clipped:
 
-    du = dp ⊙ [0 ≤ u ≤ 1],    dq = (ζ − γ) du,    dx = q ⊙ (dq − ⟨dq, q⟩)
+    du = dp ⊙ [0 ≤ u ≤ 1],    dp′ = (ζ − γ) du,    dx = p′ ⊙ (dp′ − ⟨dp′, p′⟩)
 
 (the last step is softmax's backward). At exactly u = 0 or u = 1 the gradient passes, the
 convention of ``torch.clamp``; with γ = 0, ζ = 1 this makes clipped softmax equal to
-softmax in value and gradient (masked entries sit at u = 0 but have q = 0, so their
+softmax in value and gradient (masked entries sit at u = 0 but have p′ = 0, so their
 gradient is 0 anyway).
 
 Logit soft-capping (Gemma 2: attention scores and final logits)
@@ -80,7 +80,7 @@ class Softmax1Cache(NamedTuple):
 
 
 class ClippedSoftmaxCache(NamedTuple):
-    softmax: SoftmaxCache  # q = softmax(x), (..., S)
+    softmax: SoftmaxCache  # p′ = softmax(x), (..., S)
     inside: np.ndarray  # (..., S) bool: 0 <= u <= 1, where the gradient passes the clip
     stretch: float  # ζ − γ
 
@@ -120,6 +120,18 @@ def check_clip_range(gamma, zeta, gamma_name: str = "gamma", zeta_name: str = "z
     return gamma, zeta
 
 
+def _check_clipped_softmax_inputs(x, gamma, zeta):
+    """``(x, gamma, zeta)``: scores (..., S) as for softmax, gamma <= 0 and zeta >= 1."""
+    x = _check_scores(x)
+    gamma, zeta = check_clip_range(gamma, zeta)
+    return x, gamma, zeta
+
+
+def _check_softcap_inputs(x, cap):
+    """``(x, cap)``: x finite or -inf (masked), any shape; cap a finite number > 0."""
+    return check_float(x, "x", allow_neg_inf=True), check_positive(cap, "cap")
+
+
 # ---- softmax₁ ---------------------------------------------------------------------------
 
 
@@ -140,8 +152,8 @@ def softmax1_backward(dp: np.ndarray, cache: Softmax1Cache):
     """Returns ``dx`` (..., S)."""
     (p,) = cache
     dp = check_grad(dp, p.shape, p.dtype, "dp")
-    # forward: p_i = exp(x_i) / (1 + Σ_k exp(x_k)), so ∂p_i/∂x_j = p_i (δ_ij − p_j) and
-    # dx = p ⊙ (dp − ⟨dp, p⟩)   (as softmax, but Σp < 1)
+    # forward: p_i = exp(x_i) / (1 + Σ_k exp(x_k)), so ∂p_i/∂x_j = p_i ([i = j] − p_j) and
+    # dx = p ⊙ (dp − ⟨dp, p⟩)   (as softmax, but Σ_i p_i < 1)
     dot = np.sum(dp * p, axis=-1, keepdims=True)  # (..., 1) ⟨dp, p⟩
     return p * (dp - dot)  # (..., S) masked entries (p = 0) get exactly 0
 
@@ -154,11 +166,10 @@ def clipped_softmax_forward(x: np.ndarray, gamma: float = -0.03, zeta: float = 1
 
     x: (..., S), may hold -inf (masked)  →  p: (..., S). Requires gamma <= 0 and zeta >= 1.
     """
-    x = _check_scores(x)
-    gamma, zeta = check_clip_range(gamma, zeta)
+    x, gamma, zeta = _check_clipped_softmax_inputs(x, gamma, zeta)
     stretch = zeta - gamma  # ζ − γ ≥ 1, a Python float: keeps x's dtype
-    q, softmax_cache = softmax_forward(x, axis=-1)  # (..., S)
-    u = stretch * q + gamma  # (..., S) in [γ, ζ]; a masked entry sits at γ ≤ 0
+    p_prime, softmax_cache = softmax_forward(x, axis=-1)  # (..., S) p′ = softmax(x)
+    u = stretch * p_prime + gamma  # (..., S) in [γ, ζ]; a masked entry sits at γ ≤ 0
     inside = (u >= 0) & (u <= 1)  # (..., S) not clipped (boundaries pass, as torch.clamp)
     p = np.clip(u, 0, 1)  # (..., S)
     return p, ClippedSoftmaxCache(softmax_cache, inside, stretch)
@@ -170,10 +181,10 @@ def clipped_softmax_backward(dp: np.ndarray, cache: ClippedSoftmaxCache):
     dp = check_grad(dp, inside.shape, softmax_cache.p.dtype, "dp")
     # forward: p = clip(u, 0, 1), so du = dp where 0 ≤ u ≤ 1, else 0
     du = np.where(inside, dp, 0).astype(dp.dtype, copy=False)  # (..., S)
-    # forward: u = (ζ − γ)·q + γ, so dq = (ζ − γ)·du
-    dq = stretch * du  # (..., S)
-    # forward: q = softmax(x), so dx = q ⊙ (dq − ⟨dq, q⟩)
-    return softmax_backward(dq, softmax_cache)
+    # forward: u = (ζ − γ)·p′ + γ, so dp′ = (ζ − γ)·du
+    dp_prime = stretch * du  # (..., S)
+    # forward: p′ = softmax(x), so dx = p′ ⊙ (dp′ − ⟨dp′, p′⟩)
+    return softmax_backward(dp_prime, softmax_cache)  # (..., S)
 
 
 # ---- soft-capping ---------------------------------------------------------------------------
@@ -184,13 +195,12 @@ def softcap_forward(x: np.ndarray, cap: float):
 
     x: any shape  →  y: same shape, |y| < cap at every finite entry. cap > 0.
     """
-    x = check_float(x, "x", allow_neg_inf=True)
-    cap = check_positive(cap, "cap")
+    x, cap = _check_softcap_inputs(x, cap)
     u = x / cap  # shape of x
     masked = np.isneginf(x)  # shape of x
-    y = np.where(masked, -np.inf, cap * np.tanh(u)).astype(x.dtype, copy=False)
-    e = np.exp(-2 * np.abs(u))  # exp(−2|u|) ∈ [0, 1]; 0 at a masked entry
-    slope = 4 * e / (1 + e) ** 2  # sech²(u) = 1 − tanh²(u), computed without cancellation
+    y = np.where(masked, -np.inf, cap * np.tanh(u)).astype(x.dtype, copy=False)  # c tanh(x/c)
+    e = np.exp(-2 * np.abs(u))  # shape of x: exp(−2|u|) ∈ [0, 1]; 0 at a masked entry
+    slope = 4 * e / (1 + e) ** 2  # shape of x: sech²(u) = 1 − tanh²(u), without cancellation
     return y, SoftcapCache(slope)
 
 
@@ -199,4 +209,4 @@ def softcap_backward(dy: np.ndarray, cache: SoftcapCache):
     (slope,) = cache
     dy = check_grad(dy, slope.shape, slope.dtype)
     # forward: y = c tanh(x / c), so dx = dy ⊙ (1 − tanh²(x / c)) = dy ⊙ sech²(x / c)
-    return dy * slope
+    return dy * slope  # shape of x

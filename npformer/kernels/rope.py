@@ -58,10 +58,8 @@ from typing import Optional
 import numpy as np
 from numba import njit, prange
 
-from .._validate import NonFiniteError, check_positive
-from ..functional.positions import _check_position_ids
-from ..functional.rope import (RopeCache, RopeScaling, _check_layout, check_rope_scaling,
-                               check_rotary_dim, rope_angles)
+from .._validate import NonFiniteError
+from ..functional.rope import RopeCache, RopeScaling, check_rope_options, rope_angles
 from ._buffers import empty_apart
 
 __all__ = ["rope_forward", "rope_backward", "RopeCache", "RopeScaling"]
@@ -299,17 +297,8 @@ def rope_forward(x: np.ndarray, position_ids: Optional[np.ndarray] = None, *,
     →  (y (..., T, D) in x's dtype, RopeCache).
     """
     x = _check_input(x, "x")
-    head_size = x.shape[-1]
-    if rotary_dim is None:
-        rotary_dim = head_size
-        meaning = f" (D = x.shape[-1]; rotary_dim=None means D, here {head_size})"
-    else:
-        meaning = " (D = x.shape[-1], the head size)"
-    rotary_dim = check_rotary_dim(rotary_dim, head_size, meaning)
-    layout = _check_layout(layout)
-    theta = check_positive(theta, "theta")
-    positions = _check_position_ids(position_ids, x.shape)  # (T,) or (B, 1, ..., 1, T)
-    scaling = check_rope_scaling(scaling, rotary_dim)
+    positions, theta, rotary_dim, layout, scaling = check_rope_options(
+        x.shape, position_ids, theta, rotary_dim, layout, scaling)  # (T,) or (B, 1, ..., 1, T)
     cos, sin = _angles(positions, rotary_dim, theta, x.dtype, scaling)  # t·cos, t·sin (..., T, rd/2)
     y = _rotate(x, cos, sin, 1.0, rotary_dim, layout, out, "x")  # y = t·R_m x
     return y, RopeCache(cos, sin, rotary_dim, layout, x.shape, x.dtype)
