@@ -228,7 +228,7 @@ def rope_rotation(check: str, path: str) -> str:
     positions = np.arange(M)
     y, _ = rope_forward(np.broadcast_to(x, (M, D)).copy(), positions, theta=theta, layout=layout,
                         scaling=scaling)  # (M, D): row m is R_m x
-    inv_freq, _ = rope_frequencies(D, theta, scaling, M)
+    inv_freq, factor = rope_frequencies(D, theta, scaling, M)  # θᵢ and the attention factor A
     pairs = [(i, i + D // 2) if layout == "half" else (2 * i, 2 * i + 1) for i in range(D // 2)]
     figure, axes = plt.subplots(1, D // 2 + 1, figsize=(4.2 * (D // 2 + 1), 4.2), dpi=70)
     for i, (a, b) in enumerate(pairs):
@@ -249,7 +249,8 @@ def rope_rotation(check: str, path: str) -> str:
     figure.colorbar(heat, ax=axes[-1]).set_label("value")
     what = f"{check}, {scaling.rope_type} scaling, theta = {theta:g}" if scaling else \
         f"{layout} layout, theta = {theta:g}"
-    figure.suptitle(f"RoPE: x rotated by m·θᵢ in each pair ({what}); |pair| is kept, so "
-                    "only angles change", fontsize=10)
+    kept = ("|pair| is kept, so only angles change" if factor == 1.0 else
+            f"every pair also scaled by the attention factor A = {factor:.4g} (grey: |pair| of x)")
+    figure.suptitle(f"RoPE: x rotated by m·θᵢ in each pair ({what}); {kept}", fontsize=10)
     figure.tight_layout()
     return _save(figure, path)
