@@ -138,7 +138,7 @@ def softmax_jacobian_heatmap(path: str) -> str:
     right.set_ylabel("probability i")
     right.set_title("J = ∂p/∂z = diag(p) − p pᵀ  (rows sum to 0)")
     bar = figure.colorbar(image, ax=right)
-    bar.set_label("∂pᵢ/∂zⱼ = pᵢ(δᵢⱼ − pⱼ)")
+    bar.set_label("∂pᵢ/∂zⱼ = pᵢ([i = j] − pⱼ)")
     figure.suptitle("The softmax Jacobian; the backward p ⊙ (dp − ⟨dp, p⟩) never builds it",
                     fontsize=10)
     figure.tight_layout()
