@@ -450,8 +450,8 @@ _GEMMA2 = {**_GEMMA, "model_type": "gemma2", "num_hidden_layers": 3, "sliding_wi
                                         r"model_type 'gemma'; supported: \["),
     ({**_GEMMA2, "hidden_activation": "quick_gelu"}, r"field hidden_activation='quick_gelu' is "
                                                      r"not supported for model_type 'gemma2'"),
-    ({**_GEMMA, "num_key_value_heads": 3}, r"field num_key_value_heads=3 must divide "
-                                           r"num_attention_heads=4"),
+    ({**_GEMMA, "num_key_value_heads": 3}, r"field num_key_value_heads=3 must be an integer ≥ 1 "
+                                           r"dividing num_attention_heads=4"),
     ({**_GEMMA, "num_key_value_heads": None}, r"field num_key_value_heads is null"),
     ({**_GEMMA, "head_dim": None}, r"field head_dim is null"),
     ({**_GEMMA2, "num_attention_heads": 5, "num_key_value_heads": 1},

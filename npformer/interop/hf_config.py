@@ -155,6 +155,20 @@ def _gpt_shape(default_vocab, default_positions, default_width, default_layers, 
     )
 
 
+# The RoPE fields of the families whose rotary tables cover the whole head (Llama, Cohere,
+# Mistral, Qwen, Gemma), read by _rope
+_WHOLE_HEAD_ROPE_FIELDS = (
+    use("rope_parameters", None, "rope_theta; rope_type default, linear, dynamic, yarn or "
+        "llama3 → the rope_* scaling fields (longrope, proportional refused; see _rope_scaling)"),
+    use("rope_scaling", None, "legacy spelling of rope_parameters; wins over it (transformers)"),
+    use("original_max_position_embeddings", None, "yarn / llama3: wins over the one in "
+        "rope_parameters (transformers); refused if both differ", nullable=True),
+    use("rope_theta", None, "legacy top-level theta, used when rope_parameters lacks one"),
+    use("partial_rotary_factor", None, "legacy top-level factor; refused unless 1 (the rotary "
+        "tables cover the whole head; see _rope)"),
+)
+
+
 def _llama_like_fields(defaults: dict, head_dim_how: str):
     """The fields Llama and Cohere share; ``defaults`` holds each class's own defaults."""
     return (
@@ -173,13 +187,7 @@ def _llama_like_fields(defaults: dict, head_dim_how: str):
         use("pad_token_id", defaults["pad_token_id"], "padding_idx: nn.Embedding(padding_idx=pad) gives "
             "that row no gradient (null or ids outside the vocabulary: none)", nullable=True),
         use("tie_word_embeddings", defaults["tie_word_embeddings"], "tie_embeddings"),
-        use("rope_parameters", None, "rope_theta; rope_type default, linear, dynamic, yarn or "
-            "llama3 → the rope_* scaling fields (longrope, proportional refused; see _rope_scaling)"),
-        use("rope_scaling", None, "legacy spelling of rope_parameters; wins over it (transformers)"),
-        use("original_max_position_embeddings", None, "yarn / llama3: wins over the one in "
-            "rope_parameters (transformers); refused if both differ", nullable=True),
-        use("rope_theta", None, "legacy top-level theta, used when rope_parameters lacks one"),
-        use("partial_rotary_factor", None, "legacy top-level factor; refused unless 1 (see _rope)"),
+        *_WHOLE_HEAD_ROPE_FIELDS,
         ignore("attention_dropout", _TRAINING_DROPOUT + "; no npformer counterpart"),
     )
 
@@ -495,25 +503,31 @@ def _build_gpt_neox(v: _Values) -> dict:
                    dropout=v.number("hidden_dropout"))
 
 
+def _padding_idx(v: _Values) -> Optional[int]:
+    """The Llama trap: transformers builds nn.Embedding(padding_idx=pad_token_id), and that row
+    then gets no gradient; we reproduce it (null or an id outside the vocabulary: none)."""
+    pad = v["pad_token_id"]
+    return pad if type(pad) is int and 0 <= pad < v["vocab_size"] else None
+
+
 def _build_llama_like(v: _Values, default_theta: float, biases: Optional[Tuple[bool, bool]] = None,
-                      partial_rotary: bool = False) -> dict:
+                      partial_rotary: bool = False, activation: str = "hidden_act",
+                      activations: Dict[str, str] = GLU_ACTIVATIONS) -> dict:
     """``biases``: (q/k/v, o) for the families whose attention hard-codes them (Mistral,
     Qwen2, Phi-3), else both from ``attention_bias``; ``partial_rotary``: the family rotates
-    int(D · partial_rotary_factor) channels (Phi-3), else the whole head."""
+    int(D · partial_rotary_factor) channels (Phi-3), else the whole head; ``activation``: the
+    field naming the gated MLP's activation, read through the ``activations`` table."""
     C, H = v.count("hidden_size"), v.count("num_attention_heads")
     rope = _rope(v, default_theta, neox=False, partial_rotary=partial_rotary)
     qkv_bias, out_bias = biases if biases is not None else (v.flag("attention_bias"),) * 2
-    pad, vocab = v["pad_token_id"], v["vocab_size"]
     kv_heads = v["num_key_value_heads"]
-    return _common(v, vocab_size=vocab, d_model=C, n_layers=v["num_hidden_layers"],
+    return _common(v, vocab_size=v["vocab_size"], d_model=C, n_layers=v["num_hidden_layers"],
                    n_heads=H, n_kv_heads=H if kv_heads is None else kv_heads,
                    head_dim=C // H if v["head_dim"] is None else v["head_dim"],
                    d_ff=v["intermediate_size"],
-                   ffn=_activation(v, "hidden_act", GLU_ACTIVATIONS), ffn_bias=False,
+                   ffn=_activation(v, activation, activations), ffn_bias=False,
                    positions="rope", **rope["fields"], qkv_bias=qkv_bias, out_bias=out_bias,
-                   # the Llama trap: HF builds nn.Embedding(padding_idx=pad_token_id), and that
-                   # row then gets no gradient; we reproduce it
-                   padding_idx=pad if type(pad) is int and 0 <= pad < vocab else None,
+                   padding_idx=_padding_idx(v),
                    tie_embeddings=v.flag("tie_word_embeddings"), dropout=0.0)
 
 
@@ -720,15 +734,7 @@ def _gemma_fields(defaults: dict, activation: str, activations: Dict[str, str]):
         use("pad_token_id", 0, "padding_idx: nn.Embedding(padding_idx=pad) gives that row no "
             "gradient (null or ids outside the vocabulary: none)", nullable=True),
         use("tie_word_embeddings", True, "tie_embeddings"),
-        use("rope_parameters", None, "rope_theta; rope_type default, linear, dynamic, yarn or "
-            "llama3 → the rope_* scaling fields (longrope, proportional refused; see _rope_scaling)"),
-        use("rope_scaling", None, "legacy spelling of rope_parameters; wins over it (transformers)"),
-        use("original_max_position_embeddings", None, "yarn / llama3: wins over the one in "
-            "rope_parameters (transformers); refused if both differ", nullable=True),
-        use("rope_theta", None, "legacy top-level theta (default 10000), used when "
-            "rope_parameters lacks one"),
-        use("partial_rotary_factor", None, "legacy top-level factor; refused unless 1 (the "
-            "rotary tables cover the whole head)"),
+        *_WHOLE_HEAD_ROPE_FIELDS,
         only("use_bidirectional_attention", (None, False), "non-causal attention (the "
              "embedding-model variant)"),
         ignore("attention_dropout", _TRAINING_DROPOUT + "; no npformer counterpart"),
@@ -736,23 +742,12 @@ def _gemma_fields(defaults: dict, activation: str, activations: Dict[str, str]):
 
 
 def _build_gemma_like(v: _Values, activation: str, activations: Dict[str, str]) -> dict:
-    C, H = v.count("hidden_size"), v.count("num_attention_heads")
-    K, D = v.count("num_key_value_heads"), v.count("head_dim")
-    if H % K:
-        raise ValueError(f"config.json field num_key_value_heads={K} must divide "
-                         f"num_attention_heads={H} (each key/value head serves H / K query heads)")
-    rope = _rope(v, 10000.0, neox=False)
-    bias = v.flag("attention_bias")
-    pad, vocab = v["pad_token_id"], v["vocab_size"]
-    return _common(v, vocab_size=vocab, d_model=C, n_layers=v.count("num_hidden_layers"),
-                   n_heads=H, n_kv_heads=K, head_dim=D, **rope["fields"],  # max_seq_len too
-                   d_ff=v["intermediate_size"],
-                   ffn=_activation(v, activation, activations), ffn_bias=False,
-                   norm="rmsnorm", norm_bias=False, norm_eps=v.number("rms_norm_eps"),
-                   norm_unit_offset=True, scale_embeddings=True,
-                   positions="rope", rope_layout="half", qkv_bias=bias, out_bias=bias,
-                   padding_idx=pad if type(pad) is int and 0 <= pad < vocab else None,
-                   tie_embeddings=v.flag("tie_word_embeddings"), dropout=0.0)
+    """Llama's model with Gemma's (1 + w) RMSNorms and √C embedding scale."""
+    v.count("num_key_value_heads"), v.count("head_dim")  # numbers ≥ 1: null is refused above
+    _check_kv_heads(v)
+    return {**_rmsnorm_llama(v, _build_llama_like(v, 10000.0, activation=activation,
+                                                  activations=activations)),
+            "norm_unit_offset": True, "scale_embeddings": True}
 
 
 def _build_gemma(v: _Values) -> dict:
