@@ -83,6 +83,10 @@ class TrainOptions:
     dtype: str = "float32"
     model_overrides: Dict[str, object] = field(default_factory=dict)  # d_model, n_layers, ...
     stop_after: Optional[int] = None  # stop (with a checkpoint) after this step, for testing resume
+    # Train on packed documents (the document mask's data) also when the model has no document
+    # mask: the mask's comparison run (npformer tour) sees the same batches without the mask.
+    # A model with document_mask=True always trains on packed documents.
+    packed_documents: bool = False
 
     def run_dir(self) -> str:
         return self.out or os.path.join("runs", self.preset)
@@ -113,6 +117,8 @@ def _check_options(options: TrainOptions) -> None:
     if options.min_lr is not None and options.min_lr > options.lr:
         raise ValueError(f"min_lr (--min-lr) must be ≤ lr (--lr), the peak the schedule decays "
                          f"from; got min_lr={options.min_lr} and lr={options.lr}")
+    if not isinstance(options.packed_documents, bool):
+        raise ValueError(f"packed_documents must be True or False, got {options.packed_documents!r}")
     if options.tokenizer not in ("char", "byte"):
         raise ValueError(f"tokenizer must be 'char' or 'byte', got {options.tokenizer!r}")
     # The run directory: a directory, or a path where one can be created. (`out or ...`
@@ -210,6 +216,8 @@ class Trainer:
         compared = ("preset", "batch_size", "seq_len", "tokenizer", "dtype", "seed")
         saved = ckpt.require_keys(ckpt.read_json(train_path), dict.fromkeys(compared, object),
                                   train_path)
+        saved.setdefault("packed_documents", False)  # runs from before the option existed
+        compared += ("packed_documents",)
         for name in compared:
             if saved[name] != getattr(self.options, name):
                 raise ValueError(f"--resume: the run in {self.run_dir} used {name}={saved[name]!r}, "
@@ -267,7 +275,8 @@ class Trainer:
             if n_tokens < window + 1:
                 raise ValueError(f"the {split} of {corpus} has {n_tokens} tokens ({detail}), but {needs}")
 
-        if config.document_mask:
+        self.packed = config.document_mask or options.packed_documents
+        if self.packed:
             # packed documents: split the text at blank lines, keep the order, 90/10 split
             documents = [self.tokenizer.encode(d) for d in split_documents(text)]
             cut = int(len(documents) * 0.9)
@@ -307,7 +316,7 @@ class Trainer:
                      f"{config.dtype}) on batches of --batch-size {B} × --seq-len {T}",
                      "lower --batch-size or --seq-len, or the model's size")
 
-        if config.document_mask:
+        if self.packed:
             self.train_sampler = PackedBatchSampler(documents[:cut], options.batch_size, window, options.seed)
             self._val_sampler = lambda: PackedBatchSampler(documents[cut:], options.batch_size,
                                                            window, options.seed + 1)
@@ -342,7 +351,8 @@ class Trainer:
             src, tgt_in, targets = x[:, :T], x[:, T - 1:2 * T - 1], y[:, T - 1:2 * T - 1]
             logits = self.model.forward(src, tgt_in)
         else:
-            doc_ids = batch[2] if len(batch) > 2 else None
+            # packed batches carry doc_ids; only a model with the document mask uses them
+            doc_ids = batch[2] if len(batch) > 2 and self.config.document_mask else None
             logits, targets = self.model.forward(x, doc_ids=doc_ids), y
         if self.fused:
             loss, dlogits = softmax_cross_entropy(logits, targets, dlogits_out=logits)

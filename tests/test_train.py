@@ -258,3 +258,33 @@ def test_cli_train_then_sample_with_and_without_the_cache(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
     assert main(["train", "--preset", "gpt5", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
     assert "unknown preset" in capsys.readouterr().err
+
+
+# ---- packed documents without the mask (the tour's document-mask comparison) ----------
+
+
+def test_packed_documents_without_the_mask_see_the_mask_runs_batches(tmp_path):
+    """packed_documents=True trains a mask-less model on the same packed batches as the
+    document-mask run (same sampler, same seed), and does not hand it the doc_ids: its
+    losses differ from the masked run's only through the mask."""
+    sizes = _tiny_sizes("llama2")
+    masked, _ = _train(_options(tmp_path, "masked", preset="llama2",
+                                model_overrides=dict(sizes, document_mask=True)))
+    packed, _ = _train(_options(tmp_path, "packed", preset="llama2", packed_documents=True,
+                                model_overrides=sizes))
+    plain, _ = _train(_options(tmp_path, "plain", preset="llama2", model_overrides=sizes))
+    assert masked.train_sampler.kind == packed.train_sampler.kind == "packed"
+    assert plain.train_sampler.kind != "packed"
+    assert masked.train_sampler.state_dict() == packed.train_sampler.state_dict()
+    assert _losses(packed) != _losses(masked)  # the mask changes the model, not the data
+    assert _losses(packed) != _losses(plain)  # the data is the packed documents'
+    # the first step's batch is the same for both, so the doc_ids are all that differs:
+    # feeding the masked model's first batch to a fresh mask-less model matches its loss
+    first = Trainer(_options(tmp_path, "again", preset="llama2", packed_documents=True,
+                             model_overrides=sizes), progress=False)
+    assert first.train_step()["loss"] == packed.history[0]["loss"]
+
+
+def test_packed_documents_must_be_a_bool(tmp_path):
+    with pytest.raises(ValueError, match="packed_documents must be True or False"):
+        Trainer(_options(tmp_path, packed_documents="yes"), progress=False)
