@@ -114,6 +114,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from npformer._machine import cpu_model  # noqa: E402  (after the path: the checkout's npformer)
 
 THREADS = 2
 PRESETS = ("gpt2", "llama3", "transformer-2017")
@@ -145,17 +146,6 @@ def limit_threads(torch=None):
 
     numba.set_num_threads(THREADS)
     return threadpool_limits(THREADS, user_api="blas")
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # ---- npformer ---------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
     npformer compare (--preset NAME|all ... | --family NAME|all ... | --hf DIR [--prompt TEXT])
                      [--dtype D] [--json]
     npformer train [--preset NAME] [--steps N] [--out DIR] [--resume] ...
+    npformer tour [--quick] [--seeds N] [--steps N] [--out DIR] [--only NAME ...] [--workers N]
+                  [--scheduler ADDRESS] [--overwrite]
     npformer sample (--ckpt RUN_DIR | --hf DIR [--dtype D]) [--prompt TEXT] [--tokens N]
                     [--temperature T] [--top-k K] [--seed S]
 
@@ -348,6 +350,29 @@ def sample_hf(path, prompt, tokens, temperature=0.8, top_k=None, seed=0, dtype="
     return prompt + continuation, prompt_ids, new
 
 
+def _cmd_tour(args: argparse.Namespace) -> int:
+    from .tour.plan import DEFAULT, QUICK
+    from .tour.runner import JobFailed, run_tour
+
+    budget = QUICK if args.quick else DEFAULT
+    budget = budget.replace(**{name: getattr(args, name) for name in ("seeds", "steps")
+                               if getattr(args, name) is not None})
+    # the command that reproduces the report (the executor and --overwrite do not change it)
+    command = ["npformer tour"] + (["--quick"] if args.quick else [])
+    command += [f"--{name} {getattr(args, name)}" for name in ("seeds", "steps")
+                if getattr(args, name) is not None]
+    command += ([f"--only {' '.join(args.only)}"] if args.only else []) + [f"--out {args.out}"]
+    try:
+        path = run_tour(budget, args.out, only=args.only, workers=args.workers,
+                        scheduler=args.scheduler, overwrite=args.overwrite,
+                        command=" ".join(command))
+    except (ValueError, JobFailed) as error:
+        print(f"npformer tour: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     if bool(args.ckpt) == bool(args.hf):
         print("npformer sample: give --ckpt RUN_DIR (a run of npformer train) or --hf DIR (a "
@@ -481,6 +506,29 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prompt", default="ROMEO:", help="prompt of the final sample")
     add("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_cmd_train)
+
+    tour = commands.add_parser(
+        "tour", help="train the lineage's steps side by side and report what each one bought",
+        description="Equal-budget, multi-seed training of each step of the lineage against its "
+        "parent (post-LN vs pre-LN with warm-up sensitivity, ReLU/GeLU/SwiGLU, positions with 2x "
+        "length extrapolation, MHA/GQA/MQA, sequential vs parallel, LayerNorm vs RMSNorm, dense "
+        "vs banded, the document mask). Writes report.md, figures/ and results.json to --out; "
+        "started again with the same options it resumes, running only the unfinished jobs.")
+    add = tour.add_argument
+    add("--quick", action="store_true",
+        help="tiny models, few steps, 2 seeds: checks the machinery in ~2 min (not the science)")
+    add("--seeds", type=_int_at_least(2), default=None,
+        help="paired seeds per variant (default: 4; --quick: 2)")
+    add("--steps", type=_COUNT, default=None, help="training steps per run (default: 600; --quick: 30)")
+    add("--out", default=os.path.join("runs", "tour"), help="output directory (default runs/tour)")
+    add("--only", nargs="+", metavar="NAME", default=None,
+        help="run only these comparisons: norm-placement ffn positions kv-heads block norm "
+        "attention-pattern document-mask")
+    add("--workers", type=_COUNT, default=None, help="local worker processes (default: the cores)")
+    add("--scheduler", default=None, metavar="ADDRESS",
+        help="run the jobs on a Dask distributed cluster (tcp://HOST:8786; the cluster extra)")
+    add("--overwrite", action="store_true", help="discard a previous tour in --out and start afresh")
+    tour.set_defaults(run=_cmd_tour)
 
     sample = commands.add_parser(
         "sample", help="generate text from a trained run or a Hugging Face checkpoint (KV-cached)",

@@ -158,7 +158,7 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in [
     _v("llama1", "MHA (Llama 1)", "llama1"),
     _v("llama1-gqa", "GQA (Llama 2)", "llama1", match="llama1", n_kv_heads=2),
     _v("llama1-mqa", "MQA (PaLM)", "llama1", match="llama1", n_kv_heads=1),
-    _v("llama1-layernorm", "LayerNorm, no bias (PaLM)", "llama1", match="llama1", norm="layernorm"),
+    _v("llama1-layernorm", "LayerNorm, no bias (PaLM)", "llama1", norm="layernorm"),
     # Llama 3's document mask, both trained and evaluated on the same packed documents
     dataclasses.replace(_v("llama1-packed", "packed, no mask", "llama1"), packed_documents=True),
     dataclasses.replace(_v("llama1-docmask", "packed + document mask (Llama 3)", "llama1",
