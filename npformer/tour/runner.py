@@ -43,6 +43,7 @@ from .jobs import run_job
 from .plan import Budget, tour_plan
 
 JOBS_DIR, RUNS_DIR = "jobs", "runs"
+CONNECT_TIMEOUT = "20s"  # how long --scheduler waits for the Dask scheduler to answer
 REPORT_FILES = ("report.md", "results.json", "figures")  # what report.write_report writes
 
 
@@ -130,7 +131,7 @@ def _run_dask(todo: List[dict], out_dir: str, scheduler: str, record: Callable[[
         raise ValueError("--scheduler needs Dask distributed: pip install -e \".[cluster]\" "
                          "(or pip install \"dask[distributed]\")") from None
     try:
-        client = Client(scheduler, timeout="20s")
+        client = Client(scheduler, timeout=CONNECT_TIMEOUT)
     except (OSError, TimeoutError, ValueError) as error:
         raise ValueError(f"--scheduler {scheduler!r}: cannot connect to a Dask scheduler there "
                          f"({type(error).__name__}: {error})") from None
