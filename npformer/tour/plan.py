@@ -62,6 +62,7 @@ class Budget:
     long_seq_len: int = 1024  # dense vs banded: attention timed at this length
     decode_tokens: int = 128  # MHA/GQA/MQA: tokens decoded with the KV cache, timed
     timing_repeats: int = 15  # side-by-side timings: median of this many alternating repeats
+    checkpoints: int = 4  # per run: how far back a killed job restarts (each save costs ~0.3 s)
     threads: int = 1  # threads per job (numba and BLAS); the tour runs jobs in parallel instead
 
     @property
@@ -84,7 +85,7 @@ class Budget:
 
 QUICK = Budget(name="quick", d_model=32, n_layers=2, n_heads=4, seq_len=32, batch_size=8,
                steps=30, seeds=2, eval_interval=10, eval_batches=2, first_tokens=8,
-               long_seq_len=128, decode_tokens=16, timing_repeats=3)
+               long_seq_len=128, decode_tokens=16, timing_repeats=3, checkpoints=1)
 DEFAULT = Budget(name="default", d_model=64, n_layers=4, n_heads=4, seq_len=128, batch_size=16,
                  steps=600, seeds=4, eval_interval=50, eval_batches=16)
 BUDGETS = {b.name: b for b in (QUICK, DEFAULT)}
@@ -288,7 +289,7 @@ def variant_job(variant: Variant, budget: Budget, seed: int, measures: Sequence[
                    seq_len=budget.seq_len, lr=lr, min_lr=lr / 10,
                    warmup_steps=budget.warmup_steps if variant.warmup else 0,
                    weight_decay=0.1, grad_clip=1.0, seed=seed, eval_interval=budget.eval_interval,
-                   eval_batches=budget.eval_batches, checkpoint_interval=max(1, budget.steps // 4),
+                   eval_batches=budget.eval_batches, checkpoint_interval=max(1, budget.steps // budget.checkpoints),
                    dtype=budget.dtype, packed_documents=variant.packed_documents),
         measures=sorted(measures), first_tokens=budget.first_tokens, threads=budget.threads)
 
