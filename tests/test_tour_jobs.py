@@ -106,6 +106,17 @@ def test_a_killed_job_resumes_to_the_uninterrupted_result(results, tmp_path, mon
     assert _without_times(resumed) == _without_times(uninterrupted)
 
 
+def test_a_run_directory_is_resumed_only_by_its_own_job(results, tmp_path):
+    job, _, _ = results["rope32"]
+    killed = copy.deepcopy(job)
+    killed["train"]["stop_after"] = 2
+    jobs.run_job(killed, str(tmp_path))
+    other = copy.deepcopy(job)
+    other["train"]["lr"] = 1e-3  # the trainer itself would resume it with the new lr
+    with pytest.raises(ValueError, match=r"other options lr=0\.003 \(the job has 0\.001\)"):
+        jobs.run_job(other, str(tmp_path))
+
+
 # ---- divergence ------------------------------------------------------------------------------
 
 

@@ -61,6 +61,7 @@ with it they see only their own document, as if it began the sequence.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from dataclasses import dataclass, fields
@@ -185,6 +186,8 @@ def _train(job: dict, run_dir: str) -> Tuple[Trainer, Optional[Tuple[int, str]],
     the steps trained by this call). A run directory holding a checkpoint is resumed."""
     options = TrainOptions(**job["train"], out=run_dir, model_overrides=dict(job["model_overrides"]))
     resume = os.path.isdir(run_dir) and ckpt.latest_checkpoint(run_dir) is not None
+    if resume:
+        _check_same_run(job, run_dir)
     trainer = Trainer(options, resume=resume, overwrite=not resume, progress=False,
                       log=lambda message: None)
     first_step, started = trainer.step, time.perf_counter()
@@ -205,6 +208,23 @@ def _train(job: dict, run_dir: str) -> Tuple[Trainer, Optional[Tuple[int, str]],
     seconds = time.perf_counter() - started
     tokens = (trainer.step - first_step) * options.batch_size * options.seq_len
     return trainer, diverged, tokens / max(seconds, 1e-9)
+
+
+def _check_same_run(job: dict, run_dir: str) -> None:
+    """A run directory is resumed only by the job that started it: the trainer checks the
+    fields that would break the checkpoint (preset, sizes, dtype, seed); a changed lr, number of
+    steps or evaluation interval would silently mix two recipes in one history."""
+    path = os.path.join(run_dir, "train.json")
+    saved = ckpt.read_json(path) if os.path.isfile(path) else {}
+    asked = json.loads(json.dumps(dict(job["train"], model_overrides=job["model_overrides"])))
+    asked.pop("stop_after", None)  # stopping early is how a kill is simulated, not a recipe
+    changed = {key: (saved.get(key), value) for key, value in asked.items() if saved.get(key) != value}
+    if changed:
+        raise ValueError(f"train job {job['id']!r}: {run_dir} holds a run with other options "
+                         + ", ".join(f"{key}={old!r} (the job has {new!r})"
+                                     for key, (old, new) in sorted(changed.items()))
+                         + "; a job resumes only its own run: remove that directory or use "
+                         "another work directory")
 
 
 def _measure(name: str, trainer: Trainer, validation: "ValidationData", job: dict) -> dict:
