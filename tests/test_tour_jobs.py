@@ -314,6 +314,7 @@ def test_a_timing_job_goes_to_run_timing_job(monkeypatch, tmp_path):
     (lambda job: job.pop("train"), r"lacks the field\(s\) \['train'\]"),
     (lambda job: job["train"].update(out="elsewhere"), r"unknown option\(s\) \['out'\]"),
     (lambda job: job.update(measures=["kv-cache"]), "'measures' must be a list of names"),
+    (lambda job: job.update(measures="kv_cache"), "'measures' must be a list of names"),
     (lambda job: job.update(threads=0), "'threads' must be an integer"),
     (lambda job: job.update(id="../escape"), "usable as a directory"),
 ])

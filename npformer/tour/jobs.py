@@ -140,8 +140,7 @@ def _check_train_job(job: dict) -> None:
         raise ValueError(f"train job {job['id']!r}: 'train' has unknown option(s) {unknown}; "
                          f"valid: {sorted(allowed)} (the run directory and the model overrides "
                          "come from the job)")
-    unknown = sorted(set(job["measures"]) - set(MEASURES))
-    if unknown or not isinstance(job["measures"], (list, tuple)):
+    if not isinstance(job["measures"], (list, tuple)) or set(job["measures"]) - set(MEASURES):
         raise ValueError(f"train job {job['id']!r}: 'measures' must be a list of names from "
                          f"{list(MEASURES)}, got {job['measures']!r}")
     if "document_first_tokens" in job["measures"]:
