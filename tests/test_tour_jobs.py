@@ -14,6 +14,7 @@ import numba
 import numpy as np
 import pytest
 
+from npformer._validate import NonFiniteError
 from npformer.models import build_model
 from npformer.models.stats import parameter_count
 from npformer.presets import preset_config
@@ -120,9 +121,8 @@ def test_a_run_directory_is_resumed_only_by_its_own_job(results, tmp_path):
 # ---- divergence ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variant, where", [("llama1", "train step"), ("gpt2", "validation")])
-def test_a_diverged_run_is_a_result_not_an_error(tmp_path, variant, where):
-    job = _job(variant, measures=["kv_cache"])
+def test_a_diverged_run_is_a_result_not_an_error(tmp_path):
+    job = _job("llama1", measures=["kv_cache"])
     job["train"].update(lr=1e3, min_lr=1e2, grad_clip=0.0, warmup_steps=0)
     result = jobs.run_job(job, str(tmp_path))
     assert json.loads(json.dumps(result)) == result
@@ -132,13 +132,45 @@ def test_a_diverged_run_is_a_result_not_an_error(tmp_path, variant, where):
     # the rows of the steps before the divergence, and none after
     assert [row["step"] for row in result["history"]] == list(range(1, step))
     assert all(np.isfinite(row["loss"]) for row in result["history"])
-    if where == "train step":  # the trainer's TrainingDiverged, which names the step
-        assert f"at step {step};" in result["divergence"]
-    else:  # a layer refusing the blown-up activations in the validation forward after step 3
-        assert step == 3 and "validation loss after step 3" in result["divergence"]
+    assert "NaN or infinite" in result["divergence"]
     # run again: resumed from the last good checkpoint, it diverges at the same step
     again = jobs.run_job(job, str(tmp_path))
     assert (again["diverged_at_step"], again["history"]) == (step, result["history"])
+
+
+@pytest.mark.parametrize("where", ["train step", "validation"])
+def test_the_diverged_step_is_the_first_without_a_history_row(tmp_path, monkeypatch, where):
+    """Step 4's training step diverges (the trainer's TrainingDiverged), or step 3's
+    validation forward meets blown-up activations (a layer's NonFiniteError, which the
+    trainer's evaluate lets through): both are results naming that step."""
+    if where == "train step":
+        real_step = Trainer.train_step
+
+        def train_step(self):
+            if self.step == 3:
+                raise self._diverged("NaN (a test)")
+            return real_step(self)
+
+        monkeypatch.setattr(Trainer, "train_step", train_step)
+    else:
+        real_evaluate = Trainer.evaluate
+
+        def evaluate(self):
+            if self.step == 3:
+                raise NonFiniteError("layernorm: the variance of x overflows float32 (a test)")
+            return real_evaluate(self)
+
+        monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    result = jobs.run_job(_job("gpt2", measures=["length_extrapolation"]), str(tmp_path))
+    step = 4 if where == "train step" else 3
+    assert (result["diverged"], result["diverged_at_step"]) == (True, step)
+    assert [row["step"] for row in result["history"]] == list(range(1, step))
+    assert result["final_val_loss"] is None and result["measures"] == {"length_extrapolation": None}
+    if where == "train step":
+        assert "the loss became NaN (a test) at step 4;" in result["divergence"]
+    else:
+        assert result["divergence"].startswith("the validation loss after step 3 could not be "
+                                               "computed: NaN or infinite inside the model")
 
 
 # ---- length_extrapolation --------------------------------------------------------------------
