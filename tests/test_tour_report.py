@@ -13,6 +13,7 @@ known exactly and its verdict follows from the effect's size against the noise:
 from __future__ import annotations
 
 import json
+import random
 import re
 import shutil
 from pathlib import Path
@@ -152,6 +153,14 @@ def test_known_effects_give_their_verdicts(analysis):
     assert relu["final_val_loss"]["mean"] == pytest.approx(2.0 + 0.15 + 0.05, abs=1e-12)
     assert relu["final_val_loss"]["low"] < relu["final_val_loss"]["mean"] < relu["final_val_loss"]["high"]
     assert relu["runs"] == 4 and relu["diverged"] == 0 and relu["parameters"] == 10_009
+
+
+def test_pairs_follow_the_seed_field_not_the_order(plan, analysis):
+    results = fabricate(plan)
+    items = list(results.items())
+    random.Random(0).shuffle(items)  # each variant's seeds in a different order
+    shuffled = dict(items)
+    assert {c["name"]: c for c in report.analyse(plan, shuffled)} == analysis
 
 
 def test_diverged_run_is_left_out_of_its_pair_and_counted(analysis):
@@ -325,11 +334,23 @@ def test_results_json_round_trips(written, plan):
 
 def test_partial_results_still_write_with_dashes(tmp_path):
     plan = tour_plan(BUDGET, only=["ffn", "kv-heads", "positions"])
-    results = fabricate(plan, missing={"timing-ffn", "timing-kv-heads", "gpt2-swiglu-seed2",
+    results = fabricate(plan, missing={"timing-ffn", "gpt2-swiglu-seed2",
                                        "llama1-mqa-seed0", "llama1-mqa-seed2", "llama1-mqa-seed3"})
+    del results["timing-kv-heads"]["timings"]["decode"]  # a timing the job did not produce
+    for seed in range(4):
+        results[f"llama1-gqa-seed{seed}"]["measures"] = {}  # a measure absent
+    (ffn,) = [c for c in report.analyse(plan, results) if c["name"] == "ffn"]
+    swiglu = pair_of(ffn, "gpt2", "gpt2-swiglu")["final_val_loss"]  # seeds 0, 1, 3 pair by seed
+    assert swiglu["n"] == 3
+    assert swiglu["mean"] == pytest.approx(0.05 + (0.002 - 0.001 - 0.002) / 3, abs=1e-12)
+    assert ffn["timings"] == {} and all(v["tokens_per_s"] is None for v in ffn["variants"])
     text = Path(report.write_report(str(tmp_path), plan, results, {})).read_text(encoding="utf-8")
     assert "The timing job `timing-ffn` has no result yet" in text
-    assert "The timing job `timing-kv-heads` has no result yet" in text
+    assert "The timing job `timing-kv-heads` has no decode timing: shown as —." in text
+    assert "No KV-cache measure yet for GQA (Llama 2): shown as —." in text
+    (gqa_kv,) = [line for line in text.split("### KV cache")[1].splitlines()
+                 if line.startswith("| GQA (Llama 2) |")]
+    assert gqa_kv == "| GQA (Llama 2) | — | — | — | — | — |"
     assert "11 of 12 training runs have results" in text
     (mqa_pair,) = [line for line in text.splitlines() if line.startswith("| MHA (Llama 1) → MQA")]
     assert CANNOT_COMPARE in mqa_pair  # seed 1 diverged, the other three are missing
@@ -353,11 +374,22 @@ def test_malformed_result_is_a_clear_error(plan):
         report.analyse(plan, results)
 
 
+def test_bad_out_dir_and_malformed_timing_are_clear_errors(plan, tmp_path):
+    results = fabricate(plan)
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ValueError, match="taken, but that is a file"):
+        report.write_report(str(tmp_path / "taken"), plan, results, META)
+    results["timing-ffn"]["timings"]["train_step"]["median"] = [10.0, 11.0]
+    with pytest.raises(ValueError, match=r"'timing-ffn' \(timing\): timings\['train_step'\] must "):
+        report.write_report(str(tmp_path / "out"), plan, results, META)
+
+
 def test_report_builds_with_mkdocs_strict(written, tmp_path):
     """The page and its figures inside a copy of the guide's configuration (as docs/tour/):
     strict mode fails on a broken image link or a malformed page."""
-    mkdocs_config = pytest.importorskip("mkdocs.config")
+    import mkdocs.config as mkdocs_config  # the test extra installs mkdocs (as tests/test_docs.py)
     from mkdocs.commands.build import build as mkdocs_build
+    from mkdocs.exceptions import Abort
 
     out, _, _ = written
     docs = tmp_path / "docs"
@@ -370,3 +402,8 @@ def test_report_builds_with_mkdocs_strict(written, tmp_path):
     mkdocs_build(config)
     html = (tmp_path / "site" / "tour" / "report" / "index.html").read_text(encoding="utf-8")
     assert html.count("<table>") >= 10 and 'src="../figures/ffn-loss.png"' in html
+    (docs / "tour" / "figures" / "ffn-loss.png").unlink()  # the same build fails on a lost figure
+    with pytest.raises(Abort, match="strict mode"):
+        mkdocs_build(mkdocs_config.load_config(
+            config_file=str(REPO / "mkdocs.yml"), site_dir=str(tmp_path / "site2"), strict=True,
+            docs_dir=str(docs), nav=[{"Home": "index.md"}, {"Tour": "tour/report.md"}]))

@@ -87,6 +87,11 @@ def _check_results(results: Dict[str, dict]) -> None:
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise ValueError(f"result {job_id!r} ({kind}): field {key!r} must be of type "
                                  f"{expected.__name__}, got {value!r:.60}")
+        if kind == "timing":
+            for name, entry in result["timings"].items():
+                if not isinstance(entry, dict) or not isinstance(entry.get("median"), dict):
+                    raise ValueError(f"result {job_id!r} (timing): timings[{name!r}] must be a dict "
+                                     f"with a 'median' dict of variant -> value, got {entry!r:.60}")
         if kind == "train":
             loss = result.get("final_val_loss")
             if loss is not None and not isinstance(loss, (int, float)):
@@ -675,13 +680,13 @@ def _budget_paragraph(plan: Plan, meta: dict, counts: List[int]) -> str:
         f"Every run trains a decoder of d_model {b.d_model}, {b.n_layers} layers and {b.n_heads} "
         f"heads ({size}) on character-level tiny Shakespeare: sequences of T = {b.seq_len} "
         f"tokens, batches of {b.batch_size}, {b.steps} steps, so {b.tokens:,} training tokens "
-        f"per run, in {b.dtype}, with seeds 0–{b.seeds - 1} "
+        f"per run, in {b.dtype}, with {'seed 0' if b.seeds == 1 else f'seeds 0–{b.seeds - 1}'} "
         f"({b.seeds} seeds; budget \"{b.name}\"). The learning-rate rule is the same for every "
         f"run: AdamW at peak lr {_lr(b.lr)}, a linear warm-up over {b.warmup_steps} steps "
         f"({b.warmup_fraction:.0%} of the steps), then cosine decay to lr/10; weight decay 0.1, "
         f"gradient clipping at norm 1.0 (the warm-up grid below changes only the warm-up and the "
         f"peak lr). CPU: {meta.get('cpu') or DASH}; {b.threads} thread per run, "
-        f"{meta.get('workers', DASH)} runs at a time ({meta.get('executor') or DASH} executor); "
+        f"{meta.get('workers') or DASH} runs at a time ({meta.get('executor') or DASH} executor); "
         f"wall time of the tour: {wall_text}. Reproduce it with `{command}`.\n")
 
 
@@ -814,7 +819,7 @@ def _warmup_section(plan: Plan, warmup: dict) -> str:
     return text
 
 
-def _positions_section(plan: Plan, extrapolation: dict, notes: List[str]) -> str:
+def _positions_section(plan: Plan, extrapolation: dict) -> str:
     T = extrapolation["seq_len"]
     rows = []
     for row in extrapolation["rows"]:
@@ -924,16 +929,27 @@ def _section(plan: Plan, runs: _Runs, comparison: Comparison, analysed: dict, nu
         if _warmup_figure(os.path.join(figures_dir, f"{name}-warmup.png"), extra["warmup"], plan):
             figures.append((f"{name}-warmup.png", "final loss vs learning rate without warm-up"))
     if "length_extrapolation" in extra:
-        text += _positions_section(plan, extra["length_extrapolation"], notes) + "\n"
+        text += _positions_section(plan, extra["length_extrapolation"]) + "\n"
         if _positions_figure(os.path.join(figures_dir, f"{name}-2T.png"), extra["length_extrapolation"]):
             figures.append((f"{name}-2T.png", "validation loss at T and 2T"))
+    if analysed["timings"]:
+        absent = [t for t in comparison.timings if t not in analysed["timings"]]
+        if absent:
+            notes.append(f"The timing job `{analysed['timing_job']}` has no {', '.join(absent)} "
+                         f"timing: shown as {DASH}.")
     if "kv_cache" in extra:
+        absent = [r["label"] for r in extra["kv_cache"]["rows"] if r["bytes_per_token"] is None]
+        if absent:
+            notes.append(f"No KV-cache measure yet for {', '.join(absent)}: shown as {DASH}.")
         text += _kv_section(extra["kv_cache"]) + "\n"
         if _kv_figure(os.path.join(figures_dir, f"{name}-kv.png"), extra["kv_cache"]):
             figures.append((f"{name}-kv.png", "KV-cache bytes per token and decode speed"))
     if "attention_time" in extra:
         text += _attention_time_section(extra["attention_time"]) + "\n"
     if "document_first_tokens" in extra:
+        if extra["document_first_tokens"]["loss_first"]["difference"]["n"] == 0:
+            notes.append("No pair of runs with the first-token measure yet: its effect is "
+                         f"{DASH}.")
         text += _document_section(plan, extra["document_first_tokens"]) + "\n"
     for file, caption in figures:
         text += f"![{caption}](figures/{file})\n\n"
@@ -952,6 +968,10 @@ def write_report(out_dir: str, plan: Plan, results: Dict[str, dict], meta: dict)
     analysis = analyse(plan, results)
     runs = _Runs(plan, results)
     figures_dir = os.path.join(out_dir, "figures")
+    for folder in (out_dir, figures_dir):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"the tour's report goes into the directory {folder}, but that is a "
+                             "file; pass another --out")
     os.makedirs(figures_dir, exist_ok=True)
     counts = sorted({v["parameters"] for c in analysis for v in c["variants"]
                      if v["parameters"] is not None})
