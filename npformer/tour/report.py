@@ -530,35 +530,64 @@ def _moving_mean(values: List[Optional[float]], i: int, window: int) -> Optional
     return float(np.mean(recent)) if recent and values[i] is not None else None
 
 
+def _paired_curve(reference: List[dict], runs: List[dict]):
+    """(steps, mean, low, high) of the validation loss of ``runs`` minus the reference's, seed
+    by seed (the paired difference the tables report, along the training); min–max band."""
+    by_seed = {r["seed"]: {row["step"]: _finite(row.get("val_loss")) for row in r["history"]}
+               for r in reference}
+    by_step: Dict[int, List[float]] = {}
+    for result in runs:
+        mine = by_seed.get(result["seed"], {})
+        for row in result["history"]:
+            value, base = _finite(row.get("val_loss")), mine.get(row["step"])
+            if value is not None and base is not None:
+                by_step.setdefault(row["step"], []).append(value - base)
+    steps = sorted(by_step)
+    values = [by_step[s] for s in steps]
+    return (np.array(steps), np.array([np.mean(v) for v in values]),
+            np.array([min(v) for v in values]), np.array([max(v) for v in values]))
+
+
 def _loss_figure(path: str, plan: Plan, runs: _Runs, comparison: Comparison) -> bool:
-    """Validation loss and smoothed training loss vs step, mean over seeds with the min–max
-    band, one line per variant (diverged runs left out). False when no run has finished."""
+    """Three panels against step, one colour per variant, diverged runs left out: the
+    validation loss (mean over seeds, min–max band), its paired difference to the reference
+    (the first variant, seed by seed) and the smoothed training loss. False when no run has
+    finished."""
     finished = {name: [r for r in runs.runs(name) if not r["diverged"]] for name in comparison.variants}
     if not any(finished.values()):
         return False
     plt = _pyplot()
-    figure, (val_axes, train_axes) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    figure, (val_axes, diff_axes, train_axes) = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
     smooth = max(1, plan.budget.steps // 20)
-    for name, done in finished.items():
+    reference = comparison.variants[0]
+    for i, (name, done) in enumerate(finished.items()):
         if not done:
             continue
         excluded = len(runs.runs(name)) - len(done)
         label = _label(plan, name, comparison.name) + (f" ({excluded} diverged, left out)" if excluded else "")
-        for axes, key, window, marker in ((val_axes, "val_loss", 1, "o"), (train_axes, "loss", smooth, None)):
-            steps, mean, low, high = _curves(done, key, window)
+        curves = [(val_axes, _curves(done, "val_loss"), "o"),
+                  (train_axes, _curves(done, "loss", smooth), None)]
+        if name != reference and finished[reference]:
+            curves.append((diff_axes, _paired_curve(finished[reference], done), "o"))
+        for axes, (steps, mean, low, high), marker in curves:
             if len(steps) == 0:
                 continue
-            line, = axes.plot(steps, mean, marker=marker, markersize=3, lw=1.2, label=label)
-            axes.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, lw=0)
+            axes.plot(steps, mean, marker=marker, markersize=3, lw=1.2, color=f"C{i}", label=label)
+            axes.fill_between(steps, low, high, color=f"C{i}", alpha=0.2, lw=0)
+    diff_axes.axhline(0.0, color="black", lw=0.8)
+    reference_label = _label(plan, reference, comparison.name)
     val_axes.set_ylabel("validation loss (nats/token)")
+    diff_axes.set_ylabel(f"validation loss − {reference_label}'s (nats/token)", fontsize=9)
     train_axes.set_ylabel("training loss (nats/token)"
                           + (f", mean of {smooth} steps" if smooth > 1 else ""))
-    for axes, what in ((val_axes, "validation"), (train_axes, "training")):
+    titles = ("validation loss", f"paired difference to {reference_label}", "training loss")
+    for axes, what in zip((val_axes, diff_axes, train_axes), titles):
         axes.set_xlabel("step")
         axes.grid(alpha=0.3)
-        axes.set_title(f"{comparison.title}: {what} loss (band: min–max over seeds)", fontsize=9)
+        axes.set_title(f"{what}\n(mean over seeds, band: min–max)", fontsize=9)
         if axes.lines:
             axes.legend(fontsize=8)
+    figure.suptitle(comparison.title, fontsize=11)
     figure.tight_layout()
     _save(figure, path)
     return True
@@ -921,17 +950,21 @@ def _section(plan: Plan, runs: _Runs, comparison: Comparison, analysed: dict, nu
     name = comparison.name
     figures = []
     if _loss_figure(os.path.join(figures_dir, f"{name}-loss.png"), plan, runs, comparison):
-        figures.append((f"{name}-loss.png", f"{analysed['title']}: loss vs step"))
+        figures.append((f"{name}-loss.png", f"{analysed['title']}: loss vs step",
+                        "Left: validation loss against step; middle: its difference to "
+                        f"{analysed['variants'][0]['label']} seed by seed (the pairs of the table, "
+                        "along the training); right: training loss, smoothed. Lines: mean over "
+                        "seeds; bands: min–max.\n\n"))
     else:
         notes.append("No finished run yet: no loss-curve figure.")
     if "warmup" in extra:
         text += _warmup_section(plan, extra["warmup"]) + "\n"
         if _warmup_figure(os.path.join(figures_dir, f"{name}-warmup.png"), extra["warmup"], plan):
-            figures.append((f"{name}-warmup.png", "final loss vs learning rate without warm-up"))
+            figures.append((f"{name}-warmup.png", "final loss vs learning rate without warm-up", ""))
     if "length_extrapolation" in extra:
         text += _positions_section(plan, extra["length_extrapolation"]) + "\n"
         if _positions_figure(os.path.join(figures_dir, f"{name}-2T.png"), extra["length_extrapolation"]):
-            figures.append((f"{name}-2T.png", "validation loss at T and 2T"))
+            figures.append((f"{name}-2T.png", "validation loss at T and 2T", ""))
     if analysed["timings"]:
         absent = [t for t in comparison.timings if t not in analysed["timings"]]
         if absent:
@@ -943,7 +976,7 @@ def _section(plan: Plan, runs: _Runs, comparison: Comparison, analysed: dict, nu
             notes.append(f"No KV-cache measure yet for {', '.join(absent)}: shown as {DASH}.")
         text += _kv_section(extra["kv_cache"]) + "\n"
         if _kv_figure(os.path.join(figures_dir, f"{name}-kv.png"), extra["kv_cache"]):
-            figures.append((f"{name}-kv.png", "KV-cache bytes per token and decode speed"))
+            figures.append((f"{name}-kv.png", "KV-cache bytes per token and decode speed", ""))
     if "attention_time" in extra:
         text += _attention_time_section(extra["attention_time"]) + "\n"
     if "document_first_tokens" in extra:
@@ -951,8 +984,8 @@ def _section(plan: Plan, runs: _Runs, comparison: Comparison, analysed: dict, nu
             notes.append("No pair of runs with the first-token measure yet: its effect is "
                          f"{DASH}.")
         text += _document_section(plan, extra["document_first_tokens"]) + "\n"
-    for file, caption in figures:
-        text += f"![{caption}](figures/{file})\n\n"
+    for file, caption, explanation in figures:
+        text += f"![{caption}](figures/{file})\n\n" + explanation
     if notes:
         text += "".join(f"> Note: {note}\n>\n" for note in notes)[:-2] + "\n\n"
     return text
