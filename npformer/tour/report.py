@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import math
 import os
 from typing import Dict, List, Optional, Sequence
@@ -222,7 +221,8 @@ def _analyse_comparison(plan: Plan, runs: _Runs, comparison: Comparison) -> dict
     for name in comparison.variants:
         done = runs.runs(name)
         variants.append(dict(
-            name=name, label=_label(plan, name, comparison.name), parameters=_parameters(plan, runs, name),
+            name=name, label=_label(plan, name, comparison.name),
+            parameters=_parameters(plan, runs, name),
             final_val_loss=_interval(runs.final_losses(name)),
             runs=len(done), diverged=sum(bool(r["diverged"]) for r in done),
             tokens_per_s=_timing_value(timing, "train_step", name, "tokens_per_s")))
@@ -231,8 +231,10 @@ def _analyse_comparison(plan: Plan, runs: _Runs, comparison: Comparison) -> dict
         parent, child = runs.final_losses(pair.parent), runs.final_losses(pair.child)
         difference = paired_difference(parent, child)
         pairs.append(dict(
-            parent=pair.parent, child=pair.child, parent_label=_label(plan, pair.parent, comparison.name),
-            child_label=_label(plan, pair.child, comparison.name), final_val_loss=difference.to_dict(),
+            parent=pair.parent, child=pair.child,
+            parent_label=_label(plan, pair.parent, comparison.name),
+            child_label=_label(plan, pair.child, comparison.name),
+            final_val_loss=difference.to_dict(),
             excluded_diverged=_diverged_in_pairs(runs, pair.parent, pair.child)))
     return dict(name=comparison.name, title=comparison.title, step=comparison.step,
                 claim=comparison.claim, variants=variants, pairs=pairs,
@@ -254,7 +256,8 @@ def _timings(comparison: Comparison, timing: Optional[dict]) -> Dict[str, dict]:
         entry = dict(entry)
         median = entry.get("median") or {}
         entry["ratios"] = [dict(parent=p.parent, child=p.child,
-                                ratio=_ratio(_finite(median.get(p.child)), _finite(median.get(p.parent))))
+                                ratio=_ratio(_finite(median.get(p.child)),
+                                             _finite(median.get(p.parent))))
                            for p in comparison.pairs]
         out[name] = entry
     return out
@@ -382,7 +385,8 @@ def _timed_against_reference(plan: Plan, comparison: Comparison, timing: Optiona
     """A timing's median per variant and its ratio to the comparison's reference (first)."""
     reference = comparison.variants[0]
     entry = ((timing or {}).get("timings") or {}).get(name) or {}
-    rows = [dict(variant=v, label=_label(plan, v, comparison.name), median=_timing_value(timing, name, v),
+    rows = [dict(variant=v, label=_label(plan, v, comparison.name),
+                 median=_timing_value(timing, name, v),
                  ratio=_ratio(_timing_value(timing, name, v), _timing_value(timing, name, reference)))
             for v in comparison.variants]
     return dict(timing=name, unit=entry.get("unit"), what=entry.get("what"), reference=reference,
@@ -396,7 +400,8 @@ def _kv_cache(plan: Plan, runs: _Runs, comparison: Comparison, timing: Optional[
     rows = []
     for name, decoded in zip(comparison.variants, decode["rows"]):
         measured = _first_measure(runs, name, "kv_cache", "bytes_per_token")
-        rows.append(dict(variant=name, label=_label(plan, name, comparison.name), bytes_per_token=measured,
+        rows.append(dict(variant=name, label=_label(plan, name, comparison.name),
+                         bytes_per_token=measured,
                          formula_bytes_per_token=_first_measure(runs, name, "kv_cache",
                                                                 "formula_bytes_per_token"),
                          bytes_ratio=_ratio(measured, reference_bytes),
@@ -564,7 +569,9 @@ def _loss_figure(path: str, plan: Plan, runs: _Runs, comparison: Comparison) -> 
         if not done:
             continue
         excluded = len(runs.runs(name)) - len(done)
-        label = _label(plan, name, comparison.name) + (f" ({excluded} diverged, left out)" if excluded else "")
+        label = _label(plan, name, comparison.name)
+        if excluded:
+            label += f" ({excluded} diverged, left out)"
         curves = [(val_axes, _curves(done, "val_loss"), "o"),
                   (train_axes, _curves(done, "loss", smooth), None)]
         if name != reference and finished[reference]:
@@ -601,7 +608,8 @@ def _warmup_figure(path: str, warmup: dict, plan: Plan) -> bool:
         return False
     plt = _pyplot()
     figure, axes = plt.subplots(figsize=(6.5, 4.2), dpi=100)
-    finite_losses = [c["final_val_loss"]["mean"] for c in cells if c["final_val_loss"]["mean"] is not None]
+    finite_losses = [c["final_val_loss"]["mean"] for c in cells
+                     if c["final_val_loss"]["mean"] is not None]
     top = max(finite_losses) if finite_losses else 1.0
     for i, base in enumerate(WARMUP_BASES):
         mine = [c for c in cells if c["base"] == base]
@@ -741,7 +749,8 @@ def _summary_rows(plan: Plan, analysis: List[dict]) -> List[list]:
             at_2T = extra["length_extrapolation"]["rope_vs_sinusoidal_2T"]
             T = extra["length_extrapolation"]["seq_len"]
             rows.append([f"{comparison['title']}: loss at 2T = {2 * T}, "
-                         f"{_label(plan, at_2T['parent'], 'positions')} → {_label(plan, at_2T['child'], 'positions')}",
+                         f"{_label(plan, at_2T['parent'], 'positions')} → "
+                         f"{_label(plan, at_2T['child'], 'positions')}",
                          "RoPE runs past the training length (a learned table cannot)",
                          f"{_effect(at_2T)} (n = {at_2T['n']})", _verdict(at_2T)])
         if "document_first_tokens" in extra:
@@ -788,7 +797,8 @@ def _variants_section(comparison: dict, notes: List[str]) -> str:
                       f"ratio to {reference['label']}")
     rows = []
     for variant in comparison["variants"]:
-        row = [variant["label"], _count(variant["parameters"]), _loss_interval(variant["final_val_loss"]),
+        row = [variant["label"], _count(variant["parameters"]),
+               _loss_interval(variant["final_val_loss"]),
                f"{variant['runs']} ({variant['diverged']})", _count(variant["tokens_per_s"])]
         for name in timing_names:
             entry = comparison["timings"][name]
@@ -833,7 +843,8 @@ def _warmup_section(plan: Plan, warmup: dict) -> str:
     with_warmup = ", ".join(f"{_label(plan, base)} {_loss_interval(warmup['with_warmup'][base])}"
                             for base in WARMUP_BASES)
     text = ("### Warm-up sensitivity\n\n"
-            f"Each model trained without warm-up at peak lr {', '.join(_lr(x) for x in warmup['lrs'])}, "
+            "Each model trained without warm-up at peak lr "
+            f"{', '.join(_lr(x) for x in warmup['lrs'])}, "
             f"compared seed by seed with the same model trained with warm-up at lr "
             f"{_lr(warmup['reference_lr'])} (final val loss: {with_warmup}). A setting **lags** "
             "when the 95 % interval of \"no warm-up − warm-up\" lies entirely above 0.\n\n")
@@ -860,7 +871,8 @@ def _positions_section(plan: Plan, extrapolation: dict) -> str:
     at_2T = extrapolation["rope_vs_sinusoidal_2T"]
     text = (f"### Length extrapolation: evaluated at T = {T} and 2T = {2 * T}\n\n"
             + _table(["positions", f"val loss at T = {T}", f"val loss at 2T = {2 * T}", "note"], rows)
-            + f"\n{_label(plan, at_2T['child'], 'positions')} − {_label(plan, at_2T['parent'], 'positions')} at 2T: "
+            + f"\n{_label(plan, at_2T['child'], 'positions')} − "
+            f"{_label(plan, at_2T['parent'], 'positions')} at 2T: "
             f"{_effect(at_2T)} (n = {at_2T['n']}): {_verdict(at_2T)}.\n")
     return text
 
@@ -963,7 +975,8 @@ def _section(plan: Plan, runs: _Runs, comparison: Comparison, analysed: dict, nu
             figures.append((f"{name}-warmup.png", "final loss vs learning rate without warm-up", ""))
     if "length_extrapolation" in extra:
         text += _positions_section(plan, extra["length_extrapolation"]) + "\n"
-        if _positions_figure(os.path.join(figures_dir, f"{name}-2T.png"), extra["length_extrapolation"]):
+        if _positions_figure(os.path.join(figures_dir, f"{name}-2T.png"),
+                             extra["length_extrapolation"]):
             figures.append((f"{name}-2T.png", "validation loss at T and 2T", ""))
     if analysed["timings"]:
         absent = [t for t in comparison.timings if t not in analysed["timings"]]
@@ -1008,7 +1021,7 @@ def write_report(out_dir: str, plan: Plan, results: Dict[str, dict], meta: dict)
     os.makedirs(figures_dir, exist_ok=True)
     counts = sorted({v["parameters"] for c in analysis for v in c["variants"]
                      if v["parameters"] is not None})
-    text = (f"# The tour: what each step of the lineage bought\n\n"
+    text = ("# The tour: what each step of the lineage bought\n\n"
             + _budget_paragraph(plan, meta, counts) + "\n## Summary\n\n"
             + _table(["comparison", "claim", "effect child − parent (nats), mean [95 % interval]",
                       "verdict"], _summary_rows(plan, analysis))
