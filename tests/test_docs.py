@@ -40,7 +40,8 @@ mkdocs_hooks = importlib.util.module_from_spec(_hooks_spec)
 _hooks_spec.loader.exec_module(mkdocs_hooks)  # mkdocs.yml's hooks: the file the build loads
 FUNCTIONAL = REPO / "npformer" / "functional"
 
-EXEMPT_FROM_SECTIONS = ("index.md", "notation.md", "lineage/")  # a path equal to or under these
+# a path equal to or under these; tour/ is the tour's measured report (npformer tour)
+EXEMPT_FROM_SECTIONS = ("index.md", "notation.md", "lineage/", "tour/")
 MAX_NO_RUN_PER_PAGE = 1
 RUNNABLE_LANGUAGES = ("python", "py", "python3")
 
@@ -347,7 +348,9 @@ def test_page_has_forward_derivation_and_a_snippet(page):
 
 
 def test_exemptions_are_the_stated_ones():
-    """The section rule exempts exactly the reading order, the notation and the lineage."""
+    """The section rule exempts exactly the reading order, the notation, the lineage and the
+    tour's report."""
     assert is_exempt("index.md") and is_exempt("notation.md") and is_exempt("lineage/gpt2.md")
+    assert is_exempt("tour/report.md")
     assert not is_exempt("functional/rmsnorm.md") and not is_exempt("models/decoder.md")
     assert not is_exempt("blocks/lineage.md")

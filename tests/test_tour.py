@@ -94,7 +94,7 @@ def test_results_of_other_settings_are_refused(tmp_path):
     jobs = _train_jobs(QUICK.replace(steps=4, seeds=2), ["norm"], count=1)
     execute(jobs, str(tmp_path), log=lambda *_: None)
     other = _train_jobs(QUICK.replace(steps=5, seeds=2), ["norm"], count=1)
-    with pytest.raises(ValueError, match=r"other settings \(train\).*another --out.*--overwrite"):
+    with pytest.raises(ValueError, match=r"other settings \(train.checkpoint_interval, train.steps differ.*another --out.*--overwrite"):
         execute(other, str(tmp_path), log=lambda *_: None)
 
 

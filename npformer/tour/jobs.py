@@ -156,11 +156,11 @@ def run_train_job(job: dict, work_dir: str) -> dict:
     with limited_threads(job["threads"]):
         trainer, diverged, tokens_per_s = _train(job, os.path.join(work_dir, "runs", job["id"]))
         measures: Dict[str, Optional[dict]] = {}
-        if diverged is None:
+        if diverged is None and job["measures"]:
             validation = ValidationData.of(trainer)
             for name in job["measures"]:
                 measures[name] = _measure(name, trainer, validation, job)
-        else:  # broken weights measure nothing
+        elif diverged is not None:  # broken weights measure nothing
             measures = {name: None for name in job["measures"]}
     history = [{key: (int(row[key]) if key == "step" else float(row[key]))
                 for key in HISTORY_KEYS if key in row} for row in trainer.history]

@@ -711,6 +711,9 @@ def _budget_paragraph(plan: Plan, meta: dict, counts: List[int]) -> str:
     b = plan.budget
     wall = meta.get("wall_time_s")
     wall_text = DASH if wall is None else f"{wall / 60:.1f} minutes ({wall:.0f} s)"
+    sessions = meta.get("sessions") or []
+    if len(sessions) > 1:
+        wall_text += f" over {len(sessions)} sessions (the tour was resumed)"
     size = (f"{min(counts):,}–{max(counts):,} parameters" if counts else "parameters: —")
     command = meta.get("command") or DASH
     return (

@@ -43,8 +43,10 @@ from .jobs import run_job
 from .plan import Budget, tour_plan
 
 JOBS_DIR, RUNS_DIR = "jobs", "runs"
+SESSIONS = "sessions.json"  # every invocation that ran jobs: when, how long, on what
 CONNECT_TIMEOUT = "20s"  # how long --scheduler waits for the Dask scheduler to answer
 REPORT_FILES = ("report.md", "results.json", "figures")  # what report.write_report writes
+TOUR_FILES = (JOBS_DIR, RUNS_DIR, SESSIONS) + REPORT_FILES
 
 
 class JobFailed(RuntimeError):
@@ -70,8 +72,14 @@ def finished_results(jobs: Sequence[dict], out_dir: str) -> Dict[str, dict]:
             continue
         result = ckpt.require_keys(ckpt.read_json(path), dict(id=str, kind=str, job=dict), path)
         if result["job"] != _as_json(job):
-            changed = sorted(k for k in set(job) | set(result["job"])
-                             if _as_json(job.get(k)) != result["job"].get(k))
+            planned, saved = _as_json(job), result["job"]
+            changed = []
+            for key in sorted(set(planned) | set(saved)):
+                a, b = planned.get(key), saved.get(key)
+                if isinstance(a, dict) and isinstance(b, dict):  # train.steps, not just train
+                    changed += [f"{key}.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+                elif a != b:
+                    changed.append(key)
             raise ValueError(f"{path} was computed with other settings ({', '.join(changed)} "
                              "differ from this tour's); finish that tour with its own options, "
                              "or pass another --out, or --overwrite to start this one afresh")
@@ -83,7 +91,7 @@ def clear_tour(out_dir: str) -> None:
     """--overwrite: remove what a tour writes in ``out_dir`` (and only that)."""
     if not os.path.isdir(out_dir):
         return
-    for name in (JOBS_DIR, RUNS_DIR) + REPORT_FILES:
+    for name in TOUR_FILES:
         path = os.path.join(out_dir, name)
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path)
@@ -190,6 +198,22 @@ def _versions() -> Dict[str, str]:
     return dict(python=sys.version.split()[0], numpy=numpy.__version__, numba=numba.__version__)
 
 
+def _read_sessions(out_dir: str) -> List[dict]:
+    path = os.path.join(out_dir, SESSIONS)
+    if not os.path.exists(path):
+        return []
+    sessions = ckpt.read_json(path)
+    if not isinstance(sessions, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("seconds"), (int, float)) for s in sessions):
+        raise ValueError(f"{path} must hold a list of sessions, each with its 'seconds'")
+    return sessions
+
+
+def _record_session(out_dir: str, session: dict) -> None:
+    if os.path.isdir(out_dir):
+        ckpt.write_json(os.path.join(out_dir, SESSIONS), _read_sessions(out_dir) + [session])
+
+
 def run_tour(budget: Budget, out_dir: str, *, only: Optional[Sequence[str]] = None,
              workers: Optional[int] = None, scheduler: Optional[str] = None,
              overwrite: bool = False, command: str = "npformer tour", log=print) -> str:
@@ -204,12 +228,23 @@ def run_tour(budget: Budget, out_dir: str, *, only: Optional[Sequence[str]] = No
     if overwrite:
         clear_tour(out_dir)
     already = len(finished_results(plan.jobs, out_dir)) if os.path.isdir(out_dir) else 0
-    started = time.perf_counter()
-    results = execute(plan.jobs, out_dir, workers=workers, scheduler=scheduler, log=log)
-    wall = time.perf_counter() - started
-    meta = dict(cpu=cpu_model(), cores=os.cpu_count(), command=command,
-                executor=f"dask {scheduler}" if scheduler else "local processes",
-                workers=None if scheduler else workers, wall_time_s=wall,
+    executor = f"dask {scheduler}" if scheduler else "local processes"
+    started, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        results = execute(plan.jobs, out_dir, workers=workers, scheduler=scheduler, log=log)
+    finally:  # a stopped tour's time counts too (a kill -9 loses only the session it ends)
+        if len(plan.jobs) > already:
+            _record_session(out_dir, dict(started=started_at, seconds=time.perf_counter() - started,
+                                          jobs_found_finished=already, executor=executor,
+                                          workers=None if scheduler else workers))
+    sessions = _read_sessions(out_dir)
+    if sessions:  # the report describes the sessions that trained, not a re-reporting one
+        executor = " then ".join(dict.fromkeys(str(s.get("executor")) for s in sessions))
+        workers = " then ".join(dict.fromkeys(str(s.get("workers")) for s in sessions))
+    meta = dict(cpu=cpu_model(), cores=os.cpu_count(), command=command, executor=executor,
+                workers=None if scheduler and not sessions else workers,
+                # the tour's wall time: every session that ran jobs (a resumed tour adds up)
+                wall_time_s=math.fsum(s["seconds"] for s in sessions), sessions=sessions,
                 jobs_total=len(plan.jobs), jobs_found_finished=already,
                 job_seconds_total=math.fsum(r.get("seconds", 0.0) for r in results.values()),
                 versions=_versions())
