@@ -337,7 +337,7 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------
 
-    def _forward_loss(self, batch, *, backward: bool = False):
+    def _forward_loss(self, batch, *, backward: bool = False, validating: bool = False):
         """The loss of one batch, and ∂L/∂logits when ``backward`` (the model keeps its own
         cache).
 
@@ -359,20 +359,23 @@ class Trainer:
             loss = float(loss)
             if not math.isfinite(loss):
                 raise self._diverged(f"NaN or infinite ({loss}: NaN or infinite logits, or a "
-                                     f"loss beyond {logits.dtype})")
+                                     f"loss beyond {logits.dtype})", validating=validating)
             return loss, dlogits
         if not np.isfinite(logits).all():  # the loss would be NaN; say so as a divergence
-            raise self._diverged("NaN or infinite logits")
+            raise self._diverged("NaN or infinite logits", validating=validating)
         loss, cache = cross_entropy_forward(logits, targets)
         loss = float(loss)
         if not math.isfinite(loss):
-            raise self._diverged(str(loss))
+            raise self._diverged(str(loss), validating=validating)
         return loss, (cross_entropy_backward(1.0, cache) if backward else None)
 
-    def _diverged(self, what: str) -> TrainingDiverged:
+    def _diverged(self, what: str, *, validating: bool = False) -> TrainingDiverged:
+        """The error for a loss gone NaN/inf: in step self.step + 1, or, when ``validating``,
+        in the validation of the weights of step self.step."""
         last = ckpt.latest_checkpoint(self.run_dir)
+        where = f"in the validation after step {self.step}" if validating else f"at step {self.step + 1}"
         return TrainingDiverged(
-            f"the loss became {what} at step {self.step + 1}; stopped without saving. The last "
+            f"the loss became {what} {where}; stopped without saving. The last "
             f"good checkpoint is {last or '(none yet)'}; lower --lr or raise --warmup-steps")
 
     def train_step(self) -> dict:
@@ -403,7 +406,12 @@ class Trainer:
         """Mean loss over ``eval_batches`` fixed validation batches (dropout off)."""
         self.model.eval()
         sampler = self._val_sampler()
-        losses = [self._forward_loss(sampler.next())[0] for _ in range(self.options.eval_batches)]
+        try:
+            losses = [self._forward_loss(sampler.next(), validating=True)[0]
+                      for _ in range(self.options.eval_batches)]
+        except NonFiniteError as error:  # a layer refusing the activations of blown-up weights
+            raise self._diverged(f"NaN or infinite inside the model ({error})",
+                                 validating=True) from error
         self.model._last_cache = None  # nothing to backpropagate from evaluation
         return float(np.mean(losses))
 

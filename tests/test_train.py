@@ -162,6 +162,32 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
     assert all(np.isfinite(v).all() for v in model.parameters().values())
 
 
+@pytest.mark.parametrize("failure", ["nan_logits", "refused_activations"])
+def test_a_divergence_found_by_the_validation_is_a_divergence_of_that_step(tmp_path, monkeypatch,
+                                                                           failure):
+    """Weights blown up by step 4 can first show in its validation: NaN logits, or a layer
+    refusing NaN activations (a NonFiniteError). Either is a TrainingDiverged naming the
+    validation after step 4 (not step 5, not a raw NonFiniteError)."""
+    from npformer._validate import NonFiniteError
+
+    trainer = Trainer(_options(tmp_path, steps=12), progress=False)
+    forward = trainer.model.forward
+
+    def poisoned(*args, **kwargs):
+        logits = forward(*args, **kwargs)
+        if trainer.step == 4 and not trainer.model.training:
+            if failure == "refused_activations":
+                raise NonFiniteError("x contains NaN")
+            logits = logits.copy()
+            logits[0, 0, 0] = np.nan
+        return logits
+
+    monkeypatch.setattr(trainer.model, "forward", poisoned)
+    with pytest.raises(TrainingDiverged, match=r"in the validation after step 4; stopped"):
+        trainer.run()
+    assert [row["step"] for row in trainer.history] == [1, 2, 3]
+
+
 def test_nan_from_divergence_is_reported_by_the_cli(tmp_path, capsys):
     code = main(["train", "--out", str(tmp_path / "run"), "--steps", "20", "--batch-size", "2",
                  "--seq-len", "8", "--d-model", "16", "--n-layers", "1", "--n-heads", "2",

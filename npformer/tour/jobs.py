@@ -195,10 +195,9 @@ def _train(job: dict, run_dir: str) -> Tuple[Trainer, Optional[Tuple[int, str]],
         trainer.run()
     except (TrainingDiverged, NonFiniteError) as error:
         # The step that diverged is the first one without a history row: the trainer appends a
-        # step's row after its training step AND its validation (if any) succeeded. A
-        # NonFiniteError out of run() is a layer refusing the NaN/inf activations of blown-up
-        # weights in a validation forward (train_step turns the same error into a
-        # TrainingDiverged; evaluate does not).
+        # step's row after its training step AND its validation (if any) succeeded. (The
+        # trainer turns a layer's NonFiniteError into a TrainingDiverged in both training and
+        # validation; the NonFiniteError is caught too in case a future path lets one out.)
         step = (trainer.history[-1]["step"] if trainer.history else 0) + 1
         message = str(error) if isinstance(error, TrainingDiverged) else (
             f"the validation loss after step {step} could not be computed: NaN or infinite "
