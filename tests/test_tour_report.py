@@ -328,7 +328,15 @@ def test_results_json_round_trips(written, plan):
     with open(out / "results.json", encoding="utf-8") as f:
         data = json.load(f, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
     assert set(data["jobs"]) == {job["id"] for job in plan.jobs}
-    assert data["jobs"]["gpt2-relu-seed3"] == results["gpt2-relu-seed3"]
+    saved, full = data["jobs"]["gpt2-relu-seed3"], results["gpt2-relu-seed3"]
+    assert {k: v for k, v in saved.items() if k != "history"} == \
+        {k: v for k, v in full.items() if k != "history"}
+    # the history thinned to every validation row, every HISTORY_EVERY-th step and the last
+    every = data["history_every"]
+    assert saved["history"] == [row for i, row in enumerate(full["history"])
+                                if "val_loss" in row or row["step"] % every == 0
+                                or i == len(full["history"]) - 1]
+    assert 1 < len(saved["history"]) < len(full["history"])
     assert [c["name"] for c in data["comparisons"]] == [c.name for c in plan.comparisons]
     assert data["budget"]["seeds"] == 4 and data["meta"] == META and data["cpu"] == META["cpu"]
     assert data["comparisons"] == report.analyse(plan, results)

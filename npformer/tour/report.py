@@ -39,6 +39,7 @@ Then, with P = post-LN's first trouble and Q = pre-LN's:
 from __future__ import annotations
 
 import dataclasses
+import json
 import io
 import math
 import os
@@ -1034,7 +1035,25 @@ def write_report(out_dir: str, plan: Plan, results: Dict[str, dict], meta: dict)
     text += _closing(plan, analysis, counts)
     path = os.path.join(out_dir, "report.md")
     ckpt.write_atomically(path, [text.encode("utf-8")])
-    ckpt.write_json(os.path.join(out_dir, "results.json"), _json_safe(dict(
-        budget=dataclasses.asdict(plan.budget), cpu=meta.get("cpu"), meta=meta,
-        jobs=results, comparisons=analysis)))
+    data = _json_safe(dict(budget=dataclasses.asdict(plan.budget), cpu=meta.get("cpu"), meta=meta,
+                           history_every=HISTORY_EVERY, jobs=_thinned(results), comparisons=analysis))
+    ckpt.write_atomically(os.path.join(out_dir, "results.json"), [
+        json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")])
     return path
+
+
+# results.json keeps each run's history at every validation step and every HISTORY_EVERY-th
+# step (the per-step rows, ~25 MB for a default tour, stay in OUT/jobs/<id>.json)
+HISTORY_EVERY = 10
+
+
+def _thinned(results: Dict[str, dict]) -> Dict[str, dict]:
+    thinned = {}
+    for job_id, result in results.items():
+        if result.get("kind") == "train" and isinstance(result.get("history"), list):
+            rows = result["history"]
+            keep = [row for i, row in enumerate(rows) if "val_loss" in row
+                    or row.get("step", 0) % HISTORY_EVERY == 0 or i == len(rows) - 1]
+            result = dict(result, history=keep)
+        thinned[job_id] = result
+    return thinned
