@@ -176,12 +176,25 @@ def test_diverged_run_is_left_out_of_its_pair_and_counted(analysis):
     assert pair_of(kv, "llama1", "llama1-gqa")["final_val_loss"]["n"] == 4
 
 
+def test_the_same_round_ratio_cancels_a_drift_the_medians_keep():
+    """The child is 1.1× the parent in two of three rounds; in the middle round the machine
+    was busy while the parent ran. The medians (12 vs 30) say 0.4×; the same-round ratio
+    reads the 1.1× of the undisturbed rounds."""
+    assert report._same_round_ratio([11.0, 12.0, 33.0], [10.0, 30.0, 30.0]) == pytest.approx(1.1)
+    assert report._ratio(12.0, 30.0) == pytest.approx(0.4)
+    assert report._same_round_ratio([1.0], [1.0, 2.0]) is None  # not the same rounds
+    assert report._same_round_ratio(None, [1.0]) is None
+
+
 def test_timings_ratios_and_tokens_per_s(analysis):
     ffn = analysis["ffn"]
     # medians 10, 11, 12 ms for gpt2, gpt2-relu, gpt2-swiglu; ratio child ÷ parent
     ratios = {(r["parent"], r["child"]): r["ratio"] for r in ffn["timings"]["train_step"]["ratios"]}
     assert ratios[("gpt2-relu", "gpt2")] == pytest.approx(10 / 11)
     assert ratios[("gpt2", "gpt2-swiglu")] == pytest.approx(12 / 10)
+    same_round = {(r["parent"], r["child"]): r["same_round_ratio"]
+                  for r in ffn["timings"]["train_step"]["ratios"]}
+    assert same_round[("gpt2", "gpt2-swiglu")] == pytest.approx(12 / 10)  # every round 12 vs 10
     (gelu,) = [v for v in ffn["variants"] if v["name"] == "gpt2"]
     assert gelu["tokens_per_s"] == pytest.approx(25_600)
     kv = analysis["kv-heads"]["extra"]["kv_cache"]

@@ -256,12 +256,26 @@ def _timings(comparison: Comparison, timing: Optional[dict]) -> Dict[str, dict]:
     for name, entry in (timing.get("timings") or {}).items():
         entry = dict(entry)
         median = entry.get("median") or {}
+        samples = entry.get("samples") or {}
         entry["ratios"] = [dict(parent=p.parent, child=p.child,
                                 ratio=_ratio(_finite(median.get(p.child)),
-                                             _finite(median.get(p.parent))))
+                                             _finite(median.get(p.parent))),
+                                same_round_ratio=_same_round_ratio(samples.get(p.child),
+                                                                   samples.get(p.parent)))
                            for p in comparison.pairs]
         out[name] = entry
     return out
+
+
+def _same_round_ratio(child: Optional[list], parent: Optional[list]) -> Optional[float]:
+    """The median over rounds r of child[r] / parent[r]. The timing job runs every variant
+    once per round, moments apart, so a round's ratio cancels the machine's slower drift
+    (another process, a clock change) that the ratio of the two medians keeps."""
+    if not child or not parent or len(child) != len(parent):
+        return None
+    ratios = [c / p for c, p in zip(child, parent)
+              if _finite(c) is not None and _finite(p) is not None and p > 0]
+    return float(np.median(ratios)) if ratios else None
 
 
 def _extra(plan: Plan, runs: _Runs, comparison: Comparison, timing: Optional[dict]) -> dict:
@@ -788,7 +802,10 @@ def _how_to_read(plan: Plan) -> str:
         "- **Timings** come from one side-by-side job per comparison: its variants timed "
         f"alternately in one process ({plan.budget.timing_repeats} repeats, median), so their "
         "ratio is measured under the same conditions. A ratio is child ÷ parent (or variant ÷ "
-        "reference): for milliseconds below 1 is faster, for tokens/s above 1 is faster.\n\n")
+        "reference): for milliseconds below 1 is faster, for tokens/s above 1 is faster. Pair "
+        "tables give two: the ratio of the medians, and the same-round ratio (the median over "
+        "rounds of the two variants' times in that round, which ran moments apart: it cancels "
+        "a drift of the machine's speed that the medians keep).\n\n")
 
 
 def _variants_section(comparison: dict, notes: List[str]) -> str:
@@ -825,13 +842,14 @@ def _pairs_section(comparison: dict) -> str:
     timing_names = list(comparison["timings"])
     header = ["parent → child", "effect child − parent (nats), mean [95 % interval]", "n pairs",
               "diverged runs left out", "verdict"]
-    header += [f"{name} ratio child ÷ parent" for name in timing_names]
+    header += [f"{name} ratio child ÷ parent (medians; same-round)" for name in timing_names]
     rows = []
     for i, pair in enumerate(comparison["pairs"]):
         difference = pair["final_val_loss"]
         row = [f"{pair['parent_label']} → {pair['child_label']}", _effect(difference),
                difference["n"], pair["excluded_diverged"], _verdict(difference)]
-        row += [_times(comparison["timings"][name]["ratios"][i]["ratio"]) for name in timing_names]
+        row += [f"{_times(r['ratio'])}; {_times(r.get('same_round_ratio'))}"
+                for r in (comparison["timings"][name]["ratios"][i] for name in timing_names)]
         rows.append(row)
     return _table(header, rows)
 
