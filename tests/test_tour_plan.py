@@ -17,37 +17,54 @@ def _differing_fields(a, b):
     return {f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)}
 
 
-# What each comparison may change, field by field (d_ff: the matched-size rule). The presets
+# What each pair may change, field by field (d_ff: the matched-size rule). The presets
 # GPT-1 → GPT-2 and GPT-2 → GPT-3 are one lineage step each, so their own fields.
+GPT2_STEP = {"norm_placement", "final_norm", "scaled_residual_init"}
 ALLOWED = {
-    ("gpt1", "gpt2"): {"norm_placement", "final_norm", "scaled_residual_init"},
-    ("gpt2", "gpt2-relu"): {"ffn"},
+    ("gpt1", "gpt2"): GPT2_STEP,
+    ("gpt1-longwarmup", "gpt2-longwarmup"): GPT2_STEP,
+    ("gpt2-relu", "gpt2"): {"ffn"},
     ("gpt2", "gpt2-swiglu"): {"ffn", "ffn_bias", "d_ff"},
-    ("gpt2", "gpt2-sinusoidal"): {"positions", "d_ff"},
+    ("gpt2-sinusoidal", "gpt2"): {"positions", "scale_embeddings", "d_ff"},
     ("gpt2", "gpt2-rope"): {"positions", "d_ff"},
     ("gpt2", "gpt2-parallel"): {"block", "d_ff"},
     ("gpt2", "gpt3"): {"attention_pattern", "window"},
     ("llama1", "llama1-gqa"): {"n_kv_heads", "d_ff"},
     ("llama1", "llama1-mqa"): {"n_kv_heads", "d_ff"},
-    ("llama1", "llama1-layernorm"): {"norm"},
+    ("llama1-layernorm", "llama1"): {"norm"},
     ("llama1-packed", "llama1-docmask"): {"document_mask"},
 }
+SWITCHES = {"ffn", "positions", "n_kv_heads", "block", "norm", "document_mask",
+            "attention_pattern", "norm_placement"}
 
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: b.name)
-def test_each_comparison_changes_only_its_switch(budget):
+def test_each_pair_changes_only_its_switch(budget):
     seen = set()
     for comparison in COMPARISONS:
-        reference = comparison.variants[0]
-        for name in comparison.variants[1:]:
-            key = (reference, name) if (reference, name) in ALLOWED else (name, reference)
+        for pair in comparison.pairs:
+            key = (pair.parent, pair.child)
             a, b = (model_config(VARIANTS[n], budget, 65) for n in key)
             changed = _differing_fields(a, b)
-            assert changed and changed <= ALLOWED[key], (key, changed)
-            assert {"ffn", "positions", "n_kv_heads", "block", "norm", "document_mask",
-                    "attention_pattern", "norm_placement"} & changed, key  # the switch itself
+            assert changed <= ALLOWED[key] and SWITCHES & changed, (key, changed)
             seen.add(key)
     assert seen == set(ALLOWED)
+
+
+def test_the_long_warmup_runs_change_only_the_recipe():
+    for budget in BUDGETS:
+        plan = tour_plan(budget, only=["norm-placement"])
+        jobs = {j["variant"]: j for j in plan.jobs if j["kind"] == "train" and j["seed"] == 0}
+        for base in ("gpt1", "gpt2"):
+            short, long = jobs[base], jobs[f"{base}-longwarmup"]
+            assert long["model_overrides"] == short["model_overrides"]
+            assert {k for k in short["train"] if short["train"][k] != long["train"][k]} == {"warmup_steps"}
+            assert long["train"]["warmup_steps"] == round(budget.long_warmup_fraction * budget.steps)
+            for lr in budget.no_warmup_lrs:  # every no-warm-up lr has its long-warm-up partner
+                partner = "longwarmup" if lr == budget.lr else f"warmup25pct-lr{lr:g}"
+                assert jobs[f"{base}-nowarmup-lr{lr:g}"]["train"]["lr"] == lr
+                assert jobs[f"{base}-{partner}"]["train"]["lr"] == lr
+                assert jobs[f"{base}-{partner}"]["train"]["warmup_steps"] == long["train"]["warmup_steps"]
 
 
 @pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: b.name)

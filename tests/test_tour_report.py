@@ -99,7 +99,8 @@ def timing_result(job: dict) -> dict:
 
 def final_loss(variant: str, seed: int) -> float:
     """The known final loss (warm-up runs: the base's, unless a test overrides it)."""
-    base = variant.split("-nowarmup")[0]
+    # the warm-up grid's runs (no warm-up, the long warm-up at any lr) share their base's loss
+    base = re.sub(r"-(nowarmup|longwarmup|warmup\d+pct).*$", "", variant)
     noise = NOISY.get(base, (0.0,) * 4 if base in REFERENCES else SMALL_NOISE)
     return 2.0 + SEED_OFFSET[seed] + EFFECT[base] + noise[seed]
 

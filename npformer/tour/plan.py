@@ -54,7 +54,9 @@ class Budget:
     seeds: int
     lr: float = 3e-3  # the peak learning rate of every run (warm-up sensitivity adds others)
     warmup_fraction: float = 0.05  # warm-up steps = this × steps (at least 1)
-    no_warmup_lrs: Tuple[float, ...] = (3e-3, 1e-2, 3e-2)  # post-LN vs pre-LN without warm-up
+    # post-LN vs pre-LN: each trained at these peak lrs without warm-up and with a long one
+    no_warmup_lrs: Tuple[float, ...] = (3e-3, 1e-2, 3e-2)
+    long_warmup_fraction: float = 0.25
     eval_interval: int = 50
     eval_batches: int = 8
     dtype: str = "float32"
@@ -102,6 +104,7 @@ class Variant:
     overrides: Tuple[Tuple[str, object], ...] = ()  # config fields changed on the preset
     match_size_to: Optional[str] = None  # a variant whose parameter count this one matches
     warmup: bool = True
+    warmup_fraction: Optional[float] = None  # None: the budget's (5 %); norm-placement's long one
     lr: Optional[float] = None
     packed_documents: bool = False  # train and evaluate on packed documents (document mask)
 
@@ -141,14 +144,22 @@ def _v(name, label, preset, match=None, **overrides) -> Variant:
 
 
 VARIANTS: Dict[str, Variant] = {v.name: v for v in [
-    # GPT-1 → GPT-2: post-LN → pre-LN (+ the final norm and the scaled residual init that come with it)
+    # GPT-1 → GPT-2: post-LN → pre-LN (+ the final norm and the scaled residual init that come
+    # with it); also both with a long warm-up (a quarter of the steps), the recipe post-LN needs
     _v("gpt1", "post-LN (GPT-1)", "gpt1"),
     _v("gpt2", "pre-LN (GPT-2)", "gpt2"),
+    dataclasses.replace(_v("gpt1-longwarmup", "post-LN (GPT-1), 25 % warm-up", "gpt1"),
+                        warmup_fraction=0.25),
+    dataclasses.replace(_v("gpt2-longwarmup", "pre-LN (GPT-2), 25 % warm-up", "gpt2"),
+                        warmup_fraction=0.25),
     # the feed-forward, on GPT-2 (the GeLU FFN of GPT-1/2 is the gpt2 run)
     _v("gpt2-relu", "ReLU", "gpt2", ffn="relu"),
     _v("gpt2-swiglu", "SwiGLU", "gpt2", match="gpt2", ffn="swiglu", ffn_bias=False),
     # positions, on GPT-2 (learned = the gpt2 run)
-    _v("gpt2-sinusoidal", "sinusoidal", "gpt2", match="gpt2", positions="sinusoidal"),
+    # sinusoidal positions come with the 2017 √C scale of the token embeddings: without it the
+    # positions (entries of size ~0.7) swamp embeddings initialised at std 0.02
+    _v("gpt2-sinusoidal", "sinusoidal (×√C embeddings)", "gpt2", match="gpt2",
+       positions="sinusoidal", scale_embeddings=True),
     _v("gpt2-rope", "RoPE", "gpt2", match="gpt2", positions="rope"),
     # GPT-J/PaLM's parallel block, on GPT-2
     _v("gpt2-parallel", "parallel (GPT-J)", "gpt2", match="gpt2", block="parallel",
@@ -174,11 +185,23 @@ def no_warmup_variant(base: str, lr: float) -> Variant:
                                warmup=False, lr=lr)
 
 
+def long_warmup_variant(base: str, lr: float, budget: "Budget") -> Variant:
+    """The warm-up sensitivity's reference at peak ``lr``: ``base`` with the long warm-up
+    (``budget.long_warmup_fraction`` of the steps); at the budget's lr, ``<base>-longwarmup``."""
+    if lr == budget.lr:
+        return VARIANTS[f"{base}-longwarmup"]
+    fraction = budget.long_warmup_fraction
+    return dataclasses.replace(VARIANTS[base], name=f"{base}-warmup{fraction:.0%}-lr{lr:g}".replace("%", "pct"),
+                               label=f"{VARIANTS[base].label}, {fraction:.0%} warm-up, lr {lr:g}",
+                               warmup_fraction=fraction, lr=lr)
+
+
 COMPARISONS: Tuple[Comparison, ...] = (
     Comparison("norm-placement", "post-LN vs pre-LN", "GPT-1 → GPT-2",
                "pre-LN trains without a learning-rate warm-up and at least as well; post-LN "
                "needs warm-up (Xiong et al. 2020)",
-               ("gpt1", "gpt2"), (Pair("gpt1", "gpt2"),)),
+               ("gpt1", "gpt2", "gpt1-longwarmup", "gpt2-longwarmup"),
+               (Pair("gpt1", "gpt2"), Pair("gpt1-longwarmup", "gpt2-longwarmup"))),
     Comparison("ffn", "ReLU vs GeLU vs SwiGLU", "2017 (ReLU) → GPT-1 (GeLU) → PaLM (SwiGLU)",
                "GeLU beats ReLU, and SwiGLU beats GeLU at equal parameters (Shazeer 2020)",
                ("gpt2", "gpt2-relu", "gpt2-swiglu"),
@@ -282,12 +305,13 @@ def variant_job(variant: Variant, budget: Budget, seed: int, measures: Sequence[
     if d_ff is not None:
         overrides["d_ff"] = d_ff
     lr = budget.lr if variant.lr is None else variant.lr
+    fraction = budget.warmup_fraction if variant.warmup_fraction is None else variant.warmup_fraction
     return dict(
         id=f"{variant.name}-seed{seed}", kind="train", variant=variant.name, seed=seed,
         preset=variant.preset, model_overrides=overrides,
         train=dict(preset=variant.preset, steps=budget.steps, batch_size=budget.batch_size,
                    seq_len=budget.seq_len, lr=lr, min_lr=lr / 10,
-                   warmup_steps=budget.warmup_steps if variant.warmup else 0,
+                   warmup_steps=max(1, round(fraction * budget.steps)) if variant.warmup else 0,
                    weight_decay=0.1, grad_clip=1.0, seed=seed, eval_interval=budget.eval_interval,
                    eval_batches=budget.eval_batches, checkpoint_interval=max(1, budget.steps // budget.checkpoints),
                    dtype=budget.dtype, packed_documents=variant.packed_documents),
@@ -303,8 +327,11 @@ def timing_job(comparison: Comparison, budget: Budget) -> dict:
         d_ff = matched_d_ff(variant, budget)
         if d_ff is not None:
             overrides["d_ff"] = d_ff
-        variants.append(dict(variant=name, preset=variant.preset, model_overrides=overrides,
-                             packed_documents=variant.packed_documents))
+        entry = dict(variant=name, preset=variant.preset, model_overrides=overrides,
+                     packed_documents=variant.packed_documents)
+        if any({**v, "variant": name} == entry for v in variants):
+            continue  # the same model with another training recipe (a longer warm-up): timed once
+        variants.append(entry)
     return dict(id=f"timing-{comparison.name}", kind="timing", comparison=comparison.name,
                 variants=variants, timings=list(comparison.timings), dtype=budget.dtype,
                 batch_size=budget.batch_size, seq_len=budget.seq_len,
@@ -325,9 +352,9 @@ def tour_plan(budget: Budget, only: Optional[Sequence[str]] = None) -> Plan:
         if comparison.name == "norm-placement":
             for base in WARMUP_BASES:
                 for lr in budget.no_warmup_lrs:
-                    variant = no_warmup_variant(base, lr)
-                    plan.variants[variant.name] = variant
-                    names.append(variant.name)
+                    for variant in (no_warmup_variant(base, lr), long_warmup_variant(base, lr, budget)):
+                        plan.variants[variant.name] = variant
+                        names.append(variant.name)
         for name in names:
             plan.variants.setdefault(name, VARIANTS.get(name))
             measures.setdefault(name, set()).update(comparison.measures)

@@ -20,10 +20,11 @@ follow the schema (a train result without its seed, say) is a ValueError naming 
 the field.
 
 The warm-up rule (``warmup_verdict``), applied mechanically. For each base (post-LN, pre-LN)
-and each learning rate of ``budget.no_warmup_lrs``, the base is trained without warm-up; the
-cell is in TROUBLE when a run of it diverged, or when it LAGS: the paired difference "final
-loss without warm-up − final loss of the base with warm-up at ``budget.lr``" has its 95 %
-interval entirely above 0. A cell with neither trouble nor 2 comparable pairs is MISSING.
+and each learning rate of ``budget.no_warmup_lrs``, the base is trained without warm-up and
+with a long warm-up (``budget.long_warmup_fraction`` of the steps) at that same peak lr; the
+no-warm-up cell is in TROUBLE when a run of it diverged, or when it LAGS: the paired
+difference "final loss without warm-up − final loss with the long warm-up, same lr" has its
+95 % interval entirely above 0. A cell with neither trouble nor 2 comparable pairs is MISSING.
 A base's first trouble is the smallest lr whose cell is in trouble (none if no cell is).
 Then, with P = post-LN's first trouble and Q = pre-LN's:
 
@@ -49,7 +50,8 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from ..models.stats import parameter_count
-from .plan import VARIANTS, WARMUP_BASES, Comparison, Plan, model_config, no_warmup_variant
+from .plan import (VARIANTS, WARMUP_BASES, Comparison, Plan, long_warmup_variant, model_config,
+                   no_warmup_variant)
 from .stats import BETTER, CANNOT_COMPARE, NO_DIFFERENCE, WORSE, mean_interval, paired_difference
 
 DASH = "—"
@@ -301,17 +303,17 @@ def _lr(x: float) -> str:
 
 
 def warmup_grid(plan: Plan, runs: _Runs) -> dict:
-    """The warm-up sensitivity of "norm-placement": per base and lr without warm-up, the
-    final loss, the diverged runs and the paired difference against the base with warm-up;
+    """The warm-up sensitivity of "norm-placement": per base and lr, the final loss without
+    warm-up and with the long warm-up, the diverged runs and the paired difference of the two;
     a sentence per base and the verdict of the module docstring's rule."""
     budget = plan.budget
     cells, sentences, first_trouble, missing_before = [], {}, {}, {}
     for base in WARMUP_BASES:
-        with_warmup = runs.final_losses(base)
         first_trouble[base], missing_before[base] = None, False
         diverged_text, lag_text = [], []
         for lr in sorted(budget.no_warmup_lrs):
-            variant = no_warmup_variant(base, lr)
+            variant, warmed = no_warmup_variant(base, lr), long_warmup_variant(base, lr, budget)
+            with_warmup = runs.final_losses(warmed.name)
             done = runs.runs(variant.name)
             diverged = sum(bool(r["diverged"]) for r in done)
             difference = paired_difference(with_warmup, runs.final_losses(variant.name))
@@ -328,6 +330,11 @@ def warmup_grid(plan: Plan, runs: _Runs) -> dict:
                 lag_text.append(f"lags at {_lr(lr)} ({_effect(difference.to_dict(), 3)})")
             cells.append(dict(base=base, label=_label(plan, base), lr=lr, variant=variant.name,
                               final_val_loss=_interval(runs.final_losses(variant.name)),
+                              warmup_variant=warmed.name,
+                              with_warmup=_interval(with_warmup),
+                              with_warmup_runs=len(runs.runs(warmed.name)),
+                              with_warmup_diverged=sum(bool(r["diverged"])
+                                                       for r in runs.runs(warmed.name)),
                               runs=len(done), diverged=diverged,
                               vs_warmup=difference.to_dict(), lags=lags, trouble=trouble,
                               missing=missing))
@@ -342,8 +349,8 @@ def warmup_grid(plan: Plan, runs: _Runs) -> dict:
     post, pre = WARMUP_BASES
     verdict = warmup_verdict(first_trouble[post], first_trouble[pre],
                              missing_before[post] or missing_before[pre])
-    return dict(reference_lr=budget.lr, lrs=sorted(budget.no_warmup_lrs), cells=cells,
-                with_warmup={base: _interval(runs.final_losses(base)) for base in WARMUP_BASES},
+    return dict(long_warmup_fraction=budget.long_warmup_fraction,
+                lrs=sorted(budget.no_warmup_lrs), cells=cells,
                 summaries=sentences, first_trouble_lr=first_trouble, verdict=verdict)
 
 
@@ -616,8 +623,8 @@ def _loss_figure(path: str, plan: Plan, runs: _Runs, comparison: Comparison) -> 
 
 
 def _warmup_figure(path: str, warmup: dict, plan: Plan) -> bool:
-    """Final validation loss vs peak lr without warm-up, per base (t interval as error bars),
-    diverged runs marked ×, the with-warm-up loss dashed."""
+    """Final validation loss vs peak lr, per base: without warm-up (solid, t interval as
+    error bars) and with the long warm-up (dashed); diverged runs marked ×."""
     cells = warmup["cells"]
     if not any(c["runs"] for c in cells):
         return False
@@ -645,14 +652,15 @@ def _warmup_figure(path: str, warmup: dict, plan: Plan) -> bool:
                               textcoords="offset points", xytext=(4, 6 + 10 * i), fontsize=8,
                               color=color)
     for i, base in enumerate(WARMUP_BASES):
-        reference = warmup.get("with_warmup", {}).get(base)
-        if reference is not None and reference.get("mean") is not None:
-            axes.axhline(reference["mean"], color=f"C{i}", ls="--", lw=1,
-                         label=f"{_label(plan, base)}, warm-up, lr {_lr(plan.budget.lr)}")
+        warmed = [c for c in cells if c["base"] == base and c["with_warmup"]["mean"] is not None]
+        if warmed:
+            axes.plot([c["lr"] for c in warmed], [c["with_warmup"]["mean"] for c in warmed],
+                      color=f"C{i}", ls="--", marker="s", lw=1,
+                      label=f"{_label(plan, base)}, {warmup['long_warmup_fraction']:.0%} warm-up")
     axes.set_xscale("log")
     axes.set_xticks(warmup["lrs"], [_lr(lr) for lr in warmup["lrs"]])
     axes.minorticks_off()
-    axes.set_xlabel("peak learning rate (no warm-up)")
+    axes.set_xlabel("peak learning rate")
     axes.set_ylabel("final validation loss (nats/token)")
     axes.set_title("Warm-up sensitivity: × marks diverged runs", fontsize=10)
     axes.grid(alpha=0.3, which="both")
@@ -758,7 +766,8 @@ def _summary_rows(plan: Plan, analysis: List[dict]) -> List[list]:
         extra = comparison["extra"]
         if "warmup" in extra:
             warmup = extra["warmup"]
-            rows.append([f"{comparison['title']}: without warm-up, lr "
+            rows.append([f"{comparison['title']}: without warm-up vs a "
+                         f"{warmup['long_warmup_fraction']:.0%} warm-up at lr "
                          + ", ".join(_lr(lr) for lr in warmup["lrs"]),
                          "pre-LN trains without warm-up; post-LN needs it",
                          "; ".join(warmup["summaries"][base] for base in WARMUP_BASES),
@@ -855,21 +864,22 @@ def _pairs_section(comparison: dict) -> str:
 
 
 def _warmup_section(plan: Plan, warmup: dict) -> str:
-    header = ["model", "peak lr (no warm-up)", "final val loss, mean [95 % interval]",
-              "runs (diverged)", f"no warm-up − warm-up at lr {_lr(warmup['reference_lr'])}",
-              "lags"]
-    rows = [[cell["label"], _lr(cell["lr"]), _loss_interval(cell["final_val_loss"]),
-             f"{cell['runs']} ({cell['diverged']})", _effect(cell["vs_warmup"], 3),
+    long = f"{warmup['long_warmup_fraction']:.0%} warm-up"
+    header = ["model", "peak lr", "final val loss, no warm-up (runs, diverged)",
+              f"final val loss, {long} (runs, diverged)", f"no warm-up − {long}", "lags"]
+    rows = [[cell["label"], _lr(cell["lr"]),
+             f"{_loss_interval(cell['final_val_loss'])} ({cell['runs']}, {cell['diverged']})",
+             f"{_loss_interval(cell['with_warmup'])} ({cell['with_warmup_runs']}, "
+             f"{cell['with_warmup_diverged']})",
+             _effect(cell["vs_warmup"], 3),
              "yes" if cell["lags"] else ("—" if cell["missing"] else "no")]
             for cell in warmup["cells"]]
-    with_warmup = ", ".join(f"{_label(plan, base)} {_loss_interval(warmup['with_warmup'][base])}"
-                            for base in WARMUP_BASES)
     text = ("### Warm-up sensitivity\n\n"
-            "Each model trained without warm-up at peak lr "
-            f"{', '.join(_lr(x) for x in warmup['lrs'])}, "
-            f"compared seed by seed with the same model trained with warm-up at lr "
-            f"{_lr(warmup['reference_lr'])} (final val loss: {with_warmup}). A setting **lags** "
-            "when the 95 % interval of \"no warm-up − warm-up\" lies entirely above 0.\n\n")
+            "Each model trained at peak lr "
+            f"{', '.join(_lr(x) for x in warmup['lrs'])} twice: without warm-up, and with a "
+            f"linear warm-up over {warmup['long_warmup_fraction']:.0%} of the steps (then the same cosine decay), compared "
+            "seed by seed at the same lr. A setting **lags** when the 95 % interval of "
+            f"\"no warm-up − {long}\" lies entirely above 0.\n\n")
     text += _table(header, rows) + "\n"
     text += "".join(f"- {warmup['summaries'][base]}\n" for base in WARMUP_BASES)
     text += (f"\n**Verdict on \"pre-LN trains without warm-up, post-LN does not\": "
