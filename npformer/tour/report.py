@@ -21,30 +21,30 @@ the field.
 
 The warm-up rule (``warmup_verdict``), applied mechanically. For each base (post-LN, pre-LN)
 and each learning rate of ``budget.no_warmup_lrs``, the base is trained without warm-up and
-with a long warm-up (``budget.long_warmup_fraction`` of the steps) at that same peak lr; the
-no-warm-up cell is in TROUBLE when a run of it diverged, or when it LAGS: the paired
-difference "final loss without warm-up − final loss with the long warm-up, same lr" has its
-95 % interval entirely above 0. A cell with neither trouble nor 2 comparable pairs is MISSING.
-A base's first trouble is the smallest lr whose cell is in trouble (none if no cell is).
-Then, with P = post-LN's first trouble and Q = pre-LN's:
+with a long warm-up (``budget.long_warmup_fraction`` of the steps) at that same peak lr. A
+run FAILS when it diverges or STALLS: its final validation loss is within 0.1 nats of the
+unigram loss (each character predicted by its frequency: the model learned next to nothing
+from context). A no-warm-up cell LAGS when the paired difference "no warm-up − long
+warm-up, same lr" has its 95 % interval entirely above 0. Then:
 
-- a MISSING cell below the first trouble of its base (or anywhere, if it has none) →
-  "cannot tell yet (runs missing)";
-- P exists, Q does not → "supported" (only post-LN needs warm-up);
-- neither exists → "not shown at this budget" (both train without warm-up at every lr tried);
-- Q exists, P does not → "contradicted" (pre-LN needs warm-up, post-LN does not);
-- both exist, P < Q → "supported in part" (post-LN fails from a lower lr; pre-LN also fails);
-- both exist, P ≥ Q → "not supported" (pre-LN fails from the same or a lower lr).
+- a cell with fewer runs than seeds → "cannot tell yet (runs missing)";
+- at some lr, post-LN fails without warm-up, its long warm-up trains every seed, and pre-LN
+  does not fail without warm-up (it may lag) → "supported";
+- otherwise, at some lr pre-LN fails without warm-up and post-LN does not → "contradicted";
+- otherwise, post-LN fails without warm-up at no lr → "not shown at this budget";
+- otherwise → "not supported" (wherever post-LN fails, the warm-up does not rescue it or
+  pre-LN fails too).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import io
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -61,7 +61,6 @@ VOCAB_SIZE = 65  # the character vocabulary of tiny Shakespeare: parameter count
 WARMUP_SUPPORTED = "supported"
 WARMUP_NOT_SHOWN = "not shown at this budget"
 WARMUP_CONTRADICTED = "contradicted"
-WARMUP_PARTLY = "supported in part"
 WARMUP_NOT_SUPPORTED = "not supported"
 WARMUP_MISSING = "cannot tell yet (runs missing)"
 
@@ -302,72 +301,97 @@ def _lr(x: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+STALL_MARGIN = 0.1  # a run "stalls" when its final loss is within this of the unigram loss
+
+
+@functools.lru_cache(maxsize=1)
+def unigram_loss() -> float:
+    """The validation loss (nats/token) of the unigram model: each character predicted with its
+    frequency in the training split of the shipped corpus (3.35 for tiny Shakespeare). A run
+    whose final loss is within STALL_MARGIN of it learned next to nothing from context."""
+    from ..dataset import CharTokenizer, load_text, split_train_val
+
+    text = load_text()
+    tokenizer = CharTokenizer(text)
+    train, val = split_train_val(tokenizer.encode(text))
+    frequency = np.bincount(train, minlength=tokenizer.vocab_size) / len(train)  # (V,)
+    return float(-np.mean(np.log(np.maximum(frequency[val], np.finfo(np.float64).tiny))))
+
+
+def _failed(runs: _Runs, variant: str) -> Tuple[int, int, int]:
+    """(runs, diverged, stalled) of a variant: a stalled run ended within STALL_MARGIN of the
+    unigram loss."""
+    done = runs.runs(variant)
+    diverged = sum(bool(r["diverged"]) for r in done)
+    stalled = sum(1 for r in done if not r["diverged"] and r.get("final_val_loss") is not None
+                  and r["final_val_loss"] > unigram_loss() - STALL_MARGIN)
+    return len(done), diverged, stalled
+
+
 def warmup_grid(plan: Plan, runs: _Runs) -> dict:
     """The warm-up sensitivity of "norm-placement": per base and lr, the final loss without
-    warm-up and with the long warm-up, the diverged runs and the paired difference of the two;
-    a sentence per base and the verdict of the module docstring's rule."""
+    warm-up and with the long warm-up, the diverged and stalled runs of each, the paired
+    difference of the two; a sentence per base and the verdict of the module docstring's rule."""
     budget = plan.budget
-    cells, sentences, first_trouble, missing_before = [], {}, {}, {}
+    cells, sentences = [], {}
     for base in WARMUP_BASES:
-        first_trouble[base], missing_before[base] = None, False
-        diverged_text, lag_text = [], []
+        parts = []
         for lr in sorted(budget.no_warmup_lrs):
             variant, warmed = no_warmup_variant(base, lr), long_warmup_variant(base, lr, budget)
-            with_warmup = runs.final_losses(warmed.name)
-            done = runs.runs(variant.name)
-            diverged = sum(bool(r["diverged"]) for r in done)
-            difference = paired_difference(with_warmup, runs.final_losses(variant.name))
+            n, diverged, stalled = _failed(runs, variant.name)
+            n_w, diverged_w, stalled_w = _failed(runs, warmed.name)
+            difference = paired_difference(runs.final_losses(warmed.name),
+                                           runs.final_losses(variant.name))
             lags = difference.verdict == WORSE
-            trouble = diverged > 0 or lags
-            missing = not trouble and difference.n < 2
-            if trouble and first_trouble[base] is None:
-                first_trouble[base] = lr
-            if missing and first_trouble[base] is None:
-                missing_before[base] = True
+            fails = diverged + stalled > 0
+            cells.append(dict(
+                base=base, label=_label(plan, base), lr=lr, variant=variant.name,
+                final_val_loss=_interval(runs.final_losses(variant.name)), runs=n,
+                diverged=diverged, stalled=stalled, warmup_variant=warmed.name,
+                with_warmup=_interval(runs.final_losses(warmed.name)), with_warmup_runs=n_w,
+                with_warmup_diverged=diverged_w, with_warmup_stalled=stalled_w,
+                vs_warmup=difference.to_dict(), lags=lags,
+                fails=fails, warmup_trains=n_w > 0 and diverged_w + stalled_w == 0,
+                missing=n < budget.seeds or n_w < budget.seeds))
+            what = []
             if diverged:
-                diverged_text.append(f"diverged at lr {_lr(lr)} in {diverged}/{len(done)} seeds")
-            if lags:
-                lag_text.append(f"lags at {_lr(lr)} ({_effect(difference.to_dict(), 3)})")
-            cells.append(dict(base=base, label=_label(plan, base), lr=lr, variant=variant.name,
-                              final_val_loss=_interval(runs.final_losses(variant.name)),
-                              warmup_variant=warmed.name,
-                              with_warmup=_interval(with_warmup),
-                              with_warmup_runs=len(runs.runs(warmed.name)),
-                              with_warmup_diverged=sum(bool(r["diverged"])
-                                                       for r in runs.runs(warmed.name)),
-                              runs=len(done), diverged=diverged,
-                              vs_warmup=difference.to_dict(), lags=lags, trouble=trouble,
-                              missing=missing))
-        tried = ", ".join(_lr(lr) for lr in sorted(budget.no_warmup_lrs))
-        if diverged_text or lag_text:
-            sentence = "; ".join(diverged_text + lag_text)
-        elif missing_before[base]:
-            sentence = f"runs missing: cannot tell yet (lr tried: {tried})"
-        else:
-            sentence = f"trains without warm-up at every lr tried ({tried}): no divergence, no lag"
-        sentences[base] = f"{_label(plan, base)}: {sentence}"
+                what.append(f"diverges in {diverged}/{n}")
+            if stalled:
+                what.append(f"stalls at the unigram loss in {stalled}/{n}")
+            if what:
+                rescued = ("the warm-up trains every seed" if n_w and not diverged_w + stalled_w
+                           else f"with the warm-up too ({diverged_w + stalled_w}/{n_w})")
+                parts.append(f"at lr {_lr(lr)} without warm-up it {' and '.join(what)} seeds; "
+                             f"{rescued}")
+            elif lags:
+                parts.append(f"at lr {_lr(lr)} it trains without warm-up but lags "
+                             f"({_effect(difference.to_dict(), 3)})")
+            else:
+                parts.append(f"at lr {_lr(lr)} it trains without warm-up, no lag detected")
+        sentences[base] = f"{_label(plan, base)}: " + "; ".join(parts)
+    return dict(long_warmup_fraction=budget.long_warmup_fraction, unigram_loss=unigram_loss(),
+                stall_margin=STALL_MARGIN, lrs=sorted(budget.no_warmup_lrs), cells=cells,
+                summaries=sentences, verdict=warmup_verdict(cells))
+
+
+def warmup_verdict(cells: Sequence[dict]) -> str:
+    """The claim "post-LN needs warm-up, pre-LN trains without it", read from the grid's cells
+    (each: base, lr, fails = a no-warm-up run diverged or stalled, warmup_trains = every
+    long-warm-up run trained, missing). The rule is the module docstring's."""
     post, pre = WARMUP_BASES
-    verdict = warmup_verdict(first_trouble[post], first_trouble[pre],
-                             missing_before[post] or missing_before[pre])
-    return dict(long_warmup_fraction=budget.long_warmup_fraction,
-                lrs=sorted(budget.no_warmup_lrs), cells=cells,
-                summaries=sentences, first_trouble_lr=first_trouble, verdict=verdict)
-
-
-def warmup_verdict(post_first_trouble: Optional[float], pre_first_trouble: Optional[float],
-                   missing: bool = False) -> str:
-    """The claim "pre-LN trains without warm-up, post-LN does not", read from the smallest lr
-    at which each diverges or lags without warm-up (None: at no lr tried). The rule is the
-    module docstring's."""
-    if missing:
+    if any(c["missing"] for c in cells):
         return WARMUP_MISSING
-    if post_first_trouble is not None and pre_first_trouble is None:
+    by_lr: Dict[float, Dict[str, dict]] = {}
+    for c in cells:
+        by_lr.setdefault(c["lr"], {})[c["base"]] = c
+    if any(g[post]["fails"] and g[post]["warmup_trains"] and not g[pre]["fails"]
+           for g in by_lr.values()):
         return WARMUP_SUPPORTED
-    if post_first_trouble is None and pre_first_trouble is None:
-        return WARMUP_NOT_SHOWN
-    if post_first_trouble is None:
+    if any(g[pre]["fails"] and not g[post]["fails"] for g in by_lr.values()):
         return WARMUP_CONTRADICTED
-    return WARMUP_PARTLY if post_first_trouble < pre_first_trouble else WARMUP_NOT_SUPPORTED
+    if not any(g[post]["fails"] for g in by_lr.values()):
+        return WARMUP_NOT_SHOWN
+    return WARMUP_NOT_SUPPORTED
 
 
 def _variant_with(comparison: Comparison, field: str, value) -> Optional[str]:
@@ -662,6 +686,8 @@ def _warmup_figure(path: str, warmup: dict, plan: Plan) -> bool:
     axes.minorticks_off()
     axes.set_xlabel("peak learning rate")
     axes.set_ylabel("final validation loss (nats/token)")
+    axes.axhline(warmup["unigram_loss"], color="grey", ls=":", lw=1,
+                 label=f"unigram loss {warmup['unigram_loss']:.2f} (a stalled run ends here)")
     axes.set_title("Warm-up sensitivity: × marks diverged runs", fontsize=10)
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize=8)
@@ -769,7 +795,7 @@ def _summary_rows(plan: Plan, analysis: List[dict]) -> List[list]:
             rows.append([f"{comparison['title']}: without warm-up vs a "
                          f"{warmup['long_warmup_fraction']:.0%} warm-up at lr "
                          + ", ".join(_lr(lr) for lr in warmup["lrs"]),
-                         "pre-LN trains without warm-up; post-LN needs it",
+                         "post-LN needs warm-up; pre-LN trains without it",
                          "; ".join(warmup["summaries"][base] for base in WARMUP_BASES),
                          f"claim {warmup['verdict']}"])
         if "length_extrapolation" in extra:
@@ -865,12 +891,13 @@ def _pairs_section(comparison: dict) -> str:
 
 def _warmup_section(plan: Plan, warmup: dict) -> str:
     long = f"{warmup['long_warmup_fraction']:.0%} warm-up"
-    header = ["model", "peak lr", "final val loss, no warm-up (runs, diverged)",
-              f"final val loss, {long} (runs, diverged)", f"no warm-up − {long}", "lags"]
+    header = ["model", "peak lr", "final val loss, no warm-up (runs, diverged, stalled)",
+              f"final val loss, {long} (runs, diverged, stalled)", f"no warm-up − {long}", "lags"]
     rows = [[cell["label"], _lr(cell["lr"]),
-             f"{_loss_interval(cell['final_val_loss'])} ({cell['runs']}, {cell['diverged']})",
+             f"{_loss_interval(cell['final_val_loss'])} ({cell['runs']}, {cell['diverged']}, "
+             f"{cell['stalled']})",
              f"{_loss_interval(cell['with_warmup'])} ({cell['with_warmup_runs']}, "
-             f"{cell['with_warmup_diverged']})",
+             f"{cell['with_warmup_diverged']}, {cell['with_warmup_stalled']})",
              _effect(cell["vs_warmup"], 3),
              "yes" if cell["lags"] else ("—" if cell["missing"] else "no")]
             for cell in warmup["cells"]]
@@ -879,15 +906,18 @@ def _warmup_section(plan: Plan, warmup: dict) -> str:
             f"{', '.join(_lr(x) for x in warmup['lrs'])} twice: without warm-up, and with a "
             f"linear warm-up over {warmup['long_warmup_fraction']:.0%} of the steps (then the same cosine decay), compared "
             "seed by seed at the same lr. A setting **lags** when the 95 % interval of "
-            f"\"no warm-up − {long}\" lies entirely above 0.\n\n")
+            f"\"no warm-up − {long}\" lies entirely above 0; a run **stalls** when its final "
+            f"loss is within {warmup['stall_margin']} nats of the unigram loss "
+            f"({warmup['unigram_loss']:.3f}: each character predicted by its frequency), i.e. "
+            "it learned next to nothing from context; a diverged or stalled run **fails**.\n\n")
     text += _table(header, rows) + "\n"
     text += "".join(f"- {warmup['summaries'][base]}\n" for base in WARMUP_BASES)
-    text += (f"\n**Verdict on \"pre-LN trains without warm-up, post-LN does not\": "
-             f"{warmup['verdict']}.** The rule: a model is in trouble at an lr when a run "
-             "diverges or it lags there; the claim is supported when post-LN is in trouble at "
-             "some lr and pre-LN at none, supported in part when both are but post-LN from a "
-             "lower lr, not shown when neither is, not supported when pre-LN is in trouble from "
-             "the same or a lower lr, contradicted when only pre-LN is.\n")
+    text += (f"\n**Verdict on \"post-LN needs warm-up, pre-LN trains without it\": "
+             f"{warmup['verdict']}.** The rule: supported when, at some lr, post-LN fails "
+             "without warm-up, its long warm-up trains every seed, and pre-LN does not fail "
+             "without warm-up (it may lag); otherwise contradicted when at some lr pre-LN fails "
+             "without warm-up and post-LN does not; otherwise not shown when post-LN never fails "
+             "without warm-up; otherwise not supported.\n")
     return text
 
 
