@@ -17,11 +17,12 @@ returns their paths.
 
 from __future__ import annotations
 
-import io
 import os
 from typing import List
 
 import numpy as np
+
+from ._plotting import pyplot, save_png
 
 SOFTMAX_PAGES = ("functional/softmax", "functional/cross_entropy", "functional/softmax_variants")
 SOFTMAX_NAMES = ("fused_cross_entropy",)
@@ -30,26 +31,6 @@ ATTENTION_PAGES = ("functional/attention", "functional/attention_mask", "kernels
 ATTENTION_NAMES = ("qk_norm",)
 ROPE_PAGES = ("functional/rope",)
 ROPE_NAMES = ("fused_rope",)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure, path: str) -> str:
-    """Write the figure as a PNG (rendered in memory first: no half-written file)."""
-    plt = _pyplot()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    with open(path, "wb") as f:
-        f.write(buffer.getvalue())
-    return path
 
 
 def pictures_for(subject) -> List[str]:
@@ -87,7 +68,7 @@ def write_pictures(subject, run, out_dir: str) -> List[str]:
 def gradient_scatter(run, path: str) -> str:
     """Analytic against numeric gradient, every compared entry of every tensor (colour =
     tensor), and |analytic − numeric| per entry on a log scale."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=90)
     n_tensors = len(run.entries)
     colours = plt.get_cmap("viridis")
@@ -115,14 +96,14 @@ def gradient_scatter(run, path: str) -> str:
     bar.set_label("tensor number (order of the table)")
     figure.suptitle(run.title.split(" (")[0], fontsize=10)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def softmax_jacobian_heatmap(path: str) -> str:
     """p = softmax(z) of one row of 8 logits, and J = diag(p) − p pᵀ as a heat map."""
     from .functional.softmax import softmax_forward, softmax_jacobian
 
-    plt = _pyplot()
+    plt = pyplot()
     z = np.array([1.8, -0.4, 0.9, 2.6, -1.5, 0.2, 1.1, -0.7])  # (V,) one row of logits
     p, _ = softmax_forward(z)
     J = softmax_jacobian(p)  # (V, V)
@@ -142,7 +123,7 @@ def softmax_jacobian_heatmap(path: str) -> str:
     figure.suptitle("The softmax Jacobian; the backward p ⊙ (dp − ⟨dp, p⟩) never builds it",
                     fontsize=10)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def _preset_panels(T: int = 12):
@@ -185,7 +166,7 @@ def _preset_panels(T: int = 12):
 
 def preset_attention_masks(path: str) -> str:
     """Every preset's attention masks (white = may attend) and head groups, in one grid."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = _preset_panels()
     columns = 5
     rows = -(-len(panels) // columns)
@@ -210,7 +191,7 @@ def preset_attention_masks(path: str) -> str:
     bar.set_label("1 = may attend (score kept), 0 = masked (score −∞)")
     figure.suptitle("Attention masks of every preset (T = 12) and which K/V head each query "
                     "head reads", fontsize=11)
-    return _save(figure, path)
+    return save_png(figure, path)
 
 
 def rope_rotation(check: str, path: str) -> str:
@@ -219,7 +200,7 @@ def rope_rotation(check: str, path: str) -> str:
     from .checks.positions import SCALINGS
     from .functional.rope import rope_forward, rope_frequencies
 
-    plt = _pyplot()
+    plt = pyplot()
     D = 8
     layout = "interleaved" if check == "rope_interleaved" else "half"
     scaling = SCALINGS.get(check)
@@ -253,4 +234,4 @@ def rope_rotation(check: str, path: str) -> str:
             f"every pair also scaled by the attention factor A = {factor:.4g} (grey: |pair| of x)")
     figure.suptitle(f"RoPE: x rotated by m·θᵢ in each pair ({what}); {kept}", fontsize=10)
     figure.tight_layout()
-    return _save(figure, path)
+    return save_png(figure, path)

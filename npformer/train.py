@@ -47,6 +47,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from ._memory import keep_freed_memory_for_reuse
+from ._plotting import pyplot, save_png
 from ._validate import NonFiniteError, finite_values_checked_once
 from .config import ModelConfig
 from .dataset import (BatchSampler, ByteTokenizer, CharTokenizer, PackedBatchSampler, load_text,
@@ -498,11 +499,7 @@ class Trainer:
 
 def plot_losses(history: List[dict], path: str, title: str) -> None:
     """Training and validation loss against step, as a PNG (matplotlib, written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
     axes.plot([r["step"] for r in history], [r["loss"] for r in history], label="train", lw=1)
     val = [r for r in history if "val_loss" in r]
@@ -513,10 +510,7 @@ def plot_losses(history: List[dict], path: str, title: str) -> None:
     axes.set_title(f"npformer {title}")
     axes.grid(alpha=0.3)
     axes.legend()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    ckpt.write_atomically(path, [buffer.getvalue()])
+    save_png(figure, path)
 
 
 def load_trained(run_dir: str):

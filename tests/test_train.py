@@ -141,20 +141,28 @@ def test_a_kill_during_training_resumes_to_the_uninterrupted_result(tmp_path):
 # ---- divergence and bad input --------------------------------------------------------
 
 
-def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    trainer = Trainer(_options(tmp_path, steps=12), progress=False)
+def _poison_forward(trainer, monkeypatch, step: int, training: bool, failure: str = "nan_logits"):
+    """From step ``step`` on, the model's forward in training (or validation) mode puts a NaN
+    into its logits, or raises the NonFiniteError a layer raises on NaN activations."""
+    from npformer._validate import NonFiniteError
+
     forward = trainer.model.forward
-    calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
-        calls["n"] += 1
         logits = forward(*args, **kwargs)
-        if trainer.step == 6 and trainer.model.training:
+        if trainer.step == step and trainer.model.training == training:
+            if failure == "refused_activations":
+                raise NonFiniteError("x contains NaN")
             logits = logits.copy()
             logits[0, 0, 0] = np.nan
         return logits
 
     monkeypatch.setattr(trainer.model, "forward", poisoned)
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(_options(tmp_path, steps=12), progress=False)
+    _poison_forward(trainer, monkeypatch, step=6, training=True)
     with pytest.raises(TrainingDiverged, match=r"the loss became NaN or infinite.*logits.* at step 7.*step-000004"):
         trainer.run()
     assert ckpt.load_checkpoint(trainer.run_dir)[4]["step"] == 4
@@ -168,21 +176,8 @@ def test_a_divergence_found_by_the_validation_is_a_divergence_of_that_step(tmp_p
     """Weights blown up by step 4 can first show in its validation: NaN logits, or a layer
     refusing NaN activations (a NonFiniteError). Either is a TrainingDiverged naming the
     validation after step 4 (not step 5, not a raw NonFiniteError)."""
-    from npformer._validate import NonFiniteError
-
     trainer = Trainer(_options(tmp_path, steps=12), progress=False)
-    forward = trainer.model.forward
-
-    def poisoned(*args, **kwargs):
-        logits = forward(*args, **kwargs)
-        if trainer.step == 4 and not trainer.model.training:
-            if failure == "refused_activations":
-                raise NonFiniteError("x contains NaN")
-            logits = logits.copy()
-            logits[0, 0, 0] = np.nan
-        return logits
-
-    monkeypatch.setattr(trainer.model, "forward", poisoned)
+    _poison_forward(trainer, monkeypatch, step=4, training=False, failure=failure)
     with pytest.raises(TrainingDiverged, match=r"in the validation after step 4; stopped"):
         trainer.run()
     assert [row["step"] for row in trainer.history] == [1, 2, 3]

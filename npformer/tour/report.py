@@ -41,7 +41,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import io
 import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -49,6 +48,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .. import checkpoint as ckpt
+from .._plotting import pyplot, save_png
 from ..models.stats import parameter_count
 from .plan import (VARIANTS, WARMUP_BASES, Comparison, Plan, long_warmup_variant, model_config,
                    no_warmup_variant)
@@ -540,22 +540,6 @@ def _verdict(difference: dict) -> str:
 # ---- figures ---------------------------------------------------------------------------------
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(figure, path: str) -> None:
-    """The figure as a PNG, rendered in memory and written atomically."""
-    plt = _pyplot()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    ckpt.write_atomically(path, [buffer.getvalue()])
 
 
 def _curves(runs: List[dict], key: str, smooth: int = 1):
@@ -607,7 +591,7 @@ def _loss_figure(path: str, plan: Plan, runs: _Runs, comparison: Comparison) -> 
     finished = {name: [r for r in runs.runs(name) if not r["diverged"]] for name in comparison.variants}
     if not any(finished.values()):
         return False
-    plt = _pyplot()
+    plt = pyplot()
     figure, (val_axes, diff_axes, train_axes) = plt.subplots(1, 3, figsize=(15, 4.2), dpi=100)
     smooth = max(1, plan.budget.steps // 20)
     reference = comparison.variants[0]
@@ -642,7 +626,7 @@ def _loss_figure(path: str, plan: Plan, runs: _Runs, comparison: Comparison) -> 
             axes.legend(fontsize=8)
     figure.suptitle(comparison.title, fontsize=11)
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
     return True
 
 
@@ -652,7 +636,7 @@ def _warmup_figure(path: str, warmup: dict, plan: Plan) -> bool:
     cells = warmup["cells"]
     if not any(c["runs"] for c in cells):
         return False
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(6.5, 4.2), dpi=100)
     finite_losses = [c["final_val_loss"]["mean"] for c in cells
                      if c["final_val_loss"]["mean"] is not None]
@@ -692,7 +676,7 @@ def _warmup_figure(path: str, warmup: dict, plan: Plan) -> bool:
     axes.grid(alpha=0.3, which="both")
     axes.legend(fontsize=8)
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
     return True
 
 
@@ -714,7 +698,7 @@ def _positions_figure(path: str, extrapolation: dict) -> bool:
     rows = extrapolation["rows"]
     if not any(r["val_loss_T"]["mean"] is not None for r in rows):
         return False
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(6.5, 4), dpi=100)
     x = np.arange(len(rows))
     T = extrapolation["seq_len"]
@@ -732,7 +716,7 @@ def _positions_figure(path: str, extrapolation: dict) -> bool:
     axes.legend(fontsize=8)
     axes.grid(alpha=0.3, axis="y")
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
     return True
 
 
@@ -740,7 +724,7 @@ def _kv_figure(path: str, kv: dict) -> bool:
     rows = kv["rows"]
     if not any(r["bytes_per_token"] is not None or r["decode_median"] is not None for r in rows):
         return False
-    plt = _pyplot()
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
     labels = [r["label"] for r in rows]
     _bars(left, labels, [r["bytes_per_token"] for r in rows], "KV cache (bytes/token)",
@@ -749,7 +733,7 @@ def _kv_figure(path: str, kv: dict) -> bool:
     _bars(right, labels, [r["decode_median"] for r in rows], f"decode ({unit})",
           "Decoding with the KV cache (median)", lambda v: f"{v:,.1f}" if unit == "ms" else f"{v:,.0f}")
     figure.tight_layout()
-    _save(figure, path)
+    save_png(figure, path)
     return True
 
 
