@@ -266,13 +266,19 @@ def matched_d_ff(variant: Variant, budget: Budget) -> Optional[int]:
     return best
 
 
+def sized_overrides(variant: Variant, budget: Budget) -> Dict[str, object]:
+    """The variant's config overrides at the budget's size, with the matched-size d_ff."""
+    overrides = variant.model_overrides(budget)
+    d_ff = matched_d_ff(variant, budget)
+    if d_ff is not None:
+        overrides["d_ff"] = d_ff
+    return overrides
+
+
 def model_config(variant: Variant, budget: Budget, vocab_size: int, **extra):
     """The variant's ModelConfig at the budget's size (what its training run builds)."""
-    overrides = variant.model_overrides(budget)
-    if "d_ff" not in extra:
-        d_ff = matched_d_ff(variant, budget)
-        if d_ff is not None:
-            overrides["d_ff"] = d_ff
+    # (matched_d_ff itself asks for d_ff=None: the preset's width, before the rule)
+    overrides = variant.model_overrides(budget) if "d_ff" in extra else sized_overrides(variant, budget)
     overrides.update({k: v for k, v in extra.items() if v is not None})
     return preset_config(variant.preset, vocab_size=vocab_size, max_seq_len=budget.seq_len,
                          dtype=budget.dtype, dropout=0.0, **overrides)
@@ -300,10 +306,7 @@ class Plan:
 
 def variant_job(variant: Variant, budget: Budget, seed: int, measures: Sequence[str]) -> dict:
     """One training run as a JSON-able job (what ``jobs.run_job`` executes)."""
-    overrides = variant.model_overrides(budget)
-    d_ff = matched_d_ff(variant, budget)
-    if d_ff is not None:
-        overrides["d_ff"] = d_ff
+    overrides = sized_overrides(variant, budget)
     lr = budget.lr if variant.lr is None else variant.lr
     fraction = budget.warmup_fraction if variant.warmup_fraction is None else variant.warmup_fraction
     return dict(
@@ -323,11 +326,8 @@ def timing_job(comparison: Comparison, budget: Budget) -> dict:
     variants = []
     for name in comparison.variants:
         variant = VARIANTS[name]
-        overrides = variant.model_overrides(budget)
-        d_ff = matched_d_ff(variant, budget)
-        if d_ff is not None:
-            overrides["d_ff"] = d_ff
-        entry = dict(variant=name, preset=variant.preset, model_overrides=overrides,
+        entry = dict(variant=name, preset=variant.preset,
+                     model_overrides=sized_overrides(variant, budget),
                      packed_documents=variant.packed_documents)
         if any({**v, "variant": name} == entry for v in variants):
             continue  # the same model with another training recipe (a longer warm-up): timed once

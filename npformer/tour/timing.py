@@ -58,7 +58,6 @@ from typing import Callable, Dict, List, Optional
 
 import numba
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from .._memory import keep_freed_memory_for_reuse
 from .._validate import NonFiniteError, check_int, finite_values_checked_once
@@ -68,6 +67,7 @@ from ..kernels.cross_entropy import softmax_cross_entropy
 from ..models import build_model
 from ..optim import AdamW, clip_grad_norm
 from ..presets import preset_config
+from .jobs import limited_threads
 
 TIMINGS = ("train_step", "decode", "attention")
 UNITS = {"train_step": "ms", "decode": "tokens/s", "attention": "ms"}
@@ -353,15 +353,10 @@ def run_timing_job(job: dict) -> dict:
     label = _check_job(job)
     threads = job["threads"]
     keep_freed_memory_for_reuse()  # as the Trainer: each step's arrays reuse the last step's memory
-    previous_threads = numba.get_num_threads()
     timings = {}
-    with threadpool_limits(limits=threads, user_api="blas"):
-        numba.set_num_threads(threads)
-        try:
-            for name in job["timings"]:
-                timings[name] = TIMERS[name](job, label)
-                gc.collect()  # the models of one timing go before the next timing's are built
-        finally:
-            numba.set_num_threads(previous_threads)
+    with limited_threads(threads):
+        for name in job["timings"]:
+            timings[name] = TIMERS[name](job, label)
+            gc.collect()  # the models of one timing go before the next timing's are built
     return dict(id=job["id"], kind="timing", comparison=job["comparison"], job=job,
                 threads=threads, timings=timings)
