@@ -8,6 +8,8 @@
     npformer train [--preset NAME] [--steps N] [--out DIR] [--resume] ...
     npformer tour [--quick] [--seeds N] [--steps N] [--out DIR] [--only NAME ...] [--workers N]
                   [--scheduler ADDRESS] [--overwrite]
+    npformer study softmax [--quick] [--seeds N] [--steps N] [--out DIR] [--workers N]
+                           [--scheduler ADDRESS] [--overwrite]
     npformer sample (--ckpt RUN_DIR | --hf DIR [--dtype D]) [--prompt TEXT] [--tokens N]
                     [--temperature T] [--top-k K] [--seed S]
 
@@ -373,6 +375,30 @@ def _cmd_tour(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from .study.plan import DEFAULT, QUICK
+    from .study.runner import run_study
+    from .tour.runner import JobFailed
+
+    budget = QUICK if args.quick else DEFAULT
+    if args.seeds is not None:
+        budget = budget.replace(seeds=args.seeds)
+    if args.steps is not None:
+        budget = budget.with_steps(args.steps)
+    out = args.out or os.path.join("runs", "study", args.name)
+    command = [f"npformer study {args.name}"] + (["--quick"] if args.quick else [])
+    command += [f"--{name} {getattr(args, name)}" for name in ("seeds", "steps")
+                if getattr(args, name) is not None] + [f"--out {out}"]
+    try:
+        path = run_study(budget, out, workers=args.workers, scheduler=args.scheduler,
+                         overwrite=args.overwrite, command=" ".join(command))
+    except (ValueError, JobFailed) as error:
+        print(f"npformer study: {error}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     if bool(args.ckpt) == bool(args.hf):
         print("npformer sample: give --ckpt RUN_DIR (a run of npformer train) or --hf DIR (a "
@@ -529,6 +555,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the jobs on a Dask distributed cluster (tcp://HOST:8786; the cluster extra)")
     add("--overwrite", action="store_true", help="discard a previous tour in --out and start afresh")
     tour.set_defaults(run=_cmd_tour)
+
+    study = commands.add_parser(
+        "study", help="the softmax study: do softmax₁, a learned sink, clipping or gating tame "
+        "activation outliers and int8 error?",
+        description="Trains the same GPT-2-style decoder with softmax, softmax₁, a learned sink, "
+        "length-aware clipped softmax and gated attention over paired seeds, measures activation "
+        "outliers (∞-norm, kurtosis, first-token attention) and simulated int8 (W8A8, W8, A8) "
+        "loss during training, checks a positive control and applies a pre-registered verdict "
+        "rule. Writes report.md, figures/ and results.json to --out; started again with the same "
+        "options it resumes.")
+    add = study.add_argument
+    add("name", choices=["softmax"], help="the study to run")
+    add("--quick", action="store_true",
+        help="tiny models, few steps, 2 seeds: checks the machinery in under a minute")
+    add("--seeds", type=_int_at_least(2), default=None,
+        help="paired seeds per variant (default: 5; --quick: 2)")
+    add("--steps", type=_COUNT, default=None,
+        help="training steps per run (default: 1200; --quick: 40); the measured steps scale along")
+    add("--out", default=None, help="output directory (default runs/study/NAME)")
+    add("--workers", type=_COUNT, default=None, help="local worker processes (default: the cores)")
+    add("--scheduler", default=None, metavar="ADDRESS",
+        help="run the jobs on a Dask distributed cluster (tcp://HOST:8786; the cluster extra)")
+    add("--overwrite", action="store_true", help="discard a previous study in --out and start afresh")
+    study.set_defaults(run=_cmd_study)
 
     sample = commands.add_parser(
         "sample", help="generate text from a trained run or a Hugging Face checkpoint (KV-cached)",

@@ -40,8 +40,8 @@ mkdocs_hooks = importlib.util.module_from_spec(_hooks_spec)
 _hooks_spec.loader.exec_module(mkdocs_hooks)  # mkdocs.yml's hooks: the file the build loads
 FUNCTIONAL = REPO / "npformer" / "functional"
 
-# a path equal to or under these; tour/ is the tour's measured report (npformer tour)
-EXEMPT_FROM_SECTIONS = ("index.md", "notation.md", "lineage/", "tour/")
+# a path equal to or under these; tour/ and study/ are measured reports (npformer tour, study)
+EXEMPT_FROM_SECTIONS = ("index.md", "notation.md", "lineage/", "tour/", "study/")
 MAX_NO_RUN_PER_PAGE = 1
 RUNNABLE_LANGUAGES = ("python", "py", "python3")
 
@@ -349,8 +349,8 @@ def test_page_has_forward_derivation_and_a_snippet(page):
 
 def test_exemptions_are_the_stated_ones():
     """The section rule exempts exactly the reading order, the notation, the lineage and the
-    tour's report."""
+    measured reports of the tour and the softmax study."""
     assert is_exempt("index.md") and is_exempt("notation.md") and is_exempt("lineage/gpt2.md")
-    assert is_exempt("tour/report.md")
+    assert is_exempt("tour/report.md") and is_exempt("study/softmax/report.md")
     assert not is_exempt("functional/rmsnorm.md") and not is_exempt("models/decoder.md")
     assert not is_exempt("blocks/lineage.md")

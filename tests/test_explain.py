@@ -22,9 +22,9 @@ from npformer.gradcheck import (
 
 # The pages of the study guide: the Markdown files of the real docs/, independently of explain
 REAL_DOCS = Path(__file__).resolve().parent.parent / "docs"
-# (docs/tour/ holds the tour's measured report, not a page of the guide to explain)
+# (docs/tour/ and docs/study/ hold measured reports, not pages of the guide to explain)
 GUIDE_PAGES = {path.relative_to(REAL_DOCS).with_suffix("").as_posix()
-               for path in REAL_DOCS.rglob("*.md") if not path.relative_to(REAL_DOCS).parts[0] == "tour"}
+               for path in REAL_DOCS.rglob("*.md") if path.relative_to(REAL_DOCS).parts[0] not in ("tour", "study")}
 CHECKS = list(registered_checks())
 PAGE_NAMES = sorted(explain.page_name(p) for p in PAGE_RUNS)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

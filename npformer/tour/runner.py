@@ -107,14 +107,15 @@ def _describe(result: dict) -> str:
     return f"validation loss {result['final_val_loss']:.4f}"
 
 
-def _run_local(todo: List[dict], out_dir: str, workers: int, record: Callable[[dict], None]) -> None:
+def _run_local(todo: List[dict], out_dir: str, workers: int, record: Callable[[dict], None],
+               run: Callable[[dict, str], dict] = run_job) -> None:
     if workers == 1:  # in this process: simplest to debug, and what a single core does best
         for job in todo:
-            record(run_job(job, out_dir))
+            record(run(job, out_dir))
         return
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        pending = {pool.submit(run_job, job, out_dir): job for job in todo}
+        pending = {pool.submit(run, job, out_dir): job for job in todo}
         try:
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
@@ -132,7 +133,8 @@ def _run_local(todo: List[dict], out_dir: str, workers: int, record: Callable[[d
             raise
 
 
-def _run_dask(todo: List[dict], out_dir: str, scheduler: str, record: Callable[[dict], None]) -> None:
+def _run_dask(todo: List[dict], out_dir: str, scheduler: str, record: Callable[[dict], None],
+              run: Callable[[dict, str], dict] = run_job, label: str = "tour") -> None:
     try:
         from distributed import Client, as_completed
     except ImportError:
@@ -144,7 +146,7 @@ def _run_dask(todo: List[dict], out_dir: str, scheduler: str, record: Callable[[
         raise ValueError(f"--scheduler {scheduler!r}: cannot connect to a Dask scheduler there "
                          f"({type(error).__name__}: {error})") from None
     with client:
-        futures = {client.submit(run_job, job, out_dir, key=f"npformer-tour-{job['id']}",
+        futures = {client.submit(run, job, out_dir, key=f"npformer-{label}-{job['id']}",
                                  pure=False): job for job in todo}
         for future in as_completed(futures):
             job = futures[future]
@@ -159,8 +161,13 @@ def _run_dask(todo: List[dict], out_dir: str, scheduler: str, record: Callable[[
 
 
 def execute(jobs: Sequence[dict], out_dir: str, *, workers: int = 1,
-            scheduler: Optional[str] = None, log=print) -> Dict[str, dict]:
-    """Every job's result, running those not already finished in ``out_dir``."""
+            scheduler: Optional[str] = None, log=print,
+            run: Callable[[dict, str], dict] = run_job, label: str = "tour") -> Dict[str, dict]:
+    """Every job's result, running those not already finished in ``out_dir``.
+
+    ``run(job, out_dir) -> result`` executes one job (a module-level function, so that worker
+    processes can import it): the tour's :func:`~npformer.tour.jobs.run_job` by default, the
+    softmax study's own for ``npformer study``; ``label`` names the experiment in the log."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers (--workers) must be an integer ≥ 1, got {workers!r}")
     out_dir = os.path.abspath(out_dir)
@@ -168,7 +175,7 @@ def execute(jobs: Sequence[dict], out_dir: str, *, workers: int = 1,
     results = finished_results(jobs, out_dir)
     todo = [job for job in jobs if job["id"] not in results]
     where = f"Dask at {scheduler}" if scheduler else f"{workers} local worker(s)"
-    log(f"tour: {len(jobs)} jobs, {len(results)} already finished in {out_dir}; "
+    log(f"{label}: {len(jobs)} jobs, {len(results)} already finished in {out_dir}; "
         f"running {len(todo)} on {where}")
     started, count = time.perf_counter(), len(results)
 
@@ -185,9 +192,9 @@ def execute(jobs: Sequence[dict], out_dir: str, *, workers: int = 1,
 
     if todo:
         if scheduler:
-            _run_dask(todo, out_dir, scheduler, record)
+            _run_dask(todo, out_dir, scheduler, record, run, label)
         else:
-            _run_local(todo, out_dir, workers, record)
+            _run_local(todo, out_dir, workers, record, run)
     return {job["id"]: results[job["id"]] for job in jobs}
 
 
@@ -214,26 +221,27 @@ def _record_session(out_dir: str, session: dict) -> None:
         ckpt.write_json(os.path.join(out_dir, SESSIONS), _read_sessions(out_dir) + [session])
 
 
-def run_tour(budget: Budget, out_dir: str, *, only: Optional[Sequence[str]] = None,
-             workers: Optional[int] = None, scheduler: Optional[str] = None,
-             overwrite: bool = False, command: str = "npformer tour", log=print) -> str:
-    """Plan, run (or resume) and report a tour; returns the path of ``report.md``."""
-    from .report import write_report
-
-    plan = tour_plan(budget, only)
+def run_experiment(jobs: Sequence[dict], out_dir: str, *, run: Callable[[dict, str], dict] = run_job,
+                   label: str = "tour", workers: Optional[int] = None,
+                   scheduler: Optional[str] = None, overwrite: bool = False,
+                   command: str = "npformer tour", log=print):
+    """Run (or resume) an experiment's jobs in ``out_dir`` and describe how it ran; returns
+    ``(results by job id, meta)``, meta being what the report says about the machine, the
+    executor and the wall time of every session (a resumed experiment adds up)."""
     if workers is None:
         workers = os.cpu_count() or 1
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"--out {out_dir!r} is a file, not a directory")
     if overwrite:
         clear_tour(out_dir)
-    already = len(finished_results(plan.jobs, out_dir)) if os.path.isdir(out_dir) else 0
+    already = len(finished_results(jobs, out_dir)) if os.path.isdir(out_dir) else 0
     executor = f"dask {scheduler}" if scheduler else "local processes"
     started, started_at = time.perf_counter(), time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
-        results = execute(plan.jobs, out_dir, workers=workers, scheduler=scheduler, log=log)
-    finally:  # a stopped tour's time counts too (a kill -9 loses only the session it ends)
-        if len(plan.jobs) > already:
+        results = execute(jobs, out_dir, workers=workers, scheduler=scheduler, log=log, run=run,
+                          label=label)
+    finally:  # a stopped experiment's time counts too (a kill -9 loses only the session it ends)
+        if len(jobs) > already:
             _record_session(out_dir, dict(started=started_at, seconds=time.perf_counter() - started,
                                           jobs_found_finished=already, executor=executor,
                                           workers=None if scheduler else workers))
@@ -243,9 +251,21 @@ def run_tour(budget: Budget, out_dir: str, *, only: Optional[Sequence[str]] = No
         workers = " then ".join(dict.fromkeys(str(s.get("workers")) for s in sessions))
     meta = dict(cpu=cpu_model(), cores=os.cpu_count(), command=command, executor=executor,
                 workers=None if scheduler and not sessions else workers,
-                # the tour's wall time: every session that ran jobs (a resumed tour adds up)
+                # the wall time: every session that ran jobs (a resumed experiment adds up)
                 wall_time_s=math.fsum(s["seconds"] for s in sessions), sessions=sessions,
-                jobs_total=len(plan.jobs), jobs_found_finished=already,
+                jobs_total=len(jobs), jobs_found_finished=already,
                 job_seconds_total=math.fsum(r.get("seconds", 0.0) for r in results.values()),
                 versions=_versions())
+    return results, meta
+
+
+def run_tour(budget: Budget, out_dir: str, *, only: Optional[Sequence[str]] = None,
+             workers: Optional[int] = None, scheduler: Optional[str] = None,
+             overwrite: bool = False, command: str = "npformer tour", log=print) -> str:
+    """Plan, run (or resume) and report a tour; returns the path of ``report.md``."""
+    from .report import write_report
+
+    plan = tour_plan(budget, only)
+    results, meta = run_experiment(plan.jobs, out_dir, workers=workers, scheduler=scheduler,
+                                   overwrite=overwrite, command=command, log=log)
     return write_report(out_dir, plan, results, meta)
