@@ -341,3 +341,28 @@ def test_trainer_batches_are_accepted_and_give_the_same_metrics():
     plain = outlier_metrics(model, xs)
     trainer_style = outlier_metrics(model, [(x, x) for x in xs])
     assert plain == trainer_style
+
+
+def test_gate_means_reach_the_map_through_the_instrumented_attention():
+    # the gate of attention_gate is σ(x_h · w_h + b_h); with w = 0 every gate is σ(b_h)
+    from npformer.study.outliers import OutlierProbe
+
+    copy = readable_copy(_gpt2())
+    bias = np.array([-2.0, -1.0, 0.0, 1.5])
+    for block in copy.layers:  # gate parameters as attention_gate names them
+        block.attn.add_parameter("gate_weight", np.zeros((4, 4), dtype=np.float32))
+        block.attn.add_parameter("gate_bias", bias.astype(np.float32))
+    points = []
+
+    class Both(OutlierProbe):
+        def point(self, name, x):
+            points.append(name)
+            return x
+
+    probe = Both(2, 4, gated=True)
+    with instrumented(copy, probe):
+        for x in _batches():
+            copy.forward(x)
+    gates = np.stack([m.mean() for m in probe.gates])  # (L, H)
+    np.testing.assert_allclose(gates, np.tile(1 / (1 + np.exp(-bias)), (2, 1)), rtol=1e-6)
+    assert {"layers.0.attn", "layers.1.attn"} <= set(points)  # the gate's input is a point
