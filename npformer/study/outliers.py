@@ -21,7 +21,8 @@ kurtoses, and the max ∞-norm over each layer's modules.
 
 Attention, from the probabilities P (B, H, T, S) of each layer (query t sees keys j ≤ t):
 
-    first-token mass   P[t, 0]             the mass on key 0
+    first-token mass   P[t, 0]             the mass on key 0 (0 in a row whose local
+                                           window no longer reaches it)
     unassigned mass    1 − Σ_j P[t, j]     0 for softmax; the sink's share for softmax₁ and a
                                            learned sink; the clipped-away share for clipped
 
@@ -42,24 +43,25 @@ from .instrument import Probe, batch_inputs, instrumented, readable_copy
 
 
 def _rows(x, name: str) -> np.ndarray:
-    """x (B, ...) → (B, N) float64, one row per sequence; refuses empty or non-finite x."""
+    """x (B, ...) → (B, N), one row per sequence, x's dtype; refuses empty or non-finite x."""
     x = check_float(x, name)
     if x.ndim < 2 or 0 in x.shape:
         raise ValueError(f"{name} must be (B, T, C) (or any (B, ...)) with no empty axis: one "
                          f"row of values per sequence; got shape {x.shape}")
-    return x.reshape(x.shape[0], -1).astype(np.float64)  # (B, N)
+    return x.reshape(x.shape[0], -1)  # (B, N)
 
 
 def inf_norm_per_sequence(x: np.ndarray) -> np.ndarray:
-    """max |x| over every axis but the first: x (B, T, C) → (B,) float64."""
-    return np.max(np.abs(_rows(x, "x")), axis=1)
+    """max |x| over every axis but the first: x (B, T, C) → (B,) float64 (a max is exact in
+    x's own dtype)."""
+    return np.max(np.abs(_rows(x, "x")), axis=1).astype(np.float64)
 
 
 def kurtosis_per_sequence(x: np.ndarray) -> np.ndarray:
     """Non-excess kurtosis μ₄/σ⁴ of each sequence's flattened values (central moments in
     float64): x (B, T, C) → (B,). A sequence whose values are all equal (σ = 0) has no
     kurtosis and is refused."""
-    rows = _rows(x, "x")  # (B, N)
+    rows = _rows(x, "x").astype(np.float64)  # (B, N)
     d = rows - rows.mean(axis=1, keepdims=True)  # x − μ
     d2 = d * d
     m2 = d2.mean(axis=1)  # σ²
