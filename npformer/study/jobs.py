@@ -16,9 +16,10 @@ What one measurement holds (at a step N, model in evaluation mode):
 - ``val_loss``: the float32 model's mean next-token loss on the study's evaluation windows;
 - ``outliers``: :func:`npformer.study.outliers.outlier_metrics` on those windows (per-module
   ∞-norm and kurtosis, their max and mean, attention mass on the first key and unassigned);
-- ``quantized``: :func:`npformer.study.quantize.quantized_losses`, the losses with W8A8, W8
-  and A8 simulated int8 and their increase over float32 (activation ranges calibrated on
-  ``calibration_batches`` windows of the TRAINING split, never the evaluation windows).
+- ``quantized`` (at the steps of ``quantize_steps``): :func:`npformer.study.quantize.
+  quantized_losses`, the losses with W8A8, W8 and A8 simulated int8 and their increase over
+  float32 (activation ranges calibrated on ``calibration_batches`` windows of the TRAINING
+  split, never the evaluation windows).
 
 The evaluation windows are the same for every variant and seed (validation split, a fixed
 sampler seed), so every paired difference compares the same tokens. A loss that diverges is a
@@ -46,7 +47,7 @@ from .quantize import quantized_losses
 EVAL_SEED = 20231212  # the evaluation windows' sampler seed: one set for every run
 CALIBRATION_SEED = 7  # the calibration windows' (training split)
 JOB_KEYS = ("id", "kind", "variant", "seed", "model_overrides", "train", "measure_steps",
-            "metric_batches", "calibration_batches", "threads")
+            "quantize_steps", "metric_batches", "calibration_batches", "threads")
 HISTORY_KEYS = ("step", "loss", "lr", "grad_norm", "val_loss")
 MEASURES_DIR = "measures"
 
@@ -67,6 +68,9 @@ def _check_job(job: dict) -> None:
             or steps[0] < 0 or steps[-1] != job["train"].get("steps")):
         raise ValueError(f"study job {job['id']!r}: measure_steps must be an increasing list of "
                          f"steps ≥ 0 ending at train.steps, got {steps!r}")
+    if not isinstance(job["quantize_steps"], list) or not set(job["quantize_steps"]) <= set(steps):
+        raise ValueError(f"study job {job['id']!r}: quantize_steps must be a list of measured "
+                         f"steps, got {job['quantize_steps']!r}")
     for name in ("metric_batches", "calibration_batches"):
         check_int(job[name], f"study job field {name!r}", 1)
 
@@ -88,12 +92,16 @@ def _windows(trainer: Trainer, n_batches: int, split: int, seed: int):
     return [tuple(sampler.next()[:2]) for _ in range(n_batches)]
 
 
-def measure(model, eval_batches, calibration_batches) -> dict:
-    """The study's measurement of one model (evaluation mode; the model is not changed)."""
+def measure(model, eval_batches, calibration_batches, quantize: bool) -> dict:
+    """The study's measurement of one model (evaluation mode; the model is not changed);
+    ``quantize``: also the simulated int8 losses (the costly part: 4 evaluations and 2
+    calibrations)."""
     model.eval()
-    return dict(val_loss=float(mean_nll(model, eval_batches)),
-                outliers=outlier_metrics(model, [x for x, _ in eval_batches]),
-                quantized=quantized_losses(model, calibration_batches, eval_batches))
+    measured = dict(val_loss=float(mean_nll(model, eval_batches)),
+                    outliers=outlier_metrics(model, [x for x, _ in eval_batches]))
+    if quantize:
+        measured["quantized"] = quantized_losses(model, calibration_batches, eval_batches)
+    return measured
 
 
 def _measure_path(run_dir: str, step: int) -> str:
@@ -133,7 +141,8 @@ def run_study_job(job: dict, work_dir: str) -> dict:
                     trainer.options = dataclasses.replace(
                         options, stop_after=step if step < options.steps else None)
                     trainer.run()
-                measured = measure(trainer.model, eval_batches, calibration)
+                measured = measure(trainer.model, eval_batches, calibration,
+                                   step in job["quantize_steps"])
             except (TrainingDiverged, NonFiniteError) as error:
                 done = trainer.history[-1]["step"] if trainer.history else 0
                 diverged = (done + 1, str(error))

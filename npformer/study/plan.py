@@ -60,7 +60,8 @@ class StudyBudget:
     batch_size: int  # B: each step trains on B·T tokens
     steps: int
     seeds: int
-    measure_steps: Tuple[int, ...]  # outliers and int8 losses measured here (0 = at init)
+    measure_steps: Tuple[int, ...]  # loss and outlier metrics measured here (0 = at init)
+    quantize_steps: Tuple[int, ...]  # and simulated int8 here too (a subset; ends at steps)
     metric_batches: int  # validation batches (B, T) for the outlier metrics and every loss
     calibration_batches: int  # training-split batches that calibrate the activation ranges
     lr: float = 3e-3
@@ -95,14 +96,20 @@ class StudyBudget:
     def with_steps(self, steps: int) -> "StudyBudget":
         """The same schedule stretched to ``steps``: every measured step scaled in proportion
         (rounded, duplicates dropped), the last one at ``steps``."""
-        scaled = sorted({round(s * steps / self.steps) for s in self.measure_steps} | {steps})
-        return self.replace(steps=steps, measure_steps=tuple(scaled))
+        def scale(schedule):
+            return tuple(sorted({round(s * steps / self.steps) for s in schedule} | {steps}))
+
+        return self.replace(steps=steps, measure_steps=scale(self.measure_steps),
+                            quantize_steps=scale(self.quantize_steps))
 
     def validate(self) -> None:
         steps = list(self.measure_steps)
         if steps != sorted(set(steps)) or not steps or steps[-1] != self.steps or steps[0] < 0:
             raise ValueError(f"measure_steps must be increasing, ≥ 0 and end at steps="
                              f"{self.steps}, got {self.measure_steps}")
+        if not set(self.quantize_steps) <= set(steps) or self.steps not in self.quantize_steps:
+            raise ValueError(f"quantize_steps must be measured steps and include the last one "
+                             f"({self.steps}), got {self.quantize_steps}")
         if not any(s > 0 for s in steps[:-1]):
             raise ValueError("measure_steps needs an early step between 0 and the last one "
                              f"(the positive control's reference), got {self.measure_steps}")
@@ -111,12 +118,13 @@ class StudyBudget:
 
 
 QUICK = StudyBudget(name="quick", d_model=32, n_layers=2, n_heads=4, seq_len=32, batch_size=8,
-                    steps=40, seeds=2, measure_steps=(0, 10, 40), metric_batches=2,
+                    steps=40, seeds=2, measure_steps=(0, 10, 40), quantize_steps=(10, 40),
+                    metric_batches=2,
                     calibration_batches=2, eval_interval=20, eval_batches=2, checkpoints=2)
 DEFAULT = StudyBudget(name="default", d_model=128, n_layers=4, n_heads=4, seq_len=128,
                       batch_size=16, steps=1200, seeds=5,
-                      measure_steps=(0, 150, 300, 600, 900, 1200), metric_batches=8,
-                      calibration_batches=4)
+                      measure_steps=(0, 150, 300, 600, 900, 1200),
+                      quantize_steps=(150, 600, 1200), metric_batches=6, calibration_batches=4)
 BUDGETS = {b.name: b for b in (QUICK, DEFAULT)}
 
 
@@ -164,7 +172,8 @@ def study_job(variant: StudyVariant, budget: StudyBudget, seed: int) -> dict:
                    eval_batches=budget.eval_batches,
                    checkpoint_interval=max(1, budget.steps // budget.checkpoints),
                    dtype=budget.dtype),
-        measure_steps=list(budget.measure_steps), metric_batches=budget.metric_batches,
+        measure_steps=list(budget.measure_steps), quantize_steps=list(budget.quantize_steps),
+        metric_batches=budget.metric_batches,
         calibration_batches=budget.calibration_batches, threads=budget.threads)
 
 

@@ -49,8 +49,8 @@ def unassigned_mass(measure: dict) -> Optional[float]:
 
 def quant_cost(measure: dict, mode: str) -> Optional[float]:
     """The validation-loss increase of ``mode`` over float32, nats."""
-    quantized = measure["quantized"]
-    return _finite(quantized[mode] - quantized["fp32"])
+    quantized = measure.get("quantized")  # measured at the budget's quantize_steps only
+    return None if quantized is None else _finite(quantized["delta"][mode])
 
 
 def val_loss(measure: dict) -> Optional[float]:
