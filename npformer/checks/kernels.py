@@ -94,9 +94,9 @@ def check_kernel_softmax1():
 def check_kernel_sink():
     # a learned sink per query head: the online softmax starts at m = s_h, l = 1; GQA, causal
     # with a window (skipped tiles), a fully padded batch row (o = 0, every gradient 0 there)
-    inputs = _qkv(np.random.default_rng(78), 3, 4, 2, 9, 9, 3, 3)
-    padding = np.zeros((3, 9), dtype=bool)
-    padding[2, :] = True
+    inputs = _qkv(np.random.default_rng(78), 2, 4, 2, 9, 9, 3, 3)
+    padding = np.zeros((2, 9), dtype=bool)
+    padding[1, :] = True
     inputs.update(causal=True, window=5, softmax="sink", key_padding_mask=padding,
                   sinks=np.array([0.8, -1.1, 2.4, 0.1]))
     return check_pair("kernel_sink", kernel_forward, kernel_backward, inputs,
