@@ -43,7 +43,7 @@ ROPE_TYPE_FIELDS = {
                "rope_high_freq_factor"),
 }
 ATTENTION_KINDS = ("dense", "local")
-SOFTMAX_TYPES = ("softmax", "softmax1", "clipped")
+SOFTMAX_TYPES = ("softmax", "softmax1", "clipped", "sink")
 ARCHITECTURES = ("decoder", "encoder-decoder")
 DTYPES = ("float64", "float32")
 ATTENTION_IMPLS = ("numba", "numpy")
@@ -104,9 +104,14 @@ class ModelConfig:
     attention_pattern: Tuple[str, ...] = ("dense",)  # cycled over layers: GPT-3 ("dense", "local")
     window: Optional[int] = None  # keys per query in a "local" layer: i − w < j ≤ i
     attention_scale: Optional[float] = None  # None = 1/√D; GPT-Neo uses 1.0 (no scaling)
-    softmax: str = "softmax"  # "softmax", "softmax1" (off by one), "clipped" (Bondarenko et al.)
+    # "softmax", "softmax1" (off by one), "clipped" (Bondarenko et al.), "sink" (a learned
+    # logit per head, parameter attn.sinks (H,) initialised to 0 = softmax₁; gpt-oss)
+    softmax: str = "softmax"
     clip_gamma: float = -0.03  # clipped softmax: stretch p to (ζ − γ) p + γ, then clip to [0, 1]
     clip_zeta: float = 1.0
+    # clipped softmax, length-aware: γ_i = −clip_alpha / n_i, n_i the keys query i may see
+    # (causal: i + 1), instead of clip_gamma; None = the fixed clip_gamma
+    clip_alpha: Optional[float] = None
     attention_softcap: Optional[float] = None  # cap · tanh(scores / cap) (Gemma 2), None = off
     document_mask: bool = False  # Llama 3: train on packed documents, no attention across them
     # "numba": the fused, tiled kernels of npformer.kernels.flash_attention (no T×S matrix;
@@ -366,6 +371,15 @@ class ModelConfig:
             from .functional.softmax_variants import check_clip_range
 
             check_clip_range(self.clip_gamma, self.clip_zeta, "clip_gamma", "clip_zeta")
+        if self.clip_alpha is not None:
+            if self.softmax != "clipped":
+                _fail("clip_alpha", self.clip_alpha, "the length-aware γ = −clip_alpha / n is "
+                      f"only used with softmax='clipped' (softmax={self.softmax!r}); set "
+                      "clip_alpha=None")
+            if isinstance(self.clip_alpha, bool) or not isinstance(
+                    self.clip_alpha, (int, float, np.integer, np.floating)) \
+                    or not np.isfinite(self.clip_alpha) or self.clip_alpha <= 0:
+                _fail("clip_alpha", self.clip_alpha, "must be None or a finite number > 0")
 
     def _check_positions(self) -> None:
         if self.positions == "sinusoidal" and self.d_model % 2:

@@ -392,11 +392,13 @@ CHECK_PAGES: Dict[str, str] = {
     # the softmax alternatives (softmax₁, clipped, soft-capping, also of the final logits)
     "attention_softmax1": "functional/softmax_variants",
     "attention_clipped": "functional/softmax_variants",
+    "sink_softmax": "functional/softmax_variants", "attention_sink": "functional/softmax_variants",
+    "attention_clipped_length_aware": "functional/softmax_variants",
     "attention_softcap": "functional/softmax_variants",
     "final_softcap": "functional/softmax_variants",
     # the fused attention kernels
     **{f"kernel_{k}": "kernels/flash_attention"
-       for k in ("causal", "window", "document", "gqa", "cross", "softmax1", "softcap")},
+       for k in ("causal", "window", "document", "gqa", "cross", "softmax1", "sink", "softcap")},
     # the fused layer kernels of the training step
     **{f"fused_{k}": "kernels/training_step_kernels"
        for k in ("layernorm", "rmsnorm", "gelu", "gelu_tanh", "silu", "swiglu", "geglu", "rope",

@@ -329,7 +329,7 @@ def test_bad_inputs():
         (dict(key_padding_mask=padding[:1]), r"key_padding_mask must have shape \(2, 7\)"),
         (dict(key_padding_mask=padding.astype(np.float32)), "key_padding_mask must be a bool"),
         (dict(softmax="sparsemax"),
-         r"softmax must be one of \['clipped', 'softmax', 'softmax1'\], got 'sparsemax'"),
+         r"softmax must be one of \['clipped', 'sink', 'softmax', 'softmax1'\], got 'sparsemax'"),
         (dict(softmax="clipped", clip_gamma=0.02), r"clip_gamma must be <= 0.*got 0.02"),
         (dict(softmax="clipped", clip_zeta=0.97), r"clip_zeta must be >= 1.*got 0.97"),
         (dict(softcap=0.0), r"softcap must be a finite number > 0, got 0.0"),

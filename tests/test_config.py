@@ -315,7 +315,7 @@ _FLOAT_FIELDS = [f.name for f in __import__("dataclasses").fields(ModelConfig)
 
 def test_every_float_field_is_covered():
     # the list the config checks is read from the annotations; make sure it is the real one
-    assert set(_FLOAT_FIELDS) == {"attention_scale", "clip_gamma", "clip_zeta", "attention_softcap",
+    assert set(_FLOAT_FIELDS) == {"attention_scale", "clip_gamma", "clip_zeta", "clip_alpha", "attention_softcap",
                                   "rope_theta", "ffn_multiplier", "norm_eps", "dropout",
                                   "init_std", "logit_scale", "final_logit_softcap", "rope_factor",
                                   "rope_low_freq_factor", "rope_high_freq_factor", "rope_beta_fast",

@@ -376,7 +376,7 @@ def test_registered_check_passes(name):
 
 
 def test_softmax_variants_listed():
-    assert FLASH_SOFTMAX_VARIANTS == ("softmax", "softmax1")
+    assert FLASH_SOFTMAX_VARIANTS == ("softmax", "softmax1", "sink")
 
 
 # ---- bad input -------------------------------------------------------------------------------

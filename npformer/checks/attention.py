@@ -2,7 +2,8 @@
 
 ``attention_mha``, ``attention_mqa``, ``attention_gqa``, ``attention_causal``,
 ``attention_window``, ``attention_document``, ``attention_cross``, ``attention_padding``,
-``attention_softmax1``, ``attention_clipped``, ``attention_softcap``.
+``attention_softmax1``, ``attention_sink``, ``attention_clipped``,
+``attention_clipped_length_aware``, ``attention_softcap``.
 
 Odd sizes (T = 5, S = 7, D = 3) so that no two axes can be confused, and inputs with
 offsets and scales (not centred unit normals).
@@ -104,6 +105,19 @@ def check_attention_softmax1():
     return _run("attention_softmax1", inputs)
 
 
+@register_check("attention_sink")
+def check_attention_sink():
+    # a learned sink logit per query head (gpt-oss): q, k, v and the sinks (H,), GQA
+    # (H = 6 query heads, each its own sink, over K = 2 kv heads), causal within documents
+    # with a sliding window; sinks spread on both sides of the scores
+    inputs = _qkv(np.random.default_rng(42), 2, 6, 2, 5, 7, 3, 3)
+    sinks = np.array([-1.3, 0.4, 2.1, -0.2, 0.9, 1.6])  # (H,)
+    inputs.update(causal=True, window=4, softmax="sink", sinks=sinks,
+                  doc_ids=np.array([[1, 1, 1, 2, 2, 2, 2], [0, 0, 3, 3, 3, 3, 3]]))
+    return check_pair("attention_sink", attention_forward, attention_backward, inputs,
+                      GRADS + ("sinks",))
+
+
 # clipped softmax: some probabilities clipped at 0 and at 1, none near the clip boundaries
 CLIP_GAMMA, CLIP_ZETA = -0.04, 1.1
 CLIP_MARGIN = 1e-3  # |u| and |u − 1| of every unmasked entry, far above the FD step 1e-6
@@ -136,6 +150,40 @@ def check_attention_clipped():
     if min(np.abs(u).min(), np.abs(u - 1).min()) < CLIP_MARGIN:
         raise RuntimeError("attention_clipped inputs put an entry next to a clip boundary")
     return _run("attention_clipped", inputs)
+
+
+# the length-aware clip: γ_t = −α / n_t, n_t the keys query t may see (causal, window 4)
+CLIP_ALPHA = 0.5
+
+
+def _length_aware_inputs() -> dict:
+    inputs = _qkv(np.random.default_rng(44), 2, 4, 2, 6, 6, 3, 3, spread=1.6)
+    inputs.update(causal=True, window=4, softmax="clipped", clip_alpha=CLIP_ALPHA,
+                  clip_zeta=CLIP_ZETA)
+    return inputs
+
+
+def length_aware_preactivations(inputs: dict) -> np.ndarray:
+    """u = (ζ − γ_t)·softmax(s) + γ_t at the allowed entries of the length-aware check, with
+    γ_t = −α / n_t computed here from the mask (not by the code under test)."""
+    _, cache = attention_forward(**{**inputs, "softmax": "softmax", "clip_alpha": None})
+    q_soft = cache.P  # (B, K, G, T, S) softmax probabilities
+    allowed = np.broadcast_to(cache.allowed, q_soft.shape)
+    gamma = -CLIP_ALPHA / allowed.sum(axis=-1, keepdims=True)  # (B, K, G, T, 1) γ_t
+    return ((CLIP_ZETA - gamma) * q_soft + gamma)[allowed]
+
+
+@register_check("attention_clipped_length_aware")
+def check_attention_clipped_length_aware():
+    inputs = _length_aware_inputs()
+    u = length_aware_preactivations(inputs)
+    if not ((u < 0).any() and (u > 1).any() and ((u > 0) & (u < 1)).any()):
+        raise RuntimeError("attention_clipped_length_aware inputs must clip at 0 and at 1 and "
+                           "leave some entries unclipped")
+    if min(np.abs(u).min(), np.abs(u - 1).min()) < CLIP_MARGIN:
+        raise RuntimeError("attention_clipped_length_aware inputs put an entry next to a clip "
+                           "boundary")
+    return _run("attention_clipped_length_aware", inputs)
 
 
 @register_check("attention_softcap")

@@ -1,7 +1,7 @@
 """Gradient checks through the fused attention kernels (npformer.kernels.flash_attention):
 
 ``kernel_causal``, ``kernel_window``, ``kernel_document``, ``kernel_gqa``, ``kernel_cross``,
-``kernel_softmax1``, ``kernel_softcap``.
+``kernel_softmax1``, ``kernel_sink``, ``kernel_softcap``.
 
 Finite differences of the numba forward against the numba backward, float64, q, k and v
 each checked. Small tiles (4 queries × 3 keys) so that even these short sequences cross
@@ -88,6 +88,19 @@ def check_kernel_softmax1():
     inputs = _qkv(np.random.default_rng(76), 2, 4, 2, 9, 9, 3, 3)
     inputs.update(causal=True, softmax="softmax1")
     return _run("kernel_softmax1", inputs)
+
+
+@register_check("kernel_sink")
+def check_kernel_sink():
+    # a learned sink per query head: the online softmax starts at m = s_h, l = 1; GQA, causal
+    # with a window (skipped tiles), a fully padded batch row (o = 0, every gradient 0 there)
+    inputs = _qkv(np.random.default_rng(78), 2, 4, 2, 9, 9, 3, 3)
+    padding = np.zeros((2, 9), dtype=bool)
+    padding[1, :] = True
+    inputs.update(causal=True, window=5, softmax="sink", key_padding_mask=padding,
+                  sinks=np.array([0.8, -1.1, 2.4, 0.1]))
+    return check_pair("kernel_sink", kernel_forward, kernel_backward, inputs,
+                      GRADS + ("sinks",))
 
 
 @register_check("kernel_softcap")

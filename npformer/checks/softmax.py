@@ -1,5 +1,6 @@
-"""Gradient checks: ``softmax``, ``log_softmax``, ``cross_entropy``, ``cross_entropy_smoothing``,
-``final_softcap`` (Gemma 2's soft-capped logits at the language-model head)."""
+"""Gradient checks: ``softmax``, ``log_softmax``, ``sink_softmax``, ``cross_entropy``,
+``cross_entropy_smoothing``, ``final_softcap`` (Gemma 2's soft-capped logits at the
+language-model head)."""
 
 import dataclasses
 
@@ -12,6 +13,7 @@ from ..functional.softmax import (
     softmax_backward,
     softmax_forward,
 )
+from ..functional.softmax_variants import sink_softmax_backward, sink_softmax_forward
 from ..gradcheck import check_pair, register_check
 
 
@@ -59,6 +61,26 @@ def check_log_softmax():
         "x (axis=0)",
     )
     return reports
+
+
+@register_check("sink_softmax")
+def check_sink_softmax():
+    """p = exp(x) / (exp(s) + Σ exp(x)) along the last axis: x and the sink s. One sink per
+    (batch, head), broadcast over the T rows (as attention shares one per head), so ds sums
+    those rows; two masked entries and one fully masked row (p = 0, dx = 0 and ds = 0 from
+    it, exactly)."""
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((2, 3, 4, 6)) * 1.8 + 0.5  # (B=2, H=3, T=4, S=6)
+    x[0, 1, 2, 3] = x[1, 2, 0, 5] = -np.inf
+    x[1, 0, 3, :] = -np.inf
+    sink = rng.standard_normal((2, 3, 1, 1)) * 1.5 + 0.7  # (B, H, 1, 1): one per (b, h)
+
+    def backward(dp, cache):
+        dx, dsink_rows = sink_softmax_backward(dp, cache)  # (..., S), (B, H, T, 1)
+        return dx, dsink_rows.sum(axis=2, keepdims=True)  # Σ over the T rows sharing it
+
+    return check_pair("sink_softmax", sink_softmax_forward, backward, {"x": x, "sink": sink},
+                      ("x", "sink"))
 
 
 @register_check("cross_entropy")

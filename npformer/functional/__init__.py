@@ -35,6 +35,8 @@ from .softmax import (
 from .softmax_variants import (
     clipped_softmax_backward,
     clipped_softmax_forward,
+    sink_softmax_backward,
+    sink_softmax_forward,
     softcap_backward,
     softcap_forward,
     softmax1_backward,
@@ -48,6 +50,7 @@ __all__ = [
     "rope_angles", "rope_backward", "rope_forward",
     "clipped_softmax_backward", "clipped_softmax_forward", "softcap_backward",
     "softcap_forward", "softmax1_backward", "softmax1_forward",
+    "sink_softmax_backward", "sink_softmax_forward",
     "cross_entropy_backward", "cross_entropy_forward", "nll_backward", "nll_forward",
     "dropout_backward", "dropout_forward",
     "embedding_backward", "embedding_forward",

@@ -24,8 +24,20 @@ Forward, for one (batch, query head) pair
     s = scale · q kᵀ                       (T, S)   scale = 1/√D by default (GPT-Neo: 1)
     c = cap · tanh(s / cap)                (T, S)   soft-capping, only if softcap is set (Gemma 2)
     z = s, or c,  with −inf where masked   (T, S)
-    P = softmax(z) along S                 (T, S)   or softmax₁ / clipped softmax
+    P = softmax(z) along S                 (T, S)   or softmax₁ / sink / clipped softmax
     o = P v                                (T, Dv)
+
+The variants of the softmax line (npformer.functional.softmax_variants):
+
+- softmax="softmax1":  P[t, j] = exp(z[t, j]) / (1 + Σ_k exp(z[t, k]))
+- softmax="sink", a learned logit per query head, sinks (H,) (gpt-oss):
+      P[t, j] = exp(z[t, j]) / (exp(s_h) + Σ_k exp(z[t, k])),   s_h = sinks[h]
+  every row of head h shares s_h (softmax₁ is s_h = 0); the sink has no value, so o = P v
+  still holds with Σ_j P[t, j] = 1 − p_sink[t] < 1.
+- softmax="clipped":   P = clip((ζ − γ) softmax(z) + γ, 0, 1) with a fixed γ = clip_gamma,
+  or, with clip_alpha α, the length-aware γ_t = −α / n_t, n_t the number of keys row t may
+  see after every mask (causal: t + 1; a window, documents and padding count too). A row
+  with no key (n_t = 0) has softmax(z) = 0 and so P = 0 for any γ ≤ 0 (γ_t = −α is used).
 
 Masks are exact: a masked score is −inf, its probability P exactly 0 (see
 npformer.functional.attention_mask for causal, window, document and padding masks, and
@@ -46,10 +58,17 @@ Given do = ∂ℓ/∂o (T, Dv), walk the forward lines in reverse.
 
        dz = P ⊙ (dP − delta),    delta = ⟨dP, P⟩_row            (T, S), delta (T, 1)
 
-   (softmax₁ has the same form; clipped softmax first zeroes dP where it clipped and
-   multiplies by ζ − γ, see npformer.functional.softmax_variants). Masked entries have
-   P = 0, so dz = 0 there; a fully masked row has dz = 0 everywhere.
-   For softmax and softmax₁ (o = P v with these P) the row sum is also
+   (softmax₁ and the sink have the same form; clipped softmax first zeroes dP where it
+   clipped and multiplies by ζ − γ_t, see npformer.functional.softmax_variants). Masked
+   entries have P = 0, so dz = 0 there; a fully masked row has dz = 0 everywhere.
+   The sink logit: ∂P[t, j]/∂s_h = −P[t, j] p_sink[t], so each row gives
+   −p_sink[t] ⟨dP, P⟩_row = −p_sink[t] delta[t], and s_h, shared by the rows of every batch
+   entry and query of head h, receives their sum:
+
+       dsinks[h] = − Σ_b Σ_t p_sink[b, h, t] · delta[b, h, t]         (H,)
+
+   (per QUERY head: the G heads of a kv group each have their own sink).
+   For softmax, softmax₁ and the sink (o = P v with these P) the row sum is also
 
        delta[t] = Σ_j P[t, j] Σ_e do[t, e] v[j, e] = Σ_e do[t, e] o[t, e] = rowsum(do ⊙ o)
 
@@ -95,6 +114,8 @@ from .softmax_variants import (
     check_clip_range,
     clipped_softmax_backward,
     clipped_softmax_forward,
+    sink_softmax_backward,
+    sink_softmax_forward,
     softcap_backward,
     softcap_forward,
     softmax1_backward,
@@ -106,6 +127,7 @@ SOFTMAX_VARIANTS = {
     "softmax": (softmax_forward, softmax_backward),
     "softmax1": (softmax1_forward, softmax1_backward),  # "off by one" (Evan Miller 2023)
     "clipped": (clipped_softmax_forward, clipped_softmax_backward),  # Bondarenko et al. 2023
+    "sink": (sink_softmax_forward, sink_softmax_backward),  # learned per-head sink (gpt-oss)
 }
 
 
@@ -119,6 +141,7 @@ class AttentionCache(NamedTuple):
     allowed: Optional[np.ndarray]  # (B, 1, 1, T, S) bool, True = attended; None: no mask
     softmax: str  # the variant's name
     softmax_cache: object  # that variant's cache
+    has_sinks: bool = False  # softmax="sink": the backward also returns dsinks (H,)
 
 
 def scores_overflow_error(n_rows: int, first: tuple, dtype) -> NonFiniteError:
@@ -178,11 +201,38 @@ def _check_qkv(q, k, v):
     return q, k, v
 
 
-def _check_attention_inputs(q, k, v, scale, softmax, clip_gamma, clip_zeta, softcap):
+def check_sinks_and_clip_alpha(q, softmax, sinks, clip_alpha):
+    """The sink logits and the length-aware clip of both attention paths: sinks (H,) finite,
+    q's dtype, given exactly when softmax="sink"; clip_alpha None or a finite number > 0,
+    only with softmax="clipped". Returns ``(sinks, clip_alpha)`` (clip_alpha as a float)."""
+    if softmax == "sink":
+        if sinks is None:
+            raise ValueError("softmax='sink' needs sinks, one logit per query head: an array "
+                             f"of shape (H,) = ({q.shape[1]},)")
+        sinks = check_float(sinks, "sinks")
+        check_same_dtype(q, "q", sinks=sinks)
+        if sinks.shape != (q.shape[1],):
+            raise ValueError(f"sinks must have shape (H,) = ({q.shape[1]},), one logit per query "
+                             f"head (H = q.shape[1]), got shape {sinks.shape}")
+    elif sinks is not None:
+        raise ValueError(f"sinks are only used with softmax='sink', got softmax={softmax!r}; "
+                         "pass sinks=None or softmax='sink'")
+    if clip_alpha is not None:
+        if softmax != "clipped":
+            raise ValueError(f"clip_alpha (the length-aware γ = −clip_alpha / n of clipped "
+                             f"softmax) needs softmax='clipped', got softmax={softmax!r}; pass "
+                             "clip_alpha=None")
+        clip_alpha = check_positive(clip_alpha, "clip_alpha")
+    return sinks, clip_alpha
+
+
+def _check_attention_inputs(q, k, v, scale, softmax, clip_gamma, clip_zeta, softcap, sinks,
+                            clip_alpha):
     """The one check of :func:`attention_forward` (the mask's arguments are checked by
     :func:`~npformer.functional.attention_mask.attention_mask` as it builds the mask).
 
-    Returns ``(q, k, v, scale, clip_gamma, clip_zeta, softcap)`` with scale = 1/√D when None.
+    Returns ``(q, k, v, scale, clip_gamma, clip_zeta, softcap, sinks, clip_alpha)`` with
+    scale = 1/√D when None.
     """
     q, k, v = _check_qkv(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[3]) if scale is None else check_positive(scale, "scale")
@@ -191,7 +241,20 @@ def _check_attention_inputs(q, k, v, scale, softmax, clip_gamma, clip_zeta, soft
     clip_gamma, clip_zeta = check_clip_range(clip_gamma, clip_zeta, "clip_gamma", "clip_zeta")
     if softcap is not None:
         softcap = check_positive(softcap, "softcap")
-    return q, k, v, scale, clip_gamma, clip_zeta, softcap
+    sinks, clip_alpha = check_sinks_and_clip_alpha(q, softmax, sinks, clip_alpha)
+    return q, k, v, scale, clip_gamma, clip_zeta, softcap, sinks, clip_alpha
+
+
+def length_aware_gamma(clip_alpha: float, allowed, S: int, dtype):
+    """Clipped softmax's γ_t = −clip_alpha / n_t per query row, n_t the keys row t may see.
+
+    allowed (B, 1, 1, T, S) bool or None (every row sees all S keys) → γ (B, 1, 1, T, 1) in
+    dtype, or the number −clip_alpha / S. A row with n_t = 0 gets −clip_alpha (any γ ≤ 0
+    gives such a row P = 0)."""
+    if allowed is None:
+        return -clip_alpha / S
+    n_keys = allowed.sum(axis=-1, keepdims=True)  # (B, 1, 1, T, 1)
+    return (-clip_alpha / np.maximum(n_keys, 1)).astype(dtype)
 
 
 def _allowed_keys(B: int, T: int, S: int, causal, window, doc_ids, key_padding_mask):
@@ -219,6 +282,8 @@ def attention_forward(
     clip_gamma: float = -0.03,
     clip_zeta: float = 1.0,
     softcap: Optional[float] = None,
+    sinks: Optional[np.ndarray] = None,
+    clip_alpha: Optional[float] = None,
 ):
     """``o = softmax(mask(softcap(scale · q kᵀ))) v`` with shared kv heads.
 
@@ -226,13 +291,17 @@ def attention_forward(
     query head h uses kv head h // G with G = H / K.
     causal, window, doc_ids (B, S), key_padding_mask (B, S): see
     :func:`npformer.functional.attention_mask.attention_mask` (bottom-right alignment).
-    scale: None → 1/√D. softmax: "softmax" | "softmax1" | "clipped" (with clip_gamma <= 0,
-    clip_zeta >= 1). softcap: None, or cap > 0 for ``cap · tanh(s / cap)`` before the mask.
+    scale: None → 1/√D. softmax: "softmax" | "softmax1" | "sink" (with sinks (H,), one
+    logit per query head, required then and refused otherwise) | "clipped" (with
+    clip_gamma <= 0, clip_zeta >= 1; clip_alpha > 0 replaces clip_gamma by the length-aware
+    γ_t = −clip_alpha / n_t, n_t the keys query t may see after every mask).
+    softcap: None, or cap > 0 for ``cap · tanh(s / cap)`` before the mask (the sink logit is
+    not capped).
     A score scale · q·k that overflows the dtype (±inf or NaN from finite q and k) where the
     mask allows it raises ValueError, here and in the numba kernels; masked ones do not count.
     """
-    q, k, v, scale, clip_gamma, clip_zeta, softcap = _check_attention_inputs(
-        q, k, v, scale, softmax, clip_gamma, clip_zeta, softcap)
+    q, k, v, scale, clip_gamma, clip_zeta, softcap, sinks, clip_alpha = _check_attention_inputs(
+        q, k, v, scale, softmax, clip_gamma, clip_zeta, softcap, sinks, clip_alpha)
     B, H, T, head_dim = q.shape
     K, S, head_dim_v = k.shape[1], k.shape[2], v.shape[3]
     G = H // K  # query heads per kv head
@@ -248,20 +317,29 @@ def attention_forward(
     # (B, K, G, T, S) z = c where allowed, exactly −inf where masked
     z = c if allowed is None else np.where(allowed, c, -np.inf).astype(q.dtype, copy=False)
     forward, _ = SOFTMAX_VARIANTS[softmax]
-    clip = (clip_gamma, clip_zeta) if softmax == "clipped" else ()  # clipped softmax's γ, ζ
-    P, softmax_cache = forward(z, *clip)  # (B, K, G, T, S) P = softmax(z), rows over the S keys
+    extra = ()  # the variant's other arguments
+    if softmax == "clipped":  # γ (a number, or (B, 1, 1, T, 1) length-aware) and ζ
+        gamma = clip_gamma if clip_alpha is None else length_aware_gamma(clip_alpha, allowed,
+                                                                         S, q.dtype)
+        extra = (gamma, clip_zeta)
+    elif softmax == "sink":  # (1, K, G, 1, 1): query head h = κ·G + g uses sinks[h]
+        extra = (sinks.reshape(1, K, G, 1, 1),)
+    P, softmax_cache = forward(z, *extra)  # (B, K, G, T, S) P = softmax(z), rows over S keys
     o = P @ v[:, :, None]  # (B, K, G, T, Dv) o = P v
     o = o.reshape(B, H, T, head_dim_v)  # (B, H, T, Dv)
-    cache = AttentionCache(qg, k, v, P, scale, softcap_cache, allowed, softmax, softmax_cache)
+    cache = AttentionCache(qg, k, v, P, scale, softcap_cache, allowed, softmax, softmax_cache,
+                           sinks is not None)
     return o, cache
 
 
 def attention_backward(do: np.ndarray, cache: AttentionCache):
-    """Returns ``(dq, dk, dv)``: (B, H, T, D), (B, K, S, D), (B, K, S, Dv).
+    """Returns ``(dq, dk, dv)``: (B, H, T, D), (B, K, S, D), (B, K, S, Dv); with sinks
+    (softmax="sink") ``(dq, dk, dv, dsinks)``, dsinks (H,).
 
-    dk and dv sum the gradients of the G = H / K query heads that share each kv head.
+    dk and dv sum the gradients of the G = H / K query heads that share each kv head;
+    dsinks[h] sums over the batch and the queries of head h.
     """
-    qg, k, v, P, scale, softcap_cache, allowed, softmax, softmax_cache = cache
+    qg, k, v, P, scale, softcap_cache, allowed, softmax, softmax_cache, has_sinks = cache
     B, K, G, T, head_dim = qg.shape
     H, head_dim_v = K * G, v.shape[3]
     do = check_grad(do, (B, H, T, head_dim_v), qg.dtype, "do")  # (B, H, T, Dv)
@@ -275,6 +353,9 @@ def attention_backward(do: np.ndarray, cache: AttentionCache):
     # backward); for softmax ⟨dP, P⟩_row = rowsum(do ⊙ o) = delta, FlashAttention's δ
     _, backward = SOFTMAX_VARIANTS[softmax]
     dz = backward(dP, softmax_cache)  # (B, K, G, T, S)
+    if has_sinks:  # forward: P = sink_softmax(z, s): also ds = −p_sink ⟨dP, P⟩ per row
+        dz, dsink_rows = dz  # (B, K, G, T, S), (B, K, G, T, 1)
+        dsinks = dsink_rows.sum(axis=(0, 3, 4)).reshape(H)  # (K, G) → (H,): Σ over b, t
 
     # forward: z = where(allowed, c, −inf), so dc = dz where allowed, 0 where masked
     dc = dz if allowed is None else np.where(allowed, dz, 0).astype(qg.dtype, copy=False)
@@ -285,4 +366,6 @@ def attention_backward(do: np.ndarray, cache: AttentionCache):
     # forward: s = scale · q kᵀ, so dq = scale · ds k and dk = scale · dsᵀ q (summed over G)
     dq = scale * (ds @ k[:, :, None])  # (B, K, G, T, D)
     dk = scale * (np.swapaxes(ds, -1, -2) @ qg).sum(axis=2)  # (B, K, G, S, D) → (B, K, S, D)
+    if has_sinks:
+        return dq.reshape(B, H, T, head_dim), dk, dv, dsinks
     return dq.reshape(B, H, T, head_dim), dk, dv

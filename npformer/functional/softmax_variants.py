@@ -1,6 +1,7 @@
-"""Alternatives to softmax along the last axis: softmax₁, clipped softmax, soft-capping.
+"""Alternatives to softmax along the last axis: softmax₁, a learned sink, clipped softmax,
+soft-capping.
 
-All three take scores x (..., S) that may contain −inf for masked entries, exactly like
+All four take scores x (..., S) that may contain −inf for masked entries, exactly like
 :func:`npformer.functional.softmax.softmax_forward`: a masked entry gets probability 0 and
 gradient 0, and a fully masked row gives all zeros, never NaN. In attention each row is one
 query's scores over the S keys.
@@ -30,6 +31,38 @@ The difference is hidden in p: its entries no longer sum to 1, so J = diag(p) �
 rows that do not sum to 0 (J·1 = p (1 − Σp) = p / Z): adding one constant to every score
 now changes the output. That is the point — it is how a head lowers all its weights.
 
+A learned attention sink (gpt-oss; StreamingLLM's "sink" as one logit per head)
+-------------------------------------------------------------------------------
+    p_i = exp(x_i) / (exp(s) + Σ_k exp(x_k))          x, p (..., S); s (..., 1), one per row
+
+A softmax over the S scores and one extra logit s whose probability p_sink = exp(s) / Z
+is thrown away (gpt-oss concatenates s as a column, takes the softmax and drops that
+column). softmax₁ is the case s = 0; with s learned, each head chooses how much mass it
+may put "nowhere". Σ_i p_i = 1 − p_sink.
+
+Stably, with the shift m = max(max_k x_k, s) (s takes part in the max, unlike softmax₁'s
+naive "subtract max(x), then add 1", which would turn s into max(x)):
+
+    p_i = exp(x_i − m) / Z′,    p_sink = exp(s − m) / Z′,    Z′ = exp(s − m) + Σ_k exp(x_k − m)
+
+Every exponent is ≤ 0 and one of them is 0, so Z′ ∈ [1, S + 1]: s = ±1000 is harmless. A
+fully masked row has max_k x_k = −inf, so m = s, Z′ = 1, p = 0 and p_sink = 1, no NaN.
+
+Derivative. With Z = exp(s) + Σ_k exp(x_k): ∂Z/∂x_j = exp(x_j) and ∂Z/∂s = exp(s), so
+
+    ∂p_i/∂x_j = p_i ([i = j] − p_j)              (as softmax₁: the sink is a constant for x)
+    ∂p_i/∂s   = −exp(x_i) exp(s) / Z² = −p_i p_sink
+
+and, given dp = ∂ℓ/∂p,
+
+    dx = p ⊙ (dp − ⟨dp, p⟩)
+    ds = Σ_i dp_i (−p_i p_sink) = −p_sink ⟨dp, p⟩          (..., 1), one per row
+
+(the same ⟨dp, p⟩ as dx: the sink costs one multiply per row). A row whose entries are all
+masked has p = 0, so dx = 0 and ds = 0. When one s is shared by many rows (attention: one
+per head, broadcast over batch and queries) its gradient is the sum of the rows' ds — the
+caller sums over the broadcast axes.
+
 Clipped softmax (Bondarenko et al. 2023, "Quantizable Transformers")
 --------------------------------------------------------------------
     p′ = softmax(x),    u = (ζ − γ)·p′ + γ,    p = clip(u, 0, 1)          (..., S) each
@@ -48,6 +81,11 @@ Derivative: clip passes the gradient where 0 ≤ u ≤ 1 and blocks it where u w
 convention of ``torch.clamp``; with γ = 0, ζ = 1 this makes clipped softmax equal to
 softmax in value and gradient (masked entries sit at u = 0 but have p′ = 0, so their
 gradient is 0 anyway).
+
+γ may also differ per row (γ (..., 1), every value ≤ 0): the length-aware γ_i = −α / n_i
+of a causal model, whose row i has n_i = i + 1 keys, not T (Bondarenko et al. used
+γ = −α / T for OPT; Liao & Monz 2024 normalise by the row's length). Nothing above
+changes: each row uses its own γ and ζ − γ, a constant for x.
 
 Logit soft-capping (Gemma 2: attention scores and final logits)
 ----------------------------------------------------------------
@@ -71,7 +109,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .._validate import check_float, check_grad, check_positive
+from .._validate import check_float, check_grad, check_positive, check_same_dtype
 from .softmax import SoftmaxCache, softmax_backward, softmax_forward
 
 
@@ -79,10 +117,15 @@ class Softmax1Cache(NamedTuple):
     p: np.ndarray  # (..., S) the output
 
 
+class SinkSoftmaxCache(NamedTuple):
+    p: np.ndarray  # (..., S) the output
+    p_sink: np.ndarray  # (..., 1) the sink's probability exp(s) / Z, one per row
+
+
 class ClippedSoftmaxCache(NamedTuple):
     softmax: SoftmaxCache  # p′ = softmax(x), (..., S)
     inside: np.ndarray  # (..., S) bool: 0 <= u <= 1, where the gradient passes the clip
-    stretch: float  # ζ − γ
+    stretch: object  # ζ − γ: a float, or (..., 1) with a per-row γ
 
 
 class SoftcapCache(NamedTuple):
@@ -120,11 +163,41 @@ def check_clip_range(gamma, zeta, gamma_name: str = "gamma", zeta_name: str = "z
     return gamma, zeta
 
 
+def _check_row_values(values, x, name: str) -> np.ndarray:
+    """values: an array in x's dtype, finite, broadcastable to one value per row of x, i.e.
+    to x.shape[:-1] + (1,)."""
+    values = check_float(values, name)
+    check_same_dtype(x, "x", **{name: values})
+    rows = x.shape[:-1] + (1,)
+    try:
+        fits = np.broadcast_shapes(values.shape, rows) == rows
+    except ValueError:
+        fits = False
+    if not fits:
+        raise ValueError(f"{name} must broadcast to one value per row of x, x.shape[:-1] + (1,) "
+                         f"= {rows}, got shape {values.shape}")
+    return values
+
+
 def _check_clipped_softmax_inputs(x, gamma, zeta):
-    """``(x, gamma, zeta)``: scores (..., S) as for softmax, gamma <= 0 and zeta >= 1."""
+    """``(x, gamma, zeta)``: scores (..., S) as for softmax, zeta >= 1 a number and gamma a
+    number <= 0 or a per-row array (broadcastable to x.shape[:-1] + (1,)) of values <= 0."""
     x = _check_scores(x)
-    gamma, zeta = check_clip_range(gamma, zeta)
+    if not isinstance(gamma, np.ndarray):
+        gamma, zeta = check_clip_range(gamma, zeta)
+        return x, gamma, zeta
+    _, zeta = check_clip_range(0.0, zeta)
+    gamma = _check_row_values(gamma, x, "gamma")
+    if (gamma > 0).any():
+        raise ValueError(f"gamma must be <= 0 in every row (clipped softmax stretches [0, 1] to "
+                         f"[gamma, zeta]), got a largest value of {float(gamma.max())}")
     return x, gamma, zeta
+
+
+def _check_sink_softmax_inputs(x, sink):
+    """``(x, sink)``: scores (..., S) as for softmax; sink finite, x's dtype, one per row."""
+    x = _check_scores(x)
+    return x, _check_row_values(sink, x, "sink")
 
 
 def _check_softcap_inputs(x, cap):
@@ -158,16 +231,52 @@ def softmax1_backward(dp: np.ndarray, cache: Softmax1Cache):
     return p * (dp - dot)  # (..., S) masked entries (p = 0) get exactly 0
 
 
+# ---- learned sink ---------------------------------------------------------------------------
+
+
+def sink_softmax_forward(x: np.ndarray, sink: np.ndarray):
+    """``p_i = exp(x_i) / (exp(sink) + Σ_k exp(x_k))`` along the last axis; ``-inf`` is masked.
+
+    x: (..., S); sink: one finite logit per row, broadcastable to (..., 1), x's dtype
+    →  p: (..., S), each row sums to 1 − p_sink < 1 (0 for a fully masked row).
+    softmax₁ is sink = 0.
+    """
+    x, sink = _check_sink_softmax_inputs(x, sink)
+    # (..., 1) m = max(max_k x_k, s): s finite, so m is finite even for a fully masked row
+    m = np.maximum(np.max(x, axis=-1, keepdims=True), sink)
+    e = np.exp(x - m)  # (..., S) every exponent ≤ 0; a masked entry gives exactly 0
+    e_sink = np.exp(sink - m)  # (..., 1) exp(s − m) ≤ 1
+    z = e_sink + np.sum(e, axis=-1, keepdims=True)  # (..., 1) Z′ in [1, S + 1]
+    p = e / z  # (..., S)
+    return p, SinkSoftmaxCache(p, e_sink / z)
+
+
+def sink_softmax_backward(dp: np.ndarray, cache: SinkSoftmaxCache):
+    """Returns ``(dx, dsink)``: (..., S) and (..., 1), one sink gradient per row (sum them
+    over the axes along which one sink was broadcast)."""
+    p, p_sink = cache
+    dp = check_grad(dp, p.shape, p.dtype, "dp")
+    dot = np.sum(dp * p, axis=-1, keepdims=True)  # (..., 1) ⟨dp, p⟩
+    # forward: p_i = exp(x_i) / (exp(s) + Σ_k exp(x_k)), so ∂p_i/∂x_j = p_i ([i = j] − p_j)
+    # and dx = p ⊙ (dp − ⟨dp, p⟩)   (masked entries, p = 0, get exactly 0)
+    dx = p * (dp - dot)  # (..., S)
+    # ∂p_i/∂s = −p_i p_sink, so ds = −p_sink ⟨dp, p⟩
+    dsink = -p_sink * dot  # (..., 1)
+    return dx, dsink
+
+
 # ---- clipped softmax ------------------------------------------------------------------------
 
 
-def clipped_softmax_forward(x: np.ndarray, gamma: float = -0.03, zeta: float = 1.0):
+def clipped_softmax_forward(x: np.ndarray, gamma=-0.03, zeta: float = 1.0):
     """``p = clip((zeta − gamma)·softmax(x) + gamma, 0, 1)`` along the last axis.
 
-    x: (..., S), may hold -inf (masked)  →  p: (..., S). Requires gamma <= 0 and zeta >= 1.
+    x: (..., S), may hold -inf (masked)  →  p: (..., S). Requires zeta >= 1 and gamma <= 0:
+    a number, or an array in x's dtype broadcastable to (..., 1), one γ per row (the
+    length-aware γ_i = −α / n_i).
     """
     x, gamma, zeta = _check_clipped_softmax_inputs(x, gamma, zeta)
-    stretch = zeta - gamma  # ζ − γ ≥ 1, a Python float: keeps x's dtype
+    stretch = zeta - gamma  # ζ − γ ≥ 1: a Python float (keeps x's dtype) or (..., 1)
     p_prime, softmax_cache = softmax_forward(x, axis=-1)  # (..., S) p′ = softmax(x)
     u = stretch * p_prime + gamma  # (..., S) in [γ, ζ]; a masked entry sits at γ ≤ 0
     inside = (u >= 0) & (u <= 1)  # (..., S) not clipped (boundaries pass, as torch.clamp)

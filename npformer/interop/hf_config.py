@@ -1185,7 +1185,7 @@ def _architecture(config: ModelConfig) -> dict:
         for name in ("rope_theta", "rope_layout", "rope_type") + tuple(ROPE_SCALING_DEFAULTS):
             fields.pop(name)
     if config.softmax != "clipped":
-        fields.pop("clip_gamma"), fields.pop("clip_zeta")
+        fields.pop("clip_gamma"), fields.pop("clip_zeta"), fields.pop("clip_alpha")
     if config.norm == "rmsnorm":
         fields.pop("norm_bias")
     if config.block != "parallel":

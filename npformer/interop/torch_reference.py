@@ -92,10 +92,16 @@ def _attention(config: ModelConfig, p: Dict, prefix: str, layer: int, h, doc_ids
         m = scores.amax(-1, keepdim=True).clamp(min=0)
         e = torch.exp(scores - m)
         probs = e / (torch.exp(-m) + e.sum(-1, keepdim=True))
+    elif config.softmax == "sink":  # gpt-oss: a column of s_h, softmax, the column dropped
+        sink = p[f"{prefix}.sinks"].view(1, H, 1, 1).expand(B, H, T, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
         if config.softmax == "clipped":
-            probs = ((config.clip_zeta - config.clip_gamma) * probs + config.clip_gamma).clamp(0, 1)
+            gamma = config.clip_gamma
+            if config.clip_alpha is not None:  # length-aware: −α / (keys each query may see)
+                gamma = -config.clip_alpha / allowed.sum(-1, keepdim=True).to(probs.dtype)
+            probs = ((config.clip_zeta - gamma) * probs + gamma).clamp(0, 1)
     o = (probs @ v).transpose(1, 2).reshape(B, T, H * D)
     return _linear(p, f"{prefix}.out_proj", o)
 

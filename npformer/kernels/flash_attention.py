@@ -1,11 +1,12 @@
 """FlashAttention-style fused attention on the CPU: numba kernels, forward and backward.
 
     o, cache = flash_attention_forward(q, k, v, causal=..., window=..., doc_ids=..., ...)
-    dq, dk, dv = flash_attention_backward(do, cache)
+    dq, dk, dv = flash_attention_backward(do, cache)     # (dq, dk, dv, dsinks) with sinks
 
 Same arguments and results as :func:`npformer.functional.attention.attention_forward` /
-``attention_backward`` (softmax and softmax₁; clipped softmax → ValueError, use the NumPy
-path), but memory linear in the sequence length: the cache holds q, k, v, o and the per-row
+``attention_backward`` (softmax, softmax₁ and the learned sink; clipped softmax, fixed or
+length-aware → ValueError, use the NumPy path: its clip needs each row's final normaliser
+before the values are summed), but memory linear in the sequence length: the cache holds q, k, v, o and the per-row
 log-sum-exp as its two parts m and log l (B, H, T), never a T × S matrix. The algorithm
 and its derivation are in the readable twin, :mod:`npformer.kernels.flash_attention_reference`;
 this file is that algorithm arranged for speed, and tests/test_flash_attention.py holds the
@@ -102,6 +103,7 @@ from .flash_attention_reference import (
     FlashAttentionCache,
     FlashAttentionOptions,
     prepare_flash_attention,
+    sink_gradient,
 )
 
 __all__ = ["flash_attention_forward", "flash_attention_backward", "FLASH_SOFTMAX_VARIANTS",
@@ -489,12 +491,15 @@ def _gemm_accumulate(gemm, a, a_transposed, b, b_transposed, c):
 
 
 @njit(cache=True, parallel=True)
-def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids, has_doc,
+def _forward_kernel(q, k, v, dims, params, initial_logits, causal, window, doc_ids, has_doc,
                     key_pad, has_pad, kinds, block_q, block_k, consts,
                     mantissa_bits, gemm, check_overflow, o, row_max, log_sum):
     """The online-softmax forward. q, k, v, o, row_max, log_sum: flat C-ordered views of
     (B, H, T, D), (B, K, S, D), (B, K, S, Dv), (B, H, T, Dv), (B, H, T), (B, H, T); dims =
     (B, H, K, T, S, D, Dv). One work item per (b, query head, query block).
+    initial_logits (H,): the score of the extra key each row of head h has already seen,
+    −inf for plain softmax (m = −inf, l = 0), 0 for softmax₁, s_h for a learned sink
+    (m = s_h, l = 1): one compiled signature for the three.
 
     Tiles are key-major, zᵀ = k qᵀ (Sk, Tq): with qᵀ transposed once per item both products
     (k qᵀ and pᵀᵀ v) are plain or transposed-left BLAS calls, the fast kinds (a transposed
@@ -528,9 +533,10 @@ def _forward_kernel(q, k, v, dims, params, softmax_one, causal, window, doc_ids,
         tile_sum = np.empty(rows, dtype=dtype)
         overflow = np.zeros(rows, dtype=np.bool_)  # (Tq,) a score was ±inf or NaN
         probe = np.empty(rows, dtype=dtype)  # (Tq,) scratch of _flag_overflowed_queries
-        for i in range(rows):  # softmax₁: its extra key (z = 0, v = 0) is already seen
-            m[i] = 0.0 if softmax_one else -np.inf
-            l[i] = 1.0 if softmax_one else 0.0
+        initial = initial_logits[h]  # −inf, or the extra key's score (value 0), already seen
+        for i in range(rows):
+            m[i] = initial
+            l[i] = 1.0 if initial > -np.inf else 0.0
         for kb in range(n_kb):
             kind = kinds[b, qb, kb]
             if kind == _SKIP:
@@ -832,7 +838,7 @@ def _flash_forward(q, k, v, options: FlashAttentionOptions, block_q: int, block_
     log_sum = np.empty((B, H, T), dtype=q.dtype)  # (B, H, T) log l
     with _one_blas_thread():
         _forward_kernel(q.reshape(-1), k.reshape(-1), v.reshape(-1), dims, params,
-                        options.softmax == "softmax1", causal, window, doc_ids, has_doc,
+                        options.initial_logits(H, q.dtype), causal, window, doc_ids, has_doc,
                         key_pad, has_pad, kinds, block_q, block_k, *dtype_args,
                         _scores_may_overflow(q, k, options.scale), o.reshape(-1),
                         row_max.reshape(-1), log_sum.reshape(-1))
@@ -851,7 +857,8 @@ def _use_one_pass(B: int, n_kv: int, n_threads: int) -> bool:
 
 def _flash_backward(do, cache: FlashAttentionCache, block_q: int, block_k: int,
                     schedule: str = "auto"):
-    """The backward with given tile sizes; schedule "auto" | "by_kv_head" | "two_pass"."""
+    """The backward with given tile sizes; schedule "auto" | "by_kv_head" | "two_pass".
+    Returns (dq, dk, dv), or (dq, dk, dv, dsinks) when the forward had sinks."""
     q, k, v, o, row_max, log_sum, options = cache
     do = np.ascontiguousarray(check_grad(do, o.shape, q.dtype, "do"))
     B, H, T, D = q.shape
@@ -882,31 +889,39 @@ def _flash_backward(do, cache: FlashAttentionCache, block_q: int, block_k: int,
         else:
             _backward_dk_dv(*flat, delta, *shared, dk.reshape(-1), dv.reshape(-1))
             _backward_dq(*flat, delta, *shared, dq.reshape(-1))
+    if options.sinks is not None:  # the tiles need no change; the sink logit's gradient:
+        # dsinks[h] = −Σ_{b,t} p_sink δ with p_sink = exp((s_h − m) − log l)
+        return dq, dk, dv, sink_gradient(options.sinks, row_max, log_sum, delta.reshape(B, H, T))
     return dq, dk, dv
 
 
 def flash_attention_forward(q, k, v, *, causal=False, window=None, doc_ids=None,
                             key_padding_mask=None, scale=None, softmax="softmax",
-                            clip_gamma=-0.03, clip_zeta=1.0, softcap=None):
+                            clip_gamma=-0.03, clip_zeta=1.0, softcap=None, sinks=None,
+                            clip_alpha=None):
     """Fused ``o = softmax(mask(softcap(scale · q kᵀ))) v``; returns ``(o, cache)``.
 
     q (B, H, T, D), k (B, K, S, D), v (B, K, S, Dv), float32 or float64 → o (B, H, T, Dv).
     Options exactly as :func:`npformer.functional.attention.attention_forward`;
-    softmax ∈ FLASH_SOFTMAX_VARIANTS ("clipped" raises: use attention_impl="numpy").
+    softmax ∈ FLASH_SOFTMAX_VARIANTS ("sink" with sinks (H,); "clipped", with or without
+    clip_alpha, raises: use attention_impl="numpy").
     The cache holds q, k, v, o, the row max and log-sum (B, H, T) and the options — no
     T × S matrix.
     """
     q, k, v, options = prepare_flash_attention(
         q, k, v, causal=causal, window=window, doc_ids=doc_ids,
         key_padding_mask=key_padding_mask, scale=scale, softmax=softmax,
-        clip_gamma=clip_gamma, clip_zeta=clip_zeta, softcap=softcap)
+        clip_gamma=clip_gamma, clip_zeta=clip_zeta, softcap=softcap, sinks=sinks,
+        clip_alpha=clip_alpha)
     return _flash_forward(q, k, v, options, BLOCK_Q, BLOCK_K)
 
 
 def flash_attention_backward(do, cache: FlashAttentionCache):
-    """Returns ``(dq, dk, dv)``: (B, H, T, D), (B, K, S, D), (B, K, S, Dv).
+    """Returns ``(dq, dk, dv)``: (B, H, T, D), (B, K, S, D), (B, K, S, Dv); with sinks
+    ``(dq, dk, dv, dsinks)``, dsinks (H,).
 
-    dk and dv sum the G = H / K query heads that share each kv head.
+    dk and dv sum the G = H / K query heads that share each kv head; dsinks[h] sums over
+    the batch and the queries of head h.
     """
     if not isinstance(cache, FlashAttentionCache):
         raise ValueError(f"cache must be the FlashAttentionCache returned by "

@@ -47,10 +47,15 @@ would be doubled (issue 14). z_j − m is exact for the row's top scores.
 - Tiles: a (query block, key block) tile in which no query may see any key (beyond the causal
   diagonal, outside the sliding window, across two documents, or all padding) contributes
   nothing and is skipped; with a window of w keys the work is ~T·w instead of T·S.
-- softmax₁ (p_j = exp(z_j) / (1 + Σ_k exp(z_k))): the "1" is an extra key with score 0 and
-  value 0, so the running state starts at m = 0, l = exp(0 − 0) = 1, a = 0 instead of
-  m = −inf, l = 0. Then lse = log(1 + Σ exp(z_j)) and p_j = exp(z_j − lse) is softmax₁;
-  a fully masked row gets m = 0, l = 1, o = 0, lse = 0, p = 0.
+- A learned sink (p_j = exp(z_j) / (exp(s_h) + Σ_k exp(z_k)), one logit s_h per query head):
+  the sink is an extra key with score s_h and value 0, already seen, so the running state
+  of every row of head h starts at m = s_h, l = exp(s_h − s_h) = 1, a = 0 instead of
+  m = −inf, l = 0. Then lse = log(exp(s_h) + Σ exp(z_j)) and p_j = exp(z_j − lse) is the
+  sink softmax; a fully masked row gets m = s_h, l = 1, o = 0, p = 0. softmax₁
+  (p_j = exp(z_j) / (1 + Σ_k exp(z_k))) is s_h = 0. Each head's starting logit is one
+  array (H,): −inf (nothing seen, plain softmax), 0 (softmax₁) or the sinks.
+  The sink's own probability is p_sink = exp(s_h − lse) = exp((s_h − m) − log l), from the
+  cache's two parts, which is all its gradient needs (below).
 - Soft-capping c = cap · tanh(s / cap) is applied to each tile's scores before the mask.
 
 Backward: recompute each tile from lse (FlashAttention-2)
@@ -65,12 +70,19 @@ tile by tile:
     forward c = cap tanh(s/cap) → ds = dz ⊙ sech²(s / cap)   (only with soft-capping)
     forward s = scale q kᵀ   →  dq_I += scale · ds_IJ k_J,  dk_J += scale · ds_IJᵀ q_I
 
-δ is the same for softmax₁: its backward is also p ⊙ (dp − ⟨dp, p⟩) and o = Σ_j p_j v_j still
-holds (the extra key has value 0). Grouped heads: dk and dv of kv head κ sum the tiles of its
-G query heads; dq of a query head sums the tiles of every key block.
+δ is the same for softmax₁ and the sink: their backward is also p ⊙ (dp − ⟨dp, p⟩) and
+o = Σ_j p_j v_j still holds (the extra key has value 0), so no tile changes. The sink logit
+gets ∂ℓ/∂s_h = Σ over the rows of head h of −p_sink ⟨dp, p⟩ = −p_sink δ:
 
-Clipped softmax has no online form (its clip needs the final normaliser before the values
-are summed); it stays on the NumPy path (``attention_impl="numpy"``).
+    dsinks[h] = − Σ_b Σ_t exp((s_h − m[b, h, t]) − log l[b, h, t]) · δ[b, h, t]
+
+one vectorised line over the cache (a fully masked row has o = 0, so δ = 0 and it adds 0).
+Grouped heads: dk and dv of kv head κ sum the tiles of its G query heads; dq of a query
+head sums the tiles of every key block.
+
+Clipped softmax, with a fixed or a length-aware γ, has no online form (its clip needs each
+row's final normaliser before the values are summed); it stays on the NumPy path
+(``attention_impl="numpy"``).
 """
 
 from __future__ import annotations
@@ -81,11 +93,11 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .._validate import check_grad, check_int, check_positive
-from ..functional.attention import _check_qkv, scores_overflow_error
+from ..functional.attention import _check_qkv, check_sinks_and_clip_alpha, scores_overflow_error
 from ..functional.attention_mask import attention_mask
 from ..functional.softmax_variants import check_clip_range, softcap_forward
 
-FLASH_SOFTMAX_VARIANTS = ("softmax", "softmax1")
+FLASH_SOFTMAX_VARIANTS = ("softmax", "softmax1", "sink")
 
 
 class FlashAttentionOptions(NamedTuple):
@@ -94,8 +106,17 @@ class FlashAttentionOptions(NamedTuple):
     window: Optional[int]  # None: no sliding window
     doc_ids: Optional[np.ndarray]  # (B, S) int, or None
     key_padding_mask: Optional[np.ndarray]  # (B, S) bool, True = padding, or None
-    softmax: str  # "softmax" | "softmax1"
+    softmax: str  # "softmax" | "softmax1" | "sink"
     softcap: Optional[float]  # None: no soft-capping
+    sinks: Optional[np.ndarray] = None  # (H,) the sink logits with softmax="sink", else None
+
+    def initial_logits(self, H: int, dtype) -> np.ndarray:
+        """(H,) the score of the extra key every row of head h has already seen: −inf (none,
+        softmax), 0 (softmax₁) or the learned sink s_h. The online softmax starts at m = it,
+        l = 1 (or l = 0 for −inf)."""
+        if self.softmax == "sink":
+            return np.ascontiguousarray(self.sinks, dtype=dtype)
+        return np.full(H, 0.0 if self.softmax == "softmax1" else -np.inf, dtype=dtype)
 
 
 class FlashAttentionCache(NamedTuple):
@@ -120,7 +141,8 @@ class FlashAttentionCache(NamedTuple):
 
 def prepare_flash_attention(q, k, v, *, causal=False, window=None, doc_ids=None,
                             key_padding_mask=None, scale=None, softmax="softmax",
-                            clip_gamma=-0.03, clip_zeta=1.0, softcap=None):
+                            clip_gamma=-0.03, clip_zeta=1.0, softcap=None, sinks=None,
+                            clip_alpha=None):
     """Validate the inputs exactly as attention_forward does; returns (q, k, v, options).
 
     The masks are validated by :func:`attention_mask` on a single query row, (B, 1, 1, S),
@@ -134,10 +156,12 @@ def prepare_flash_attention(q, k, v, *, causal=False, window=None, doc_ids=None,
         raise ValueError(f"softmax must be one of {sorted(FLASH_SOFTMAX_VARIANTS + ('clipped',))}, "
                          f"got {softmax!r}")
     check_clip_range(clip_gamma, clip_zeta, "clip_gamma", "clip_zeta")
+    sinks, _ = check_sinks_and_clip_alpha(q, softmax, sinks, clip_alpha)
     if softmax == "clipped":
         raise ValueError(
-            "softmax='clipped' has no online (tiled) form: its clip needs each row's final "
-            f"normaliser; the flash attention kernels support {list(FLASH_SOFTMAX_VARIANTS)}. "
+            "softmax='clipped' (fixed or length-aware γ) has no online (tiled) form: its clip "
+            "needs each row's final normaliser; the flash attention kernels support "
+            f"{list(FLASH_SOFTMAX_VARIANTS)}. "
             "Use the NumPy path (attention_impl=\"numpy\") for clipped softmax"
         )
     if softcap is not None:
@@ -156,7 +180,7 @@ def prepare_flash_attention(q, k, v, *, causal=False, window=None, doc_ids=None,
         )
     window = None if window is None else check_int(window, "window", 1)
     options = FlashAttentionOptions(float(scale), bool(causal), window, doc_ids,
-                                    key_padding_mask, softmax, softcap)
+                                    key_padding_mask, softmax, softcap, sinks)
     return q, k, v, options
 
 
@@ -205,7 +229,7 @@ def _tile_scores(q_tile, k_tile, allowed, options):
 def flash_attention_reference_forward(q, k, v, *, causal=False, window=None, doc_ids=None,
                                       key_padding_mask=None, scale=None, softmax="softmax",
                                       clip_gamma=-0.03, clip_zeta=1.0, softcap=None,
-                                      block_q=16, block_k=16):
+                                      sinks=None, clip_alpha=None, block_q=16, block_k=16):
     """Tiled ``o = softmax(mask(softcap(scale · q kᵀ))) v``; returns ``(o, cache)``.
 
     Options as :func:`npformer.functional.attention.attention_forward` (except
@@ -215,14 +239,15 @@ def flash_attention_reference_forward(q, k, v, *, causal=False, window=None, doc
     q, k, v, options = prepare_flash_attention(
         q, k, v, causal=causal, window=window, doc_ids=doc_ids,
         key_padding_mask=key_padding_mask, scale=scale, softmax=softmax,
-        clip_gamma=clip_gamma, clip_zeta=clip_zeta, softcap=softcap)
+        clip_gamma=clip_gamma, clip_zeta=clip_zeta, softcap=softcap, sinks=sinks,
+        clip_alpha=clip_alpha)
     block_q = check_int(block_q, "block_q", 1)
     block_k = check_int(block_k, "block_k", 1)
     B, H, T, D = q.shape
     n_kv, S, Dv = k.shape[1], k.shape[2], v.shape[3]  # K, S, Dv
     G = H // n_kv
     dtype = q.dtype
-    softmax_one = options.softmax == "softmax1"
+    initial = options.initial_logits(H, dtype)  # (H,) −inf, 0 (softmax₁) or the sinks
     o = np.zeros((B, H, T, Dv), dtype=dtype)  # (B, H, T, Dv)
     row_max = np.full((B, H, T), -np.inf, dtype=dtype)  # (B, H, T) m
     log_sum = np.full((B, H, T), -np.inf, dtype=dtype)  # (B, H, T) log l
@@ -234,9 +259,10 @@ def flash_attention_reference_forward(q, k, v, *, causal=False, window=None, doc
                 rows = slice(i0, min(i0 + block_q, T))
                 q_tile = q[b, h, rows]  # (Tq, D)
                 Tq = q_tile.shape[0]
-                # running state: softmax starts from nothing; softmax₁ from its extra key (z = 0)
-                m = np.full(Tq, 0.0 if softmax_one else -np.inf, dtype=dtype)  # (Tq,) max
-                l = np.full(Tq, 1.0 if softmax_one else 0.0, dtype=dtype)  # (Tq,) Σ exp(z − m)
+                # running state: softmax starts from nothing (m = −inf, l = 0); softmax₁ and
+                # the sink from their extra key, already seen (m = s_h, l = exp(0) = 1)
+                m = np.full(Tq, initial[h], dtype=dtype)  # (Tq,) max
+                l = np.full(Tq, 0.0 if initial[h] == -np.inf else 1.0, dtype=dtype)  # Σ exp(z − m)
                 acc = np.zeros((Tq, Dv), dtype=dtype)  # (Tq, Dv) Σ exp(z − m) v
                 for j0 in range(0, S, block_k):
                     cols = slice(j0, min(j0 + block_k, S))
@@ -265,7 +291,8 @@ def flash_attention_reference_forward(q, k, v, *, causal=False, window=None, doc
 
 def flash_attention_reference_backward(do, cache: FlashAttentionCache, *, block_q=16,
                                        block_k=16):
-    """Returns ``(dq, dk, dv)``: (B, H, T, D), (B, K, S, D), (B, K, S, Dv).
+    """Returns ``(dq, dk, dv)``: (B, H, T, D), (B, K, S, D), (B, K, S, Dv); with sinks
+    ``(dq, dk, dv, dsinks)``, dsinks (H,).
 
     Every tile of p is recomputed from m and log l; dk and dv sum the G query heads of each
     kv head.
@@ -313,4 +340,16 @@ def flash_attention_reference_backward(do, cache: FlashAttentionCache, *, block_
                     # forward: s = scale · q kᵀ, so dq = scale · ds k and dk = scale · dsᵀ q
                     dq[b, h, rows] += options.scale * (ds @ k_tile)  # (Tq, D)
                     dk[b, kv, cols] += options.scale * (ds.T @ q_tile)  # (Sk, D)
+    if options.sinks is not None:
+        return dq, dk, dv, sink_gradient(options.sinks, row_max, log_sum, delta)
     return dq, dk, dv
+
+
+def sink_gradient(sinks, row_max, log_sum, delta):
+    """dsinks (H,) = − Σ_b Σ_t p_sink[b, h, t] δ[b, h, t], p_sink = exp((s_h − m) − log l).
+
+    sinks (H,); row_max, log_sum, delta (B, H, T). With a sink every row has m ≥ s_h and
+    l ≥ 1 (finite), so the exponent is ≤ 0: p_sink ∈ [0, 1], no overflow.
+    """
+    p_sink = np.exp((sinks[None, :, None] - row_max) - log_sum)  # (B, H, T)
+    return -np.sum(p_sink * delta, axis=(0, 2))  # (H,)

@@ -43,6 +43,8 @@ def _attention_params(config: ModelConfig) -> int:
         n += C
     if config.qk_norm:
         n += 2 * D  # q_norm, k_norm: one (D,) weight each
+    if config.softmax == "sink":
+        n += H  # sinks: one learned logit per query head
     return n
 
 

@@ -138,8 +138,10 @@ class MultiHeadAttention(Module):
     rope: apply rotary positions to q and k (``rope_theta``, ``rotary_dim``, ``rope_layout``
     "half" (GPT-NeoX, Llama) or "interleaved" (GPT-J), ``rope_scaling`` None or a
     :class:`~npformer.functional.rope.RopeScaling`: linear, dynamic, yarn, llama3).
-    causal, window, scale, softmax, clip_gamma, clip_zeta, softcap: passed to the core
-    (:func:`npformer.functional.attention.attention_forward`).
+    causal, window, scale, softmax, clip_gamma, clip_zeta, clip_alpha, softcap: passed to the
+    core (:func:`npformer.functional.attention.attention_forward`). softmax="sink" gives the
+    module a parameter ``sinks`` (H,), one learned logit per query head, initialised to 0
+    (where the sink softmax is softmax₁).
     attention_impl: "numba" computes the core with the fused kernels
     (:mod:`npformer.kernels.flash_attention`, same results, no T×S matrix); the clipped
     softmax, which they do not implement, falls back to the reference. "numpy": always the
@@ -157,6 +159,7 @@ class MultiHeadAttention(Module):
                  rotary_dim: Optional[int] = None, rope_layout: str = "half",
                  rope_scaling=None, causal: bool = True, window: Optional[int] = None, scale: Optional[float] = None,
                  softmax: str = "softmax", clip_gamma: float = -0.03, clip_zeta: float = 1.0,
+                 clip_alpha: Optional[float] = None,
                  softcap: Optional[float] = None, attention_impl: str = "numba", layer_impl: str = "numpy",
                  cross: bool = False,
                  qk_norm: bool = False, qk_norm_eps: float = 1e-6, norm_unit_offset: bool = False,
@@ -200,7 +203,10 @@ class MultiHeadAttention(Module):
         rope_module = rope_kernels if check_impl(layer_impl) == "numba" else rope_reference
         self.rope_pair = (rope_module.rope_forward, rope_module.rope_backward)
         self.core_options = dict(causal=causal, window=window, scale=scale, softmax=softmax,
-                                 clip_gamma=clip_gamma, clip_zeta=clip_zeta, softcap=softcap)
+                                 clip_gamma=clip_gamma, clip_zeta=clip_zeta, softcap=softcap,
+                                 clip_alpha=clip_alpha)
+        if softmax == "sink":  # one sink logit per query head; 0 = softmax₁ (passed to the
+            self.add_parameter("sinks", np.zeros(n_heads, dtype=dtype))  # core at each call)
         self.core = _attention_core(attention_impl, softmax)  # (forward, backward) pair
         q_width, kv_width = n_heads * head_dim, n_kv_heads * head_dim
         make = dict(rng=rng, init_std=init_std, dtype=dtype)
@@ -332,8 +338,9 @@ class MultiHeadAttention(Module):
                 k, v = kv_cache.append(k, v, doc_ids)
                 doc_ids = kv_cache.doc_ids
         core_forward, _ = self.core
+        sinks = {"sinks": self.params["sinks"]} if "sinks" in self.params else {}  # (H,)
         o, core = core_forward(q, k, v, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
-                               **self.core_options)  # (B, H, T, D)
+                               **sinks, **self.core_options)  # (B, H, T, D)
         y, out = self.out_proj.forward(self._merge_heads(o))  # (B, T, C)
         cache = MultiHeadAttentionCache(q_in, k_in, v_in, q_norm, k_norm, rope_q, rope_k, core, out,
                                (B, T, k.shape[2]), kv_cache is not None)
@@ -356,7 +363,9 @@ class MultiHeadAttention(Module):
         do = self._split_heads(do, self.n_heads)  # (B, H, T, D)
         # forward: o = attention(q, k, v)
         _, core_backward = self.core
-        dq, dk, dv = core_backward(do, cache.core)  # (B,H,T,D), (B,K,S,D), (B,K,S,D)
+        dq, dk, dv, *dsinks = core_backward(do, cache.core)  # (B,H,T,D), (B,K,S,D), (B,K,S,D)
+        if dsinks:  # softmax="sink": the sink logits' gradient (H,), summed over b and t
+            self.grads["sinks"] += dsinks[0]
         if self.rope is not None:
             # forward: q = rope(q), k = rope(k): the inverse rotation
             rope_backward = self.rope_pair[1]
