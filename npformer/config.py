@@ -114,6 +114,11 @@ class ModelConfig:
     clip_alpha: Optional[float] = None
     attention_softcap: Optional[float] = None  # cap · tanh(scores / cap) (Gemma 2), None = off
     document_mask: bool = False  # Llama 3: train on packed documents, no attention across them
+    # Gated attention (Bondarenko et al. 2023): each head's output times σ(x_h · w_h + b_h), x_h
+    # the head's C/H slice of the attention's input (parameters attn.gate_weight (H, C/H),
+    # attn.gate_bias (H,)); needs d_model % n_heads == 0; decoder only.
+    attention_gate: bool = False
+    attention_gate_init: float = 0.25  # the initial gate value σ(b), in (0, 1) (the paper's OPT)
     # "numba": the fused, tiled kernels of npformer.kernels.flash_attention (no T×S matrix;
     # the clipped softmax falls back to the reference); "numpy": the readable reference,
     # npformer.functional.attention. Same results to rounding; a choice of speed, not of model.
@@ -263,6 +268,7 @@ class ModelConfig:
         self._check_finite_floats()
         self._check_sizes()
         self._check_attention()
+        self._check_attention_gate()
         self._check_positions()
         self._check_combinations()
         self._check_parameter_count()
@@ -309,7 +315,7 @@ class ModelConfig:
         for name in ("qkv_bias", "out_bias", "ffn_bias", "lm_head_bias", "norm_bias",
                      "tie_embeddings", "scale_embeddings", "final_norm", "document_mask",
                      "scaled_residual_init", "norm_unit_offset", "sandwich_norm", "qk_norm",
-                     "rope_truncate"):
+                     "rope_truncate", "attention_gate"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 _fail(name, getattr(self, name), "must be True or False")
 
@@ -380,6 +386,25 @@ class ModelConfig:
                     self.clip_alpha, (int, float, np.integer, np.floating)) \
                     or not np.isfinite(self.clip_alpha) or self.clip_alpha <= 0:
                 _fail("clip_alpha", self.clip_alpha, "must be None or a finite number > 0")
+
+    def _check_attention_gate(self) -> None:
+        init = self.attention_gate_init
+        if not 0.0 < init < 1.0:
+            _fail("attention_gate_init", init, "the initial gate value σ(gate_bias) must lie "
+                  "strictly inside (0, 1) (Bondarenko et al.: 0.25)")
+        if not self.attention_gate:
+            if init != 0.25:
+                _fail("attention_gate_init", init, "only read with attention_gate=True; leave "
+                      "it at its default 0.25")
+            return
+        if self.d_model % self.n_heads:
+            _fail("attention_gate", self.attention_gate,
+                  f"the gate reads each head's d_model/n_heads slice of x, but d_model="
+                  f"{self.d_model} is not divisible by n_heads={self.n_heads}; choose n_heads "
+                  f"among {_divisors(self.d_model)}")
+        if self.architecture != "decoder":
+            _fail("attention_gate", self.attention_gate, "decoder only (not wired through the "
+                  f"encoder-decoder); architecture={self.architecture!r}")
 
     def _check_positions(self) -> None:
         if self.positions == "sinusoidal" and self.d_model % 2:

@@ -385,6 +385,7 @@ CHECK_PAGES: Dict[str, str] = {
     "attention_mha": "functional/attention", "attention_mqa": "functional/attention",
     "attention_gqa": "functional/attention", "attention_cross": "functional/attention",
     "mha_module": "functional/attention",
+    "attention_gate": "functional/attention",  # Bondarenko et al.'s gated attention
     # which keys a query may see
     "attention_causal": "functional/attention_mask", "attention_window": "functional/attention_mask",
     "attention_document": "functional/attention_mask",

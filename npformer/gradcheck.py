@@ -252,6 +252,7 @@ CHECK_MODULES = (
     "npformer.checks.dropout",
     "npformer.checks.positions",
     "npformer.checks.attention",
+    "npformer.checks.attention_gate",
     "npformer.checks.modules",
     "npformer.checks.fused_layers",
 )

@@ -111,3 +111,23 @@ def test_budget_schedule_is_checked_and_stretches_with_steps():
         QUICK.replace(measure_steps=(0, 10, 30)).validate()
     with pytest.raises(ValueError, match="seeds"):
         StudyBudget.validate(QUICK.replace(seeds=1))
+
+
+def test_every_variant_starts_from_the_baselines_weights():
+    """Pairing: at one seed the five variants share every baseline parameter bit for bit (the
+    sink starts at 0, the gate's weights come from a child stream that leaves the rest alone)."""
+    from npformer.models import build_model
+    from npformer.presets import preset_config
+
+    budget = QUICK
+    base = build_model(preset_config("gpt2", **VARIANTS[0].model_overrides(budget)), seed=3)
+    base_params = base.parameters()
+    for variant in VARIANTS[1:]:
+        model = build_model(preset_config("gpt2", **variant.model_overrides(budget)), seed=3)
+        params = model.parameters()
+        for name, value in base_params.items():
+            assert params[name].tobytes() == value.tobytes(), (variant.name, name)
+        extra = set(params) - set(base_params)
+        assert all(n.endswith(("sinks", "gate_weight", "gate_bias")) for n in extra)
+        if variant.name in ("sink", "gated"):
+            assert extra

@@ -102,7 +102,13 @@ def _attention(config: ModelConfig, p: Dict, prefix: str, layer: int, h, doc_ids
             if config.clip_alpha is not None:  # length-aware: −α / (keys each query may see)
                 gamma = -config.clip_alpha / allowed.sum(-1, keepdim=True).to(probs.dtype)
             probs = ((config.clip_zeta - gamma) * probs + gamma).clamp(0, 1)
-    o = (probs @ v).transpose(1, 2).reshape(B, T, H * D)
+    o = probs @ v  # (B, H, T, D)
+    if config.attention_gate:  # Bondarenko et al.: σ(x_h · w_h + b_h) per head and token
+        C = h.shape[-1]
+        logits = (h.view(B, T, H, C // H) * p[f"{prefix}.gate_weight"]).sum(-1) \
+            + p[f"{prefix}.gate_bias"]  # (B, T, H)
+        o = o * torch.sigmoid(logits).transpose(1, 2)[..., None]
+    o = o.transpose(1, 2).reshape(B, T, H * D)
     return _linear(p, f"{prefix}.out_proj", o)
 
 

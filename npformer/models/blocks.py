@@ -103,6 +103,10 @@ def make_attention(config: ModelConfig, layer: int, rng: np.random.Generator, *,
         softcap=config.attention_softcap,
         attention_impl=config.attention_impl, layer_impl=config.layer_impl, cross=cross, rng=rng, init_std=std, dtype=config.np_dtype,
         qk_norm=config.qk_norm, qk_norm_eps=config.norm_eps, norm_unit_offset=config.norm_unit_offset,
+        attention_gate=config.attention_gate, attention_gate_init=config.attention_gate_init,
+        # the gate's weights from a child stream: spawning leaves rng's own draws untouched,
+        # so every other weight of a gated model equals the gateless model's (paired seeds)
+        gate_rng=rng.spawn(1)[0] if config.attention_gate else None,
     )
     _scale_residual_projection(config, attention.out_proj, rng)
     return attention

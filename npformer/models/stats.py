@@ -8,6 +8,7 @@ Parameters, per piece (C width, V vocab, P positions, H/K heads, D head size, F 
     FFN                  2·C·F (plain) or 3·C·F (GLU)   (+ F + C biases)
     norm                 C (+ C bias for LayerNorm); a sandwich block (Gemma 2) has two more
     qk norm              2·D per attention (Qwen3, Gemma 3: q_norm and k_norm, shared by heads)
+    attention gate       C + H per attention (gate_weight (H, C/H), gate_bias (H,))
 
 Forward FLOPs per token count the matrix products only (2 per multiply-add; norms,
 activations and softmax are lower order):
@@ -45,6 +46,8 @@ def _attention_params(config: ModelConfig) -> int:
         n += 2 * D  # q_norm, k_norm: one (D,) weight each
     if config.softmax == "sink":
         n += H  # sinks: one learned logit per query head
+    if config.attention_gate:
+        n += C + H  # gate_weight (H, C/H), gate_bias (H,)
     return n
 
 

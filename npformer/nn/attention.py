@@ -8,6 +8,9 @@ Forward (self-attention; cross-attention takes k and v from ``memory`` instead o
     q, k = n_q(q), n_k(k)     (optional qk_norm, Qwen3 / Gemma 3: RMSNorm over each head's D)
     q, k = rope(q), rope(k)   (optional; rotary positions, GPT-J onward)
     o = attention(q, k, v)    (B, H, T, D)   the maths: npformer.functional.attention
+    o = σ(a) ⊙ o              (optional attention_gate, Bondarenko et al. 2023: per head and
+                              token a gate from the head's C/H slice of x,
+                              npformer.functional.attention_gate)
     y = o W_oᵀ (+ b_o)        (B, T, H·D) → (B, T, C)
 
 Backward runs the same lines in reverse with the pairs' backward functions; the projection
@@ -56,6 +59,7 @@ import numpy as np
 from .._validate import check_int
 from ..config import ATTENTION_IMPLS, check_impl
 from ..functional.attention import attention_backward, attention_forward
+from ..functional.attention_gate import head_gate_backward, head_gate_forward
 from ..functional.linear import linear_backward, linear_forward
 from ..functional import rope as rope_reference
 from ..functional.rope import check_rope_scaling, check_rotary_dim
@@ -127,6 +131,7 @@ class MultiHeadAttentionCache(NamedTuple):
     out: object  # output projection cache
     shape: tuple  # (B, T, S)
     used_kv_cache: bool
+    gate: object = None  # head_gate_forward cache (attention_gate), or None
 
 
 class MultiHeadAttention(Module):
@@ -151,6 +156,13 @@ class MultiHeadAttention(Module):
     qk_norm: RMS-normalise each head of q and of k (Qwen3, Gemma 3) with the weights
     ``q_norm.weight`` and ``k_norm.weight`` (D,), epsilon ``qk_norm_eps``; ``norm_unit_offset``
     makes them Gemma's (1 + w) norms.
+    attention_gate: multiply each head's output by σ(x_h · w_h + b_h), x_h the head's C/H
+    slice of the input x (Bondarenko et al. 2023; needs d_model divisible by n_heads), with
+    ``gate_weight`` (H, C/H) ~ N(0, init_std²), drawn from ``gate_rng`` (default: ``rng``, after
+    every other parameter, so a model without the gate keeps its initial weights; the models
+    pass a child stream so that a gated model's other weights are the gateless model's too),
+    and ``gate_bias`` (H,) = logit(attention_gate_init), the initial gate value (0.25 as the
+    paper's OPT runs).
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: Optional[int] = None,
@@ -163,7 +175,9 @@ class MultiHeadAttention(Module):
                  softcap: Optional[float] = None, attention_impl: str = "numba", layer_impl: str = "numpy",
                  cross: bool = False,
                  qk_norm: bool = False, qk_norm_eps: float = 1e-6, norm_unit_offset: bool = False,
-                 rng: Optional[np.random.Generator] = None, init_std: float = 0.02,
+                 attention_gate: bool = False, attention_gate_init: float = 0.25,
+                 rng: Optional[np.random.Generator] = None,
+                 gate_rng: Optional[np.random.Generator] = None, init_std: float = 0.02,
                  dtype=np.float64) -> None:
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
@@ -222,6 +236,26 @@ class MultiHeadAttention(Module):
             norm = dict(dtype=dtype, impl=layer_impl, unit_offset=norm_unit_offset)
             self.q_norm = RMSNorm(head_dim, qk_norm_eps, **norm)
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, **norm)
+        self.attention_gate = bool(attention_gate)
+        if self.attention_gate:  # drawn last: the other parameters are those of a gateless model
+            self._add_gate(rng if gate_rng is None else gate_rng, init_std, attention_gate_init,
+                           dtype)
+
+    def _add_gate(self, rng, init_std: float, gate_init: float, dtype) -> None:
+        """``gate_weight`` (H, C/H) ~ N(0, init_std²) and ``gate_bias`` (H,) = logit(gate_init),
+        so every gate starts near σ(b) = gate_init."""
+        if self.d_model % self.n_heads:
+            raise ValueError(f"attention_gate splits x's d_model={self.d_model} channels into "
+                             f"n_heads={self.n_heads} slices; d_model must be divisible by n_heads")
+        if isinstance(gate_init, (bool, np.bool_)) or not isinstance(
+                gate_init, (int, float, np.floating)) or not 0.0 < float(gate_init) < 1.0:
+            raise ValueError(f"attention_gate_init is the initial gate value σ(bias), strictly "
+                             f"inside (0, 1); got {gate_init!r}")
+        width = self.d_model // self.n_heads
+        self.add_parameter("gate_weight",
+                           (rng.standard_normal((self.n_heads, width)) * init_std).astype(dtype))
+        logit = np.log(gate_init) - np.log1p(-gate_init)  # σ⁻¹(gate_init)
+        self.add_parameter("gate_bias", np.full(self.n_heads, logit, dtype=dtype))
 
     # ---- projections ------------------------------------------------------------------
 
@@ -341,9 +375,12 @@ class MultiHeadAttention(Module):
         sinks = {"sinks": self.params["sinks"]} if "sinks" in self.params else {}  # (H,)
         o, core = core_forward(q, k, v, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
                                **sinks, **self.core_options)  # (B, H, T, D)
+        gate = None
+        if self.attention_gate:  # o = σ(a) ⊙ o, a from the heads' slices of x (the q input)
+            o, gate = head_gate_forward(x, o, self.params["gate_weight"], self.params["gate_bias"])
         y, out = self.out_proj.forward(self._merge_heads(o))  # (B, T, C)
         cache = MultiHeadAttentionCache(q_in, k_in, v_in, q_norm, k_norm, rope_q, rope_k, core, out,
-                               (B, T, k.shape[2]), kv_cache is not None)
+                               (B, T, k.shape[2]), kv_cache is not None, gate)
         return y, cache
 
     def _rope_kwargs(self) -> dict:
@@ -361,6 +398,12 @@ class MultiHeadAttention(Module):
         # forward: y = merge(o) W_oᵀ + b_o
         do = self.out_proj.backward(dy, cache.out)  # (B, T, H·D)
         do = self._split_heads(do, self.n_heads)  # (B, H, T, D)
+        dx_gate = None
+        if cache.gate is not None:
+            # forward: o = σ(a) ⊙ o, a = x_h · w_h + b_h: the gate's share of dx, and do
+            dx_gate, do, dweight, dbias = head_gate_backward(do, cache.gate)
+            self.accumulate("gate_weight", dweight)
+            self.accumulate("gate_bias", dbias)
         # forward: o = attention(q, k, v)
         _, core_backward = self.core
         dq, dk, dv, *dsinks = core_backward(do, cache.core)  # (B,H,T,D), (B,K,S,D), (B,K,S,D)
@@ -376,6 +419,8 @@ class MultiHeadAttention(Module):
         dk = self._norm_heads_backward("k_norm", self._merge_heads(dk), cache.k_norm)  # (B, S, K·D)
         # forward: q = x W_qᵀ + b_q etc., heads split
         dx = self._project_backward(0, dq, cache.q_in)
+        if dx_gate is not None:
+            dx = dx + dx_gate  # x fed the gate too
         dsource = (self._project_backward(1, dk, cache.k_in)
                    + self._project_backward(2, self._merge_heads(dv), cache.v_in))
         if self.cross:
