@@ -572,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seeds", type=_int_at_least(2), default=None,
         help="paired seeds per variant (default: 5; --quick: 2)")
     add("--steps", type=_COUNT, default=None,
-        help="training steps per run (default: 1200; --quick: 40); the measured steps scale along")
+        help="training steps per run (default: 1000; --quick: 40); the measured steps scale along")
     add("--out", default=None, help="output directory (default runs/study/NAME)")
     add("--workers", type=_COUNT, default=None, help="local worker processes (default: the cores)")
     add("--scheduler", default=None, metavar="ADDRESS",

@@ -41,7 +41,7 @@ def test_control_passes_when_outliers_grow_and_int8_costs():
 def test_control_fails_without_growth_or_without_cost():
     flat = _control(passed=False)
     assert not flat.passed and any("∞-norm" in r for r in flat.reasons)
-    cheap = _control(cost=0.005)  # grows, but W8A8 costs less than the required 0.02 nats
+    cheap = _control(cost=0.0005)  # grows, but W8A8 costs less than the required 0.001 nats
     assert not cheap.passed and any("W8A8" in r for r in cheap.reasons)
 
 
@@ -79,7 +79,7 @@ def test_cannot_tell_with_fewer_than_two_pairs():
 
 
 def test_the_rule_text_names_its_thresholds():
-    assert "2" in rule.RULE_TEXT and "0.02" in rule.RULE_TEXT and "cannot tell" in rule.RULE_TEXT
+    assert "2" in rule.RULE_TEXT and "0.001" in rule.RULE_TEXT and "cannot tell" in rule.RULE_TEXT
 
 
 def test_plans_pair_every_variant_over_the_same_seeds_and_budget():
@@ -106,7 +106,9 @@ def test_budget_schedule_is_checked_and_stretches_with_steps():
     stretched = DEFAULT.with_steps(600)
     assert stretched.measure_steps[-1] == 600 and stretched.control_step == 75
     with pytest.raises(ValueError, match="measure_steps"):
-        QUICK.replace(measure_steps=(0, 40)).validate()
+        QUICK.replace(measure_steps=(0, 40), quantize_steps=(40,)).validate()  # no early step
+    with pytest.raises(ValueError, match="quantize_steps"):
+        QUICK.replace(quantize_steps=(20, 40)).validate()
     with pytest.raises(ValueError, match="measure_steps"):
         QUICK.replace(measure_steps=(0, 10, 30)).validate()
     with pytest.raises(ValueError, match="seeds"):

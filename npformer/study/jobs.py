@@ -147,6 +147,7 @@ def run_study_job(job: dict, work_dir: str) -> dict:
                 done = trainer.history[-1]["step"] if trainer.history else 0
                 diverged = (done + 1, str(error))
                 break
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             ckpt.write_json(path, measured)
             measures[str(step)] = measured
         seconds_training = time.perf_counter() - train_started

@@ -122,9 +122,9 @@ QUICK = StudyBudget(name="quick", d_model=32, n_layers=2, n_heads=4, seq_len=32,
                     metric_batches=2,
                     calibration_batches=2, eval_interval=20, eval_batches=2, checkpoints=2)
 DEFAULT = StudyBudget(name="default", d_model=128, n_layers=4, n_heads=4, seq_len=128,
-                      batch_size=16, steps=1200, seeds=5,
-                      measure_steps=(0, 150, 300, 600, 900, 1200),
-                      quantize_steps=(150, 600, 1200), metric_batches=6, calibration_batches=4)
+                      batch_size=16, steps=1000, seeds=5,
+                      measure_steps=(0, 125, 250, 500, 750, 1000),
+                      quantize_steps=(125, 500, 1000), metric_batches=6, calibration_batches=4)
 BUDGETS = {b.name: b for b in (QUICK, DEFAULT)}
 
 

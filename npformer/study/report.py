@@ -295,6 +295,9 @@ def _control_section(analysis: dict, plan: StudyPlan) -> str:
              f"- mean kurtosis grows {_ratio_text(control['kurtosis_growth'])}",
              f"- W8A8 raises the final validation loss by "
              f"{_summary_text(dict(mean=_finite(cost['mean']), low=_finite(cost['low']), high=_finite(cost['high'])), 4)} nats\n"]
+    lines.append("The budget and the control's W8A8 threshold were fixed after a baseline-only "
+                 "pilot and before any variant ran (the pilot and the reasoning are in "
+                 "`npformer/study/verdict.py`).\n")
     if control["passed"]:
         lines.append("**The control passes**: the baseline develops outliers at this budget, so "
                      "the study can test whether a variant tames them.\n")

@@ -46,7 +46,14 @@ from ..tour.stats import PairedDifference, paired_difference
 YES, NO, CANNOT_TELL = "yes", "no", "cannot tell"
 MIN_INF_NORM_FACTOR = 2.0  # "tames outliers": the max ∞-norm at least this many times smaller
 MIN_W8A8_REDUCTION = 0.5  # and the W8A8 loss increase at least this fraction smaller
-MIN_W8A8_COST = 0.02  # nats: the baseline's W8A8 cost the positive control requires
+# nats: the baseline's W8A8 cost the positive control requires. Chosen, like the budget, after
+# a baseline-only pilot and before any variant ran: the gpt2 preset at d_model 128, 4 layers,
+# 1500 steps (seed 0) reached max ∞-norm 29.5 and kurtosis 9.5, and W8A8 cost +0.0016 nats —
+# far below the 0.02 nats the research notes suggested, which no budget that runs here in
+# 90 minutes is likely to reach. 0.001 nats (a tenth of a percent of perplexity) is a cost
+# that is small but not rounding: the same model evaluated on the readable and the fused
+# paths differs by ~1e-6 nats.
+MIN_W8A8_COST = 0.001
 CONFIDENCE = 0.95
 
 RULE_TEXT = f"""\
