@@ -338,9 +338,9 @@ class MultiHeadAttention(Module):
                 k, v = kv_cache.append(k, v, doc_ids)
                 doc_ids = kv_cache.doc_ids
         core_forward, _ = self.core
-        sinks = {"sinks": self.params["sinks"]} if "sinks" in self.params else {}  # (H,)
         o, core = core_forward(q, k, v, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
-                               **sinks, **self.core_options)  # (B, H, T, D)
+                               sinks=self.params.get("sinks"),  # (H,) with softmax="sink"
+                               **self.core_options)  # (B, H, T, D)
         y, out = self.out_proj.forward(self._merge_heads(o))  # (B, T, C)
         cache = MultiHeadAttentionCache(q_in, k_in, v_in, q_norm, k_norm, rope_q, rope_k, core, out,
                                (B, T, k.shape[2]), kv_cache is not None)
