@@ -372,9 +372,9 @@ class MultiHeadAttention(Module):
                 k, v = kv_cache.append(k, v, doc_ids)
                 doc_ids = kv_cache.doc_ids
         core_forward, _ = self.core
-        sinks = {"sinks": self.params["sinks"]} if "sinks" in self.params else {}  # (H,)
         o, core = core_forward(q, k, v, doc_ids=doc_ids, key_padding_mask=key_padding_mask,
-                               **sinks, **self.core_options)  # (B, H, T, D)
+                               sinks=self.params.get("sinks"),  # (H,) with softmax="sink"
+                               **self.core_options)  # (B, H, T, D)
         gate = None
         if self.attention_gate:  # o = σ(a) ⊙ o, a from the heads' slices of x (the q input)
             o, gate = head_gate_forward(x, o, self.params["gate_weight"], self.params["gate_bias"])
