@@ -10,7 +10,7 @@ from helpers import assert_close
 from npformer.models import build_model
 from npformer.nn.feedforward import FeedForward
 from npformer.presets import preset_config, tiny_config
-from npformer.study.instrument import Probe, head_gates, instrumented, readable_copy
+from npformer.study.instrument import Probe, instrumented, readable_copy
 from npformer.study.outliers import (activation_statistics, inf_norm_per_sequence,
                                      kurtosis_per_sequence, outlier_metrics)
 
@@ -294,18 +294,6 @@ def test_attention_masses_of_a_random_model_lie_in_the_unit_interval(softmax):
         assert np.all(first + unassigned <= 1 + 1e-6)
 
 
-def test_head_gates_are_the_sigmoid_of_each_heads_slice():
-    x = np.arange(24, dtype=np.float64).reshape(1, 2, 12) / 10  # (B, T, C), H = 3 slices of 4
-    weight = np.zeros((3, 4))
-    weight[1, 2] = 1.0  # head 1 reads channel 4 + 2 = 6
-    bias = np.array([0.0, -1.0, np.log(3.0)])  # σ(log 3) = 3/4
-    g = head_gates(x, weight, bias)
-    assert g.shape == (1, 2, 3)
-    np.testing.assert_allclose(g[0, :, 0], 0.5)
-    np.testing.assert_allclose(g[0, :, 1], 1 / (1 + np.exp(-(x[0, :, 6] - 1.0))))
-    np.testing.assert_allclose(g[0, :, 2], 0.75)
-
-
 @pytest.mark.parametrize("batches, match", [
     ([], "empty"),
     (np.zeros((2, 5), dtype=np.int64), "list of batches"),
@@ -347,11 +335,11 @@ def test_gate_means_reach_the_map_through_the_instrumented_attention():
     # the gate of attention_gate is σ(x_h · w_h + b_h); with w = 0 every gate is σ(b_h)
     from npformer.study.outliers import OutlierProbe
 
-    copy = readable_copy(_gpt2())
+    copy = readable_copy(_gpt2(attention_gate=True))
     bias = np.array([-2.0, -1.0, 0.0, 1.5])
-    for block in copy.layers:  # gate parameters as attention_gate names them
-        block.attn.add_parameter("gate_weight", np.zeros((4, 4), dtype=np.float32))
-        block.attn.add_parameter("gate_bias", bias.astype(np.float32))
+    for block in copy.layers:
+        block.attn.params["gate_weight"][...] = 0
+        block.attn.params["gate_bias"][...] = bias
     points = []
 
     class Both(OutlierProbe):
@@ -366,3 +354,10 @@ def test_gate_means_reach_the_map_through_the_instrumented_attention():
     gates = np.stack([m.mean() for m in probe.gates])  # (L, H)
     np.testing.assert_allclose(gates, np.tile(1 / (1 + np.exp(-bias)), (2, 1)), rtol=1e-6)
     assert {"layers.0.attn", "layers.1.attn"} <= set(points)  # the gate's input is a point
+
+
+def test_gate_means_of_a_fresh_gated_model_start_near_the_papers_quarter():
+    result = outlier_metrics(_gpt2(attention_gate=True), _batches())
+    gates = np.array(result["gate_mean"])
+    assert gates.shape == (2, 4)
+    np.testing.assert_allclose(gates, 0.25, atol=0.01)  # σ(logit 0.25), weights N(0, 0.02²)

@@ -48,7 +48,7 @@ from typing import Callable, Iterable, List, Optional, Tuple
 import numpy as np
 
 from ..functional.gelu import gelu_forward
-from ..functional.silu import _sigmoid, silu_forward
+from ..functional.silu import silu_forward
 from ..models import build_model
 from ..nn.attention import MultiHeadAttention
 from ..nn.feedforward import FeedForwardCache, _GATED
@@ -148,16 +148,6 @@ def block_linears(model) -> List[Tuple[str, Linear]]:
             for item in _linears(block, f"layers.{layer}.")]
 
 
-def head_gates(x: np.ndarray, weight: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """The attention gate values σ(x_h · w_h + b_h) (B, T, H) in float64, x (B, T, C),
-    weight (H, C/H), bias (H,); x_h the h-th C/H-wide slice of x (Bondarenko et al.)."""
-    B, T, C = x.shape
-    H = weight.shape[0]
-    heads = x.astype(np.float64).reshape(B, T, H, C // H)  # (B, T, H, C/H)
-    logits = np.einsum("bthc,hc->bth", heads, weight.astype(np.float64)) + bias  # (B, T, H)
-    return _sigmoid(logits)
-
-
 def _probabilities(core_cache, layer: int) -> np.ndarray:
     """P (B, H, T, S) from the reference core's cache (P grouped as (B, K, G, T, S))."""
     P = getattr(core_cache, "P", None)
@@ -232,9 +222,10 @@ def _wrap_attention(attn: MultiHeadAttention, layer: int, probe: Probe) -> Calla
 
     def attention_forward(x, *args, **kwargs):
         x = probe.point(name, x)  # the gate's input, shared with q, k, v
-        if probe.wants_gates:
-            probe.gate(layer, head_gates(x, attn.params["gate_weight"], attn.params["gate_bias"]))
-        return forward(x, *args, **kwargs)
+        y, cache = forward(x, *args, **kwargs)
+        if probe.wants_gates and cache.gate is not None:
+            probe.gate(layer, cache.gate.g)  # (B, T, H) σ(x_h · w_h + b_h), the layer's own gates
+        return y, cache
 
     return attention_forward
 

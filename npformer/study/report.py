@@ -19,7 +19,7 @@ import numpy as np
 
 from .. import checkpoint as ckpt
 from .._plotting import pyplot, save_png
-from ..tour.report import DASH, _effect, _finite, _interval, _json_safe, _loss_interval, _table
+from ..tour.report import DASH, _effect, _finite, _interval, _json_safe, _table
 from ..tour.stats import paired_difference
 from .plan import BASELINE, StudyPlan
 from .verdict import CONFIDENCE, RULE_TEXT, log_ratio, positive_control, variant_verdict
@@ -288,7 +288,7 @@ def summary_table(analysis: dict) -> str:
 def _control_section(analysis: dict, plan: StudyPlan) -> str:
     control = analysis["control"]
     cost = control["w8a8_cost"]
-    lines = [f"## 1. Positive control: does the baseline develop outliers?\n",
+    lines = ["## 1. Positive control: does the baseline develop outliers?\n",
              f"Baseline (softmax), step {analysis['control_step']} → step {analysis['steps']}, "
              f"paired over seeds:\n",
              f"- max ∞-norm grows {_ratio_text(control['inf_norm_growth'])}",
