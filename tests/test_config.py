@@ -319,7 +319,7 @@ def test_every_float_field_is_covered():
                                   "rope_theta", "ffn_multiplier", "norm_eps", "dropout",
                                   "init_std", "logit_scale", "final_logit_softcap", "rope_factor",
                                   "rope_low_freq_factor", "rope_high_freq_factor", "rope_beta_fast",
-                                  "rope_beta_slow", "rope_attention_factor"}
+                                  "rope_beta_slow", "rope_attention_factor", "attention_gate_init"}
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
