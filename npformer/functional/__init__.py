@@ -6,6 +6,7 @@ differentiates.
 """
 
 from .attention import attention_backward, attention_forward
+from .attention_gate import head_gate_backward, head_gate_forward
 from .attention_mask import attention_mask
 from .cross_entropy import cross_entropy_backward, cross_entropy_forward, nll_backward, nll_forward
 from .dropout import dropout_backward, dropout_forward
@@ -45,6 +46,7 @@ from .softmax_variants import (
 
 __all__ = [
     "attention_backward", "attention_forward", "attention_mask",
+    "head_gate_backward", "head_gate_forward",
     "learned_positions_backward", "learned_positions_forward",
     "sinusoidal_backward", "sinusoidal_forward", "sinusoidal_table",
     "rope_angles", "rope_backward", "rope_forward",
