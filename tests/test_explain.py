@@ -71,6 +71,29 @@ def fixture_docs(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def masks_drawn_once():
+    """``preset_attention_masks`` draws one picture that depends on nothing but the presets
+    (no argument but the path), and about 20 checks ask for it (~5 s of matplotlib each).
+    Within this module it is drawn for real once; later calls write those same PNG bytes to
+    their own path, so each test still sees the file appear where write_pictures put it."""
+    from npformer import explain_pictures
+
+    draw = explain_pictures.preset_attention_masks
+    drawn = {}
+
+    def draw_once(path):
+        if "png" not in drawn:
+            drawn["png"] = Path(draw(path)).read_bytes()
+        else:
+            Path(path).write_bytes(drawn["png"])
+        return path
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(explain_pictures, "preset_attention_masks", draw_once)
+        yield
+
+
 def _explain(capsys, *args):
     code = main(["explain", *args])
     out, err = capsys.readouterr()
@@ -109,7 +132,7 @@ def test_every_page_with_a_derivation_runs_a_check_that_exists():
 
 @pytest.mark.parametrize("name", CHECKS)
 def test_explain_every_check_prints_the_derivation_and_the_side_by_side_and_draws(
-        name, fixture_docs, tmp_path, capsys):
+        name, fixture_docs, masks_drawn_once, tmp_path, capsys):
     code, out, err = _explain(capsys, name, "--docs", str(fixture_docs), "--png", str(tmp_path))
     assert code == 0, err
     page = CHECK_PAGES[name]
