@@ -119,6 +119,7 @@ cases = {
     "log_softmax": ((r(B, T, V),), {}),
     "softmax1": ((r(B, T, V),), {}),
     "clipped_softmax": ((r(B, T, V),), {}),
+    "sink_softmax": ((r(B, T, V), r(B, T, 1)), {}),
     "softcap": ((r(B, T, V), 3.0), {}),
 }
 
