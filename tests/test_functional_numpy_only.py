@@ -100,6 +100,7 @@ positions = np.arange(T)
 # name -> (forward args, forward kwargs); the backward gets an upstream gradient like y
 cases = {
     "attention": ((r(B, H, T, D), r(B, K, T, D), r(B, K, T, D)), dict(causal=True)),
+    "head_gate": ((r(B, T, 8), r(B, H, T, D), r(H, 8 // H), r(H)), {}),
     "cross_entropy": ((r(B, T, V), ids), {}),
     "nll": ((F.log_softmax_forward(r(B, T, V))[0], ids), {}),
     "dropout": ((r(B, T, C), 0.25, np.random.default_rng(1)), {}),
