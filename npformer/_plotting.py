@@ -25,3 +25,12 @@ def save_png(figure, path: str) -> str:
     pyplot().close(figure)
     write_atomically(path, [buffer.getvalue()])
     return path
+
+
+def save_png_if(figure, path: str, drawn: bool) -> bool:
+    """Save the figure if anything was ``drawn`` on it, else just close it; returns drawn."""
+    if drawn:
+        save_png(figure, path)
+    else:
+        pyplot().close(figure)
+    return drawn

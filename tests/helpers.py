@@ -179,6 +179,15 @@ def random_weight_model(name: str, dtype: str = "float64", **config_fields):
     return model.train()
 
 
+def decoded_logits(model, ids: np.ndarray, prompt: int) -> np.ndarray:
+    """Logits (B, T, V) of ``ids`` (B, T) decoded with the KV cache: the first ``prompt``
+    tokens in one forward, then one token per forward (to compare with a full forward)."""
+    caches = model.new_kv_caches()
+    pieces = [model.forward(ids[:, :prompt], kv_caches=caches)]
+    pieces += [model.forward(ids[:, t:t + 1], kv_caches=caches) for t in range(prompt, ids.shape[1])]
+    return np.concatenate(pieces, axis=1)
+
+
 def forward_backward(model, seed: int = 0):
     """(logits, {name: gradient}) of one forward and backward with a random upstream gradient
     (copies: the next call does not change them). Decoders read (2, 7) ids, with three

@@ -38,9 +38,8 @@ import numpy as np
 from .. import checkpoint as ckpt
 from .._validate import NonFiniteError, check_int
 from ..dataset import BatchSampler, load_text, split_train_val
-from ..models.stats import parameter_count
 from ..train import Trainer, TrainingDiverged, TrainOptions
-from ..tour.jobs import _check_same_run, limited_threads, mean_nll
+from ..tour.jobs import _check_same_run, limited_threads, mean_nll, run_result
 from .outliers import outlier_metrics
 from .quantize import quantized_losses
 
@@ -48,7 +47,6 @@ EVAL_SEED = 20231212  # the evaluation windows' sampler seed: one set for every 
 CALIBRATION_SEED = 7  # the calibration windows' (training split)
 JOB_KEYS = ("id", "kind", "variant", "seed", "model_overrides", "train", "measure_steps",
             "quantize_steps", "metric_batches", "calibration_batches", "threads")
-HISTORY_KEYS = ("step", "loss", "lr", "grad_norm", "val_loss")
 MEASURES_DIR = "measures"
 
 
@@ -153,15 +151,8 @@ def run_study_job(job: dict, work_dir: str) -> dict:
         seconds_training = time.perf_counter() - train_started
     tokens = (trainer.step - first_step) * options.batch_size * options.seq_len
     final = measures.get(str(job["measure_steps"][-1])) if diverged is None else None
-    history = [{key: (int(row[key]) if key == "step" else float(row[key]))
-                for key in HISTORY_KEYS if key in row} for row in trainer.history]
     return dict(
-        id=job["id"], kind="study", variant=job["variant"], seed=job["seed"], job=job,
-        parameters=int(parameter_count(trainer.config)),
-        diverged=diverged is not None,
-        diverged_at_step=None if diverged is None else diverged[0],
-        divergence=None if diverged is None else diverged[1],
-        history=history,
+        run_result(job, "study", trainer, diverged),
         final_val_loss=None if final is None else final["val_loss"],
         measures=measures,
         tokens_per_s=float(tokens / max(seconds_training, 1e-9)),

@@ -44,11 +44,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Dict, List, Tuple
 
+from ..tour.plan import RunLengths
+
 PRESET = "gpt2"  # the model every variant starts from (npformer.presets)
 
 
 @dataclass(frozen=True)
-class StudyBudget:
+class StudyBudget(RunLengths):
     """Sizes, lengths and measurement schedule of a study. ``QUICK`` checks the machinery (CI);
     ``DEFAULT`` is the committed report's budget (docs/study/softmax/)."""
 
@@ -73,15 +75,6 @@ class StudyBudget:
     dtype: str = "float32"
     checkpoints: int = 8  # per run: how far back a killed job restarts
     threads: int = 1  # per job; the study runs jobs side by side instead
-
-    @property
-    def warmup_steps(self) -> int:
-        return max(1, round(self.warmup_fraction * self.steps))
-
-    @property
-    def tokens(self) -> int:
-        """Training tokens per run: the equal budget."""
-        return self.steps * self.batch_size * self.seq_len
 
     @property
     def control_step(self) -> int:

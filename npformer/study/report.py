@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .. import checkpoint as ckpt
-from .._plotting import pyplot, save_png
+from .._plotting import pyplot, save_png, save_png_if
 from ..tour.report import DASH, _effect, _finite, _interval, _json_safe, _table
 from ..tour.stats import paired_difference
 from .plan import BASELINE, StudyPlan
@@ -197,11 +197,7 @@ def _over_training_figure(path: str, plan: StudyPlan, analysis: dict) -> bool:
     axes.flat[0].legend(fontsize=8)
     figure.suptitle(f"Measured during training (mean over seeds, {CONFIDENCE:.0%} interval)")
     figure.tight_layout()
-    if drawn:
-        save_png(figure, path)
-    else:
-        plt.close(figure)
-    return drawn
+    return save_png_if(figure, path, drawn)
 
 
 def _per_layer_figure(path: str, analysis: dict) -> bool:
@@ -219,11 +215,7 @@ def _per_layer_figure(path: str, analysis: dict) -> bool:
     ax.set_title("Per-layer ∞-norm at the end of training (mean over seeds)")
     ax.legend(fontsize=8)
     figure.tight_layout()
-    if drawn:
-        save_png(figure, path)
-    else:
-        plt.close(figure)
-    return drawn
+    return save_png_if(figure, path, drawn)
 
 
 def _first_token_figure(path: str, analysis: dict) -> bool:

@@ -162,18 +162,26 @@ def run_train_job(job: dict, work_dir: str) -> dict:
                 measures[name] = _measure(name, trainer, validation, job)
         elif diverged is not None:  # broken weights measure nothing
             measures = {name: None for name in job["measures"]}
+    return dict(
+        run_result(job, "train", trainer, diverged),
+        final_val_loss=None if diverged is not None else _float_or_none(trainer.last_val_loss()),
+        tokens_per_s=float(tokens_per_s), seconds=float(time.perf_counter() - started),
+        measures=measures)
+
+
+def run_result(job: dict, kind: str, trainer: Trainer,
+               diverged: Optional[Tuple[int, str]]) -> dict:
+    """The fields every training result shares (the tour's and the softmax study's): the job,
+    the parameter count, the divergence if any, and the trainer's history rows."""
     history = [{key: (int(row[key]) if key == "step" else float(row[key]))
                 for key in HISTORY_KEYS if key in row} for row in trainer.history]
     return dict(
-        id=job["id"], kind="train", variant=job["variant"], seed=job["seed"], job=job,
+        id=job["id"], kind=kind, variant=job["variant"], seed=job["seed"], job=job,
         parameters=int(parameter_count(trainer.config)),
         diverged=diverged is not None,
         diverged_at_step=None if diverged is None else diverged[0],
         divergence=None if diverged is None else diverged[1],
-        history=history,
-        final_val_loss=None if diverged is not None else _float_or_none(trainer.last_val_loss()),
-        tokens_per_s=float(tokens_per_s), seconds=float(time.perf_counter() - started),
-        measures=measures)
+        history=history)
 
 
 def _float_or_none(value) -> Optional[float]:

@@ -39,8 +39,22 @@ SIZE_TOLERANCE = 0.05  # matched sizes: every variant within ±5 % of its refere
 D_FF_STEP = 8  # matched sizes: d_ff is searched over multiples of this
 
 
+class RunLengths:
+    """What a budget with ``steps``, ``batch_size``, ``seq_len`` and ``warmup_fraction`` says
+    about each run (the tour's and the softmax study's budgets)."""
+
+    @property
+    def warmup_steps(self) -> int:
+        return max(1, round(self.warmup_fraction * self.steps))
+
+    @property
+    def tokens(self) -> int:
+        """Training tokens per run: the equal budget."""
+        return self.steps * self.batch_size * self.seq_len
+
+
 @dataclass(frozen=True)
-class Budget:
+class Budget(RunLengths):
     """The sizes and lengths of a tour. ``QUICK`` checks the machinery in CI; ``DEFAULT`` is
     the committed report's budget (docs/tour/)."""
 
@@ -66,15 +80,6 @@ class Budget:
     timing_repeats: int = 15  # side-by-side timings: median of this many alternating repeats
     checkpoints: int = 4  # per run: how far back a killed job restarts (each save costs ~0.3 s)
     threads: int = 1  # threads per job (numba and BLAS); the tour runs jobs in parallel instead
-
-    @property
-    def warmup_steps(self) -> int:
-        return max(1, round(self.warmup_fraction * self.steps))
-
-    @property
-    def tokens(self) -> int:
-        """Training tokens per run: the equal budget."""
-        return self.steps * self.batch_size * self.seq_len
 
     @property
     def window(self) -> int:
