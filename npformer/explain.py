@@ -385,7 +385,7 @@ CHECK_PAGES: Dict[str, str] = {
     "attention_mha": "functional/attention", "attention_mqa": "functional/attention",
     "attention_gqa": "functional/attention", "attention_cross": "functional/attention",
     "mha_module": "functional/attention",
-    "attention_gate": "functional/attention",  # Bondarenko et al.'s gated attention
+    "attention_gate": "functional/attention_gate",  # Bondarenko et al.'s gated attention
     # which keys a query may see
     "attention_causal": "functional/attention_mask", "attention_window": "functional/attention_mask",
     "attention_document": "functional/attention_mask",
@@ -436,6 +436,7 @@ PAGE_RUNS: Dict[str, Tuple[str, str]] = {
     "functional/cross_entropy": ("check", "cross_entropy"),
     "functional/softmax_variants": ("check", "attention_softmax1"),
     "functional/attention": ("check", "attention_gqa"),
+    "functional/attention_gate": ("check", "attention_gate"),
     "functional/attention_mask": ("check", "attention_document"),
     "kernels/flash_attention": ("check", "kernel_document"),
     "kernels/training_step_kernels": ("check", "fused_rmsnorm"),

@@ -224,17 +224,22 @@ def _first_token_figure(path: str, analysis: dict) -> bool:
     if not maps:
         return False
     plt = pyplot()
-    figure, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.4), squeeze=False)
+    top = max(0.05, max(float(values.max()) for _, values in maps))  # one colour scale for all
+    figure, axes = plt.subplots(1, len(maps), figsize=(3.3 * len(maps), 3.8), squeeze=False,
+                                constrained_layout=True)
     for ax, (label, values) in zip(axes[0], maps):
-        image = ax.imshow(values, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        image = ax.imshow(values, vmin=0, vmax=top, cmap="viridis", aspect="auto")
         ax.set_title(label, fontsize=9)
+        ax.set_xticks(range(values.shape[1]))
+        ax.set_yticks(range(values.shape[0]))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         for (layer, head), value in np.ndenumerate(values):
-            ax.text(head, layer, f"{value:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if value < 0.5 else "black")
+            ax.text(head, layer, f"{value:.3f}", ha="center", va="center", fontsize=7,
+                    color="white" if value < top / 2 else "black")
     figure.colorbar(image, ax=axes[0].tolist(), shrink=0.8)
-    figure.suptitle("Attention on the first token at the end of training (queries t ≥ 1)")
+    figure.suptitle("Attention on the first token at the end of training (mean over seeds and "
+                    "queries t ≥ 1)")
     save_png(figure, path)
     return True
 
@@ -337,9 +342,10 @@ def _budget_paragraph(plan: StudyPlan, meta: dict) -> str:
             f"{b.batch_size} × {b.seq_len} tokens ({b.tokens:,} tokens), AdamW peak lr {b.lr:g}, "
             f"{b.warmup_steps} warm-up steps, cosine to lr/10, weight decay {b.weight_decay:g}, "
             f"clipping 1. {len(plan.variants)} variants × {b.seeds} seeds = {len(plan.jobs)} runs, "
-            f"measured at steps {', '.join(map(str, b.measure_steps))} on {b.metric_batches} "
-            f"validation batches ({b.metric_batches * b.batch_size} sequences, the same for every "
-            f"run); activation ranges calibrated on {b.calibration_batches} training batches. "
+            f"measured at steps {', '.join(map(str, b.measure_steps))} (simulated int8 at "
+            f"{', '.join(map(str, b.quantize_steps))}) on {b.metric_batches} validation batches "
+            f"({b.metric_batches * b.batch_size} sequences, the same for every run); activation "
+            f"ranges calibrated on {b.calibration_batches} training batches. "
             f"Clipped softmax: γ_i = −{b.clip_alpha:g}/n_i. Machine: {meta.get('cpu')}, "
             f"{meta.get('cores')} cores; wall time "
             f"{DASH if wall is None else f'{wall / 60:.1f} min'} ({meta.get('executor')}, "
