@@ -408,7 +408,7 @@ class MultiHeadAttention(Module):
         _, core_backward = self.core
         dq, dk, dv, *dsinks = core_backward(do, cache.core)  # (B,H,T,D), (B,K,S,D), (B,K,S,D)
         if dsinks:  # softmax="sink": the sink logits' gradient (H,), summed over b and t
-            self.grads["sinks"] += dsinks[0]
+            self.accumulate("sinks", dsinks[0])
         if self.rope is not None:
             # forward: q = rope(q), k = rope(k): the inverse rotation
             rope_backward = self.rope_pair[1]

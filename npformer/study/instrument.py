@@ -51,17 +51,9 @@ from ..functional.gelu import gelu_forward
 from ..functional.silu import silu_forward
 from ..models import build_model
 from ..nn.attention import MultiHeadAttention
-from ..nn.feedforward import FeedForwardCache, _GATED
+from ..nn.feedforward import FeedForwardCache, _FUSED_GATED, _GATED
 from ..nn.linear import Linear
 from ..nn.norm import LayerNorm, RMSNorm
-
-# The activation of each gated FFN kind: act(g), the first element of its forward pair.
-_GATE_ACTIVATIONS = {
-    "swiglu": lambda g: silu_forward(g)[0],
-    "geglu": lambda g: gelu_forward(g, "none")[0],
-    "geglu_tanh": lambda g: gelu_forward(g, "tanh")[0],
-}
-assert set(_GATE_ACTIVATIONS) == set(_GATED), "a gated FFN kind without its activation here"
 
 # Linears whose output is a monitored activation (Bondarenko et al.: out_proj and fc2).
 MONITORED_LINEARS = ("attn.out_proj", "ffn.down")
@@ -71,7 +63,7 @@ class Probe:
     """What the instrumented forward reports; the base class observes nothing and changes
     nothing (its forward is the model's own)."""
 
-    wants_gates = False  # compute σ(x_h · w_h + b_h) for gate() (a cost only when wanted)
+    wants_gates = False  # report each gated attention's gates to gate()
 
     def point(self, name: str, x: np.ndarray) -> np.ndarray:
         return x
@@ -241,7 +233,10 @@ def _wrap_core(core_forward: Callable, layer: int, probe: Probe) -> Callable:
 
 def _gated_ffn_forward(ffn) -> Callable:
     """The gated FFN's lines through its three Linears (see the module docstring)."""
-    activation = _GATE_ACTIVATIONS[ffn.kind]
+    name, approximate = _FUSED_GATED[ffn.kind]  # the FFN's own (activation, approximate)
+
+    def activation(g):  # act(g), the first element of the activation's forward pair
+        return silu_forward(g)[0] if name == "silu" else gelu_forward(g, approximate)[0]
 
     def gated_forward(x, *args, **kwargs):
         if args or kwargs:

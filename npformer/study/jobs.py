@@ -39,7 +39,7 @@ from .. import checkpoint as ckpt
 from .._validate import NonFiniteError, check_int
 from ..dataset import BatchSampler, load_text, split_train_val
 from ..train import Trainer, TrainingDiverged, TrainOptions
-from ..tour.jobs import _check_same_run, limited_threads, mean_nll, run_result
+from ..tour.jobs import _check_same_run, check_job_id, limited_threads, mean_nll, run_result
 from .outliers import outlier_metrics
 from .quantize import quantized_losses
 
@@ -59,8 +59,7 @@ def _check_job(job: dict) -> None:
                          f"has {list(JOB_KEYS)} (see npformer.study.plan.study_job)")
     if job["kind"] != "study":
         raise ValueError(f"study job {job['id']!r}: field 'kind' must be 'study', got {job['kind']!r}")
-    if not isinstance(job["id"], str) or not job["id"] or os.sep in job["id"] or job["id"] in (".", ".."):
-        raise ValueError(f"study job id must be a non-empty name usable as a directory, got {job['id']!r}")
+    check_job_id(job["id"], "study")
     steps = job["measure_steps"]
     if (not isinstance(steps, list) or not steps or steps != sorted(set(steps))
             or steps[0] < 0 or steps[-1] != job["train"].get("steps")):

@@ -203,6 +203,11 @@ def calibrate_activations(model, calibration_batches, weight_bits: Optional[int]
     inputs = batch_inputs(calibration_batches, copy, "calibration_batches")
     if weight_bits is not None:
         quantize_weights(copy, _check_bits(weight_bits), weight_range)
+    return _observed_ranges(copy, inputs)
+
+
+def _observed_ranges(copy, inputs) -> Dict[str, Tuple[float, float]]:
+    """{point: (min, max)} of a readable copy's forward over ``inputs`` (checked batches)."""
     observer = _RangeObserver()
     with instrumented(copy, observer):
         _forward_all(copy, inputs)
@@ -256,11 +261,8 @@ def quantized_losses(model, calibration_batches, eval_batches, modes=("W8A8", "W
         if weight_bits is not None:
             quantize_weights(copy, weight_bits, weight_range)
         probe = None
-        if activation_bits is not None:
-            observer = _RangeObserver()
-            with instrumented(copy, observer):
-                _forward_all(copy, calibration)
-            probe = _ActivationQuantizer(observer.ranges, activation_bits)
+        if activation_bits is not None:  # ranges seen with this mode's weights
+            probe = _ActivationQuantizer(_observed_ranges(copy, calibration), activation_bits)
         with instrumented(copy, probe):
             result[mode] = float(mean_nll(copy, eval_batches))
         for name, w in copy.parameters().items():

@@ -145,8 +145,14 @@ def _check_train_job(job: dict) -> None:
                          f"{list(MEASURES)}, got {job['measures']!r}")
     if "document_first_tokens" in job["measures"]:
         check_int(job.get("first_tokens"), "job field 'first_tokens'", 1)
-    if not isinstance(job["id"], str) or not job["id"] or os.sep in job["id"] or job["id"] in (".", ".."):
-        raise ValueError(f"train job id must be a non-empty name usable as a directory, got {job['id']!r}")
+    check_job_id(job["id"], "train")
+
+
+def check_job_id(job_id, kind: str) -> None:
+    """A job's id names its run directory: a non-empty name, no path separator, not . or .."""
+    if not isinstance(job_id, str) or not job_id or os.sep in job_id or job_id in (".", ".."):
+        raise ValueError(f"{kind} job id must be a non-empty name usable as a directory, got "
+                         f"{job_id!r}")
 
 
 def run_train_job(job: dict, work_dir: str) -> dict:
